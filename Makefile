@@ -1,0 +1,27 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pytest workers; the suite is sized for 2 cores
+JOBS ?= 2
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q -n $(JOBS) tests
+
+demo: install
+	$(BIN)/python train.py
+	$(BIN)/python sample.py --checkpoint runs/default --prompt 'def ' --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
+
+clean:
+	rm -rf $(VENV) runs

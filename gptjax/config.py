@@ -1,0 +1,434 @@
+"""One frozen config per run: model, data, optim, train, mesh and sample sections.
+
+Configs live in YAML files (`configs/*.yaml`); any key can be overridden from the command line as
+`section.key=value`. Every value is checked against the dataclass field's type and a few
+cross-field rules, and each mistake is reported as one `ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
+ATTENTION_KINDS = ("dense", "local")
+REMAT_POLICIES = ("none", "dots", "full")
+ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UserError(ValueError):
+    """A mistake of the user's (bad input, missing file, ...). CLIs print its one-line message to
+    stderr and exit with code 2; library callers can catch it."""
+
+
+class ConfigError(UserError):
+    """A mistake in a config file or override; the message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    context_length: int = 2048
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    d_ff: int = 3072
+    # Cycled over the layers; nn.scan runs over one period of it.
+    attention_pattern: tuple[str, ...] = ("dense", "local")
+    # Band width of "local" layers: a token sees itself and the local_window - 1 tokens before it.
+    # The paper does not give it; 256 is our choice.
+    local_window: int = 256
+    dtype: str = "float32"  # matmul compute dtype
+    param_dtype: str = "float32"
+    # Embedding rows are padded to a multiple of this (speed); padded ids get no probability.
+    vocab_multiple: int = 128
+    remat: str = "none"  # none | dots | full
+    scan_layers: bool = True
+    attention_impl: str = "auto"  # auto | cudnn | xla | reference
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def period(self) -> int:
+        return len(self.attention_pattern)
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        return tuple(self.attention_pattern[i % self.period] for i in range(self.n_layer))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # stdlib | tfds:NAME[/CONFIG][:VERSION] | a comma-separated list of globs of .txt/.jsonl[.gz]
+    source: str = "stdlib"
+    tokenizer: str = "byte"  # byte | gpt2
+    cache_dir: str = ".cache/gptjax/tokens"
+    stride: int = 0  # 0 means context_length (no overlap)
+    seed: int = 0
+    text_key: str = "text"
+    tfds_data_dir: str = ""
+    train_split: str = "train"
+    val_split: str = "validation"
+    # Fraction of the files of a files/stdlib source (by path hash) held out for validation.
+    val_fraction: float = 0.01
+    num_workers: int = 0  # tokenizer processes; 0 means one per core
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    # Schedules are in tokens, as in the paper, and converted to steps by the trainer.
+    warmup_tokens: int = 375_000_000
+    decay_tokens: int = 260_000_000_000
+    min_lr_ratio: float = 0.1
+    # Batch-size ramp: from ramp_start_tokens per step up to the full batch over ramp_tokens.
+    ramp_start_tokens: int = 32_768
+    ramp_tokens: int = 0  # 0 disables the ramp
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    batch_size: int = 256  # sequences per optimizer step, global
+    microbatches: int = 1  # gradient accumulation inside the jitted step
+    steps: int = 0  # 0 means total_tokens // tokens per step
+    total_tokens: int = 300_000_000_000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 0  # 0 means the whole validation split
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    peak_tflops: float = 0.0  # per device; 0 means look it up (n/a where unknown)
+    init_from: str = ""  # a run directory or Hugging Face GPT-2 directory to fine-tune from
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Sizes of the mesh axes; one of them may be -1 to take the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_class(name: str) -> type:
+    return {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "mesh": MeshConfig,
+        "sample": SampleConfig,
+    }[name]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks `value` against a field annotation (already resolved), converting where lossless."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return tuple(_coerce(key, v, item) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 375e6 in YAML
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key {section}.{k} (known: {', '.join(sorted(names))})"
+            )
+        kwargs[k] = _coerce(f"{section}.{k}", v, hints[k])
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    m, t, d, o, mesh = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.mesh
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.context_length": m.context_length,
+        "model.n_layer": m.n_layer,
+        "model.d_model": m.d_model,
+        "model.n_head": m.n_head,
+        "model.d_ff": m.d_ff,
+        "model.local_window": m.local_window,
+        "model.vocab_multiple": m.vocab_multiple,
+        "train.batch_size": t.batch_size,
+        "train.microbatches": t.microbatches,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.max_bad_steps": t.max_bad_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    nonneg = {
+        "train.steps": t.steps,
+        "train.total_tokens": t.total_tokens,
+        "train.eval_batches": t.eval_batches,
+        "data.stride": d.stride,
+        "data.num_workers": d.num_workers,
+        "data.prefetch": d.prefetch,
+        "optim.warmup_tokens": o.warmup_tokens,
+        "optim.decay_tokens": o.decay_tokens,
+        "optim.ramp_tokens": o.ramp_tokens,
+        "optim.ramp_start_tokens": o.ramp_start_tokens,
+        "optim.weight_decay": o.weight_decay,
+        "optim.clip_norm": o.clip_norm,
+        "train.peak_tflops": t.peak_tflops,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}")
+    if not m.attention_pattern:
+        raise ConfigError("model.attention_pattern must name at least one layer kind")
+    for kind in m.attention_pattern:
+        if kind not in ATTENTION_KINDS:
+            raise ConfigError(
+                f"model.attention_pattern: unknown kind {kind!r} (use {' or '.join(ATTENTION_KINDS)})"
+            )
+    if m.n_layer % m.period:
+        raise ConfigError(
+            f"model.n_layer={m.n_layer} is not a multiple of the attention_pattern length {m.period}"
+        )
+    if "local" in m.attention_pattern and m.local_window > m.context_length:
+        raise ConfigError(
+            f"model.local_window={m.local_window} is larger than "
+            f"model.context_length={m.context_length}"
+        )
+    for key, value, allowed in (
+        ("model.dtype", m.dtype, DTYPES),
+        ("model.param_dtype", m.param_dtype, DTYPES),
+        ("model.remat", m.remat, REMAT_POLICIES),
+        ("model.attention_impl", m.attention_impl, ATTENTION_IMPLS),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if d.tokenizer not in ("byte", "gpt2"):
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not one of byte, gpt2")
+    if d.stride > m.context_length:
+        raise ConfigError(
+            f"data.stride={d.stride} is larger than model.context_length={m.context_length}"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if o.learning_rate <= 0 or o.eps <= 0:
+        raise ConfigError("optim.learning_rate and optim.eps must be positive")
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for key, value in sizes.items():
+        if value == 0 or value < -1:
+            raise ConfigError(f"{key} must be positive or -1, got {value}")
+    s = cfg.sample
+    if s.temperature < 0:
+        raise ConfigError(f"sample.temperature must be >= 0, got {s.temperature}")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0 or s.max_new_tokens <= 0:
+        raise ConfigError("sample.top_k must be >= 0 and sample.max_new_tokens positive")
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path to a YAML file, or a preset name such as `gpt3-small`, `small` or `default`."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    stem = str(name)
+    if stem in PRESETS:
+        stem = f"gpt3-{stem}"
+    candidate = CONFIG_DIR / f"{stem}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown config {name!r} (known presets: {', '.join(known)})")
+    return candidate
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`["model.n_layer=4", "mesh.data=2"]` → `{"model": {"n_layer": 4}, "mesh": {"data": 2}}`."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section {section!r} in {item!r} "
+                f"(known: {', '.join(SECTIONS)})"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is None:
+            value = ""
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Builds and validates a Config from nested dicts (YAML contents plus overrides)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must hold a mapping of sections")
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        merged[section] = dict(values)
+    for section, values in (overrides or {}).items():
+        merged.setdefault(section, {}).update(values)
+    parts = {name: _build(_section_class(name), name, merged.get(name, {})) for name in SECTIONS}
+    cfg = Config(**parts)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(name: str | Path = "default", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML config (path or preset name) and applies `section.key=value` overrides."""
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(raw, parse_overrides(list(overrides)))
+
+
+def model_config(name: str | Path) -> ModelConfig:
+    """The ModelConfig of a preset (`gpt3-small`, …, `default`) or a configs/*.yaml path."""
+    return load_config(name).model
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS
+    }
+
+
+def override_help() -> str:
+    """Every `section.key` with its type and default, for `--help`."""
+    lines = []
+    for section in SECTIONS:
+        cls = _section_class(section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            ann = hints[f.name]
+            tname = "list" if typing.get_origin(ann) is tuple else getattr(ann, "__name__", str(ann))
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            lines.append(f"  {section}.{f.name}={default!s}  ({tname})")
+    return "\n".join(lines)
+

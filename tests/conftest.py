@@ -1,0 +1,15 @@
+"""Eight emulated CPU devices, set before jax is first imported, so mesh tests run anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow must never take a GPU away from JAX, even where one exists.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
