@@ -1,0 +1,168 @@
+"""Causal self-attention kernels: cuDNN flash on GPU, banded O(T·w) for local layers, a reference.
+
+All functions take q, k, v as [B, T, H, K] in the compute dtype and return [B, T, H, K] in that
+dtype. Logits and softmax are always float32. `window` is the band width of a local layer: query
+t sees keys t - window < s <= t (itself included); `None` means dense causal attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def masked_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+                     mask_BTS: jax.Array) -> jax.Array:
+    """Plain softmax attention under an explicit boolean mask (True = may attend)."""
+    scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+    logits_BHTS = jnp.einsum(
+        "BTHK,BSHK->BHTS", q_BTHK, k_BSHK, preferred_element_type=jnp.float32
+    ) * scale
+    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, _NEG)
+    probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
+    return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK)
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[..., T, S] mask from query and key positions ([..., T] and [..., S])."""
+    q = q_pos[..., :, None]
+    k = k_pos[..., None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def reference_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
+                        window: int | None = None) -> jax.Array:
+    """The obviously-correct O(T²) version, for tests: a full causal (and band) mask."""
+    T = q_BTHK.shape[1]
+    pos = jnp.arange(T)
+    mask_TS = causal_mask(pos, pos, window)
+    return masked_attention(q_BTHK, k_BTHK, v_BTHK, jnp.broadcast_to(mask_TS, (q_BTHK.shape[0], T, T)))
+
+
+def banded_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, window: int,
+                     block: int | None = None) -> jax.Array:
+    """Local causal attention in O(T·w): blocks of `block` ≥ window queries each attend to their
+    own block of keys and the one before it, which together hold every key in their band."""
+    B, T, H, K = q_BTHK.shape
+    # Tiny windows would make tiny blocks (poor vectorization); any block >= window is correct.
+    b = block or max(window, 32)
+    if b < window:
+        raise ValueError(f"block {b} is smaller than the window {window}")
+    if b >= T:
+        return reference_attention(q_BTHK, k_BTHK, v_BTHK, window)
+    n = -(-T // b)
+    pad = n * b - T
+
+    def blocks(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(B, n, b, H, K)
+
+    q_BNtHK, k_BNtHK, v_BNtHK = blocks(q_BTHK), blocks(k_BTHK), blocks(v_BTHK)
+
+    def with_previous(x: jax.Array) -> jax.Array:
+        prev = jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
+        return jnp.concatenate([prev, x], axis=2)  # [B, n, 2b, H, K]
+
+    k_BNsHK, v_BNsHK = with_previous(k_BNtHK), with_previous(v_BNtHK)
+    # Positions relative to the start of the query block: queries 0..b-1, keys -b..b-1.
+    t = np.arange(b)[:, None]
+    s = np.arange(2 * b)[None, :] - b
+    band_ts = (s <= t) & (s > t - window)
+    first_ts = band_ts & (s >= 0)  # block 0 has no previous block
+    mask_Nts = np.broadcast_to(band_ts, (n, b, 2 * b)).copy()
+    mask_Nts[0] = first_ts
+    scale = 1.0 / math.sqrt(K)
+    logits = jnp.einsum(
+        "BNtHK,BNsHK->BNHts", q_BNtHK, k_BNsHK, preferred_element_type=jnp.float32
+    ) * scale
+    logits = jnp.where(jnp.asarray(mask_Nts)[None, :, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BTHK.dtype)
+    o_BNtHK = jnp.einsum("BNHts,BNsHK->BNtHK", probs, v_BNsHK)
+    return o_BNtHK.reshape(B, n * b, H, K)[:, :T]
+
+
+def _use_cudnn(impl: str, dtype: jnp.dtype) -> bool:
+    if impl == "cudnn":
+        return True
+    return (
+        impl == "auto"
+        and jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    )
+
+
+def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
+                     window: int | None, impl: str = "auto") -> jax.Array:
+    """Full-sequence causal attention (training and scoring), positions 0..T-1.
+
+    impl: "auto" (cuDNN flash on GPU in bf16/fp16, else "xla"), "cudnn", "xla" (dense einsum for
+    dense layers, the banded kernel for local ones) or "reference".
+    """
+    T = q_BTHK.shape[1]
+    if window is not None and window >= T:
+        window = None  # the band covers the whole causal triangle
+    if impl == "reference":
+        return reference_attention(q_BTHK, k_BTHK, v_BTHK, window)
+    if _use_cudnn(impl, q_BTHK.dtype):
+        return jax.nn.dot_product_attention(
+            q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn",
+            local_window_size=None if window is None else (window - 1, 0),
+        )
+    if window is None:
+        return reference_attention(q_BTHK, k_BTHK, v_BTHK, None)
+    return banded_attention(q_BTHK, k_BTHK, v_BTHK, window)
+
+
+def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
+                     cache: dict[str, jax.Array], index_B: jax.Array,
+                     num_valid_B: jax.Array, window: int | None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Attention for tokens at positions index_B + 0..T-1 against a KV cache, which it updates.
+
+    Dense layers (window None) keep every position: cache k/v are [B, max_len, H, K]. Local
+    layers keep a ring buffer of R = cache length slots, slot = position mod R, so their memory
+    does not grow with the context. Only the first num_valid_B tokens of each row are committed
+    (ragged prompts); the rest are padding whose outputs the caller ignores.
+    """
+    B, T = q_BTHK.shape[:2]
+    q_pos_BT = index_B[:, None] + jnp.arange(T)[None, :]
+    ck, cv = cache["k"], cache["v"]
+    if window is None:
+        # Writing padding too is harmless: those positions are rewritten before any query sees them.
+        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0)))
+        ck, cv = write(ck, k_BTHK, index_B), write(cv, v_BTHK, index_B)
+        k_pos_BS = jnp.broadcast_to(jnp.arange(ck.shape[1]), (B, ck.shape[1]))
+        mask = causal_mask(q_pos_BT, k_pos_BS, None)
+        out = masked_attention(q_BTHK, ck.astype(q_BTHK.dtype), cv.astype(q_BTHK.dtype), mask)
+        return out, {"k": ck, "v": cv}
+
+    R = ck.shape[1]
+    slots = jnp.arange(R)[None, :]
+    last_B1 = (index_B - 1)[:, None]
+    # The position each slot holds before this call; negative means never written.
+    old_pos_BR = last_B1 - jnp.mod(last_B1 - slots, R)
+    keys = jnp.concatenate([ck.astype(k_BTHK.dtype), k_BTHK], axis=1)
+    vals = jnp.concatenate([cv.astype(v_BTHK.dtype), v_BTHK], axis=1)
+    k_pos = jnp.concatenate([old_pos_BR, q_pos_BT], axis=1)
+    valid = jnp.concatenate([old_pos_BR >= 0, jnp.ones((B, T), bool)], axis=1)
+    mask = causal_mask(q_pos_BT, k_pos, window) & valid[:, None, :]
+    out = masked_attention(q_BTHK, keys, vals, mask)
+    # New ring: each slot takes the newest committed position that maps to it, if any.
+    end_B1 = (index_B + num_valid_B)[:, None]
+    new_pos_BR = (end_B1 - 1) - jnp.mod(end_B1 - 1 - slots, R)
+    fresh_BR = new_pos_BR >= index_B[:, None]
+    src_BR = jnp.clip(new_pos_BR - index_B[:, None], 0, T - 1)
+
+    def update(c: jax.Array, x: jax.Array) -> jax.Array:
+        taken = jnp.take_along_axis(x, src_BR[:, :, None, None], axis=1).astype(c.dtype)
+        return jnp.where(fresh_BR[:, :, None, None], taken, c)
+
+    return out, {"k": update(ck, k_BTHK), "v": update(cv, v_BTHK)}

@@ -1,0 +1,271 @@
+"""GPT-3: GPT-2's pre-LayerNorm block with layers alternating dense and banded causal attention.
+
+The model knows nothing of meshes: parameters and key activations carry logical axis names
+(batch, length, embed, heads, kv, mlp, vocab, layers) that sharding.py maps onto a mesh.
+Layers are stacked with nn.scan over one period of `attention_pattern`, so a 96-layer model
+compiles in the time of one period.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax import attention
+from gptjax.config import ModelConfig
+
+Cache = dict[str, Any]
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, names: tuple[str | None, ...], shape: tuple[int, ...],
+           init: Any) -> jax.Array:
+    cfg = module.cfg
+    return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                        jnp.dtype(cfg.param_dtype))
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        D = self.cfg.d_model
+        scale = _param(self, "scale", ("embed",), (D,), nn.initializers.ones)
+        bias = _param(self, "bias", ("embed",), (D,), nn.initializers.zeros)
+        x = x_BTD.astype(jnp.float32)  # statistics in fp32 even under bf16 compute
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
+        return (y * scale + bias).astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    kind: str  # "dense" | "local"
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, cache: Cache | None, index_B: jax.Array | None,
+                 num_valid_B: jax.Array | None) -> tuple[jax.Array, Cache | None]:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        D, H, K = cfg.d_model, cfg.n_head, cfg.head_dim
+        normal = nn.initializers.normal(cfg.init_std)
+        # Residual projections are scaled by 1/sqrt(2·n_layer) (GPT-2 §2.3): two per block.
+        resid = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        # One fused [D, 3, H, K] kernel: one matmul, and Hugging Face's c_attn maps onto it.
+        w_qkv = _param(self, "qkv_kernel", ("embed", None, "heads", "kv"), (D, 3, H, K), normal)
+        b_qkv = _param(self, "qkv_bias", (None, "heads", "kv"), (3, H, K), nn.initializers.zeros)
+        w_out = _param(self, "out_kernel", ("heads", "kv", "embed"), (H, K, D), resid)
+        b_out = _param(self, "out_bias", ("embed",), (D,), nn.initializers.zeros)
+
+        qkv = jnp.einsum("BTD,DCHK->CBTHK", x_BTD.astype(dt), w_qkv.astype(dt))
+        qkv = qkv + b_qkv.astype(dt)[:, None, None]
+        q, k, v = (_constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
+        window = cfg.local_window if self.kind == "local" else None
+        if cache is None:
+            o_BTHK = attention.causal_attention(q, k, v, window=window, impl=cfg.attention_impl)
+        else:
+            o_BTHK, cache = attention.cached_attention(q, k, v, cache, index_B, num_valid_B, window)
+        o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "kv"))
+        y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt)) + b_out.astype(dt)
+        return _constrain(y, ("batch", "length", "embed")), cache
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        D, F = cfg.d_model, cfg.d_ff
+        normal = nn.initializers.normal(cfg.init_std)
+        resid = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        w_fc = _param(self, "fc_kernel", ("embed", "mlp"), (D, F), normal)
+        b_fc = _param(self, "fc_bias", ("mlp",), (F,), nn.initializers.zeros)
+        w_proj = _param(self, "proj_kernel", ("mlp", "embed"), (F, D), resid)
+        b_proj = _param(self, "proj_bias", ("embed",), (D,), nn.initializers.zeros)
+        h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD.astype(dt), w_fc.astype(dt)) + b_fc.astype(dt)
+        # GPT-2's tanh approximation, so imported GPT-2 weights give GPT-2's outputs.
+        h_BTF = _constrain(nn.gelu(h_BTF, approximate=True), ("batch", "length", "mlp"))
+        y = jnp.einsum("BTF,FD->BTD", h_BTF, w_proj.astype(dt)) + b_proj.astype(dt)
+        return _constrain(y, ("batch", "length", "embed"))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Cache | None, index_B: jax.Array | None,
+                 num_valid_B: jax.Array | None) -> tuple[jax.Array, Cache | None]:
+        a, cache = Attention(self.cfg, self.kind, name="attn")(
+            LayerNorm(self.cfg, name="ln1")(x), cache, index_B, num_valid_B
+        )
+        x = x + a
+        x = x + Mlp(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln2")(x))
+        return x, cache
+
+
+class Period(nn.Module):
+    """One period of the attention pattern: a Block per entry of `attention_pattern`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, caches: tuple[Cache, ...] | None, index_B: jax.Array | None,
+                 num_valid_B: jax.Array | None) -> tuple[jax.Array, tuple[Cache, ...] | None]:
+        new = []
+        for j, kind in enumerate(self.cfg.attention_pattern):
+            x, c = Block(self.cfg, kind, name=f"block{j}")(
+                x, None if caches is None else caches[j], index_B, num_valid_B
+            )
+            new.append(c)
+        return x, None if caches is None else tuple(new)
+
+
+class GPT(nn.Module):
+    """GPT-3. `apply(variables, tokens)` → float32 logits [B, T, vocab_size].
+
+    With `cache=` (see `init_cache`) it runs incrementally: tokens [B, T] sit at positions
+    cache["index"] + 0..T-1, the first `num_valid` [B] of each row are committed to the cache,
+    and it returns (logits, new_cache).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None,
+                 num_valid_B: jax.Array | None = None, return_hidden: bool = False) -> Any:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        B, T = tokens_BT.shape
+        V, D = cfg.padded_vocab_size, cfg.d_model
+        normal = nn.initializers.normal(cfg.init_std)
+        wte = _param(self, "wte", ("vocab", "embed"), (V, D), normal)
+        wpe = _param(self, "wpe", (None, "embed"), (cfg.context_length, D), normal)
+
+        if cache is None:
+            index_B = None
+            pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+            layer_caches = None
+        else:
+            index_B = cache["index"]
+            num_valid_B = jnp.full((B,), T, jnp.int32) if num_valid_B is None else num_valid_B
+            pos_BT = index_B[:, None] + jnp.arange(T)[None, :]
+            layer_caches = cache["layers"]
+        # "clip": padding rows may point past the table; their outputs are discarded.
+        x = jnp.take(wte, tokens_BT, axis=0, mode="clip") + jnp.take(wpe, pos_BT, axis=0, mode="clip")
+        x = _constrain(x.astype(dt), ("batch", "length", "embed"))
+
+        n_period = cfg.n_layer // cfg.period
+        period_cls = Period
+        if cfg.remat != "none":
+            period_cls = nn.remat(period_cls, policy=REMAT_POLICIES[cfg.remat],
+                                  prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                period_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=n_period,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, layer_caches = stack(cfg, name="layers")(x, layer_caches, index_B, num_valid_B)
+        else:
+            outs = []
+            for i in range(n_period):
+                c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
+                x, c = period_cls(cfg, name=f"layers_{i}")(x, c, index_B, num_valid_B)
+                outs.append(c)
+            if layer_caches is not None:
+                layer_caches = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        x = LayerNorm(self.cfg, name="ln_f")(x)
+        if return_hidden:
+            out = x  # for losses that never materialize [B, T, V] logits
+        else:
+            out = logits_from_hidden(x, wte, cfg)
+        if cache is None:
+            return out
+        return out, {"index": index_B + num_valid_B, "layers": layer_caches}
+
+
+def logits_from_hidden(x_BTD: jax.Array, wte_VD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Tied output projection in fp32; the embedding's padding rows are dropped, so padded ids
+    never get probability mass."""
+    dt = jnp.dtype(cfg.dtype)
+    logits = jnp.einsum("BTD,VD->BTV", x_BTD.astype(dt), wte_VD.astype(dt),
+                        preferred_element_type=jnp.float32)
+    return _constrain(logits[..., : cfg.vocab_size], ("batch", "length", "vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache: dense layers [B, max_len, H, K], local layers a ring of
+    min(local_window, max_len) slots. Leaves are stacked [n_layer / period, ...] like the params."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    n_period, H, K = cfg.n_layer // cfg.period, cfg.n_head, cfg.head_dim
+    layers = []
+    for kind in cfg.attention_pattern:
+        S = max_len if kind == "dense" else min(cfg.local_window, max_len)
+        shape = (n_period, batch, S, H, K)
+        layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+    return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layers)}
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  mask_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy in fp32 over the tokens where mask is nonzero.
+
+    Returns (mean loss, number of tokens counted)."""
+    logits = logits_BTV.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    nll = logz - picked
+    if mask_BT is None:
+        mask_BT = jnp.ones_like(nll)
+    mask_BT = mask_BT.astype(jnp.float32)
+    count = mask_BT.sum()
+    return (nll * mask_BT).sum() / jnp.maximum(count, 1.0), count
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 1) -> Any:
+    """Unboxed fp32 parameters on the default device (no mesh); see sharding.py for sharded."""
+    tokens = jnp.zeros((batch, min(cfg.context_length, 8)), jnp.int32)
+    return nn.unbox(GPT(cfg).init(key, tokens))["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+    """Parameter ShapeDtypeStructs through eval_shape: no memory, any size."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+
+def count_params(cfg: ModelConfig, include_padding: bool = False) -> int:
+    """Parameters as the paper counts them: embeddings included, output projection tied."""
+    shapes = param_shapes(cfg)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    if not include_padding:
+        n -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int | None = None, seq: int | None = None) -> float:
+    """Training FLOPs per token, PaLM's formula: 6N + 12·L·D·T.
+
+    N leaves out the position table (a lookup, not a matmul) but keeps the token embedding, whose
+    tied matrix is the output projection. Local layers are counted as dense, as MFU conventionally
+    is, so MFU is comparable across codebases."""
+    if n_params is None:
+        n_params = count_params(cfg) - cfg.context_length * cfg.d_model
+    T = seq or cfg.context_length
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * T

@@ -1,0 +1,140 @@
+"""The only module that knows mesh axis names: the mesh, ONE table of logical-axis rules, and
+shardings for parameters, optimizer state, batches and KV caches.
+
+Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose replicas each hold
+a shard of every parameter and optimizer state), `tensor` (Megatron-style: heads and MLP
+columns split across devices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.config import MeshConfig, ModelConfig, UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis → mesh axes. Flax applies a rule only when its mesh axes are still free in that
+# array, so activations ("batch", "length", "embed") shard batch over data×fsdp and leave embed
+# whole, while parameters ("vocab", "embed") shard embed over fsdp.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolves -1 and checks that the mesh uses exactly the devices present."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise UserError(
+                f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} does not divide "
+                f"the {n_devices} devices"
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise UserError(
+            f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} needs "
+            f"{math.prod(sizes)} devices, but {n_devices} are present"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[None]:
+    """Makes the model's logical constraints resolve against `mesh` (tracing must happen inside)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield
+
+
+def logical_to_sharding(logical: Any, mesh: Mesh) -> Any:
+    """A tree of logical PartitionSpecs → a tree of NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical, mesh, RULES)
+
+
+def param_specs(cfg: ModelConfig) -> Any:
+    """Logical PartitionSpecs of the parameter tree (through eval_shape: no memory)."""
+    from gptjax.model import GPT
+
+    tokens = jax.ShapeDtypeStruct((1, min(cfg.context_length, 8)), np.int32)
+    boxed = jax.eval_shape(lambda k: GPT(cfg).init(k, tokens), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
+    return logical_to_sharding(param_specs(cfg), mesh)
+
+
+def mesh_specs(cfg: ModelConfig) -> Any:
+    """Mesh-axis PartitionSpecs of the parameters (what each array is split over)."""
+    return jax.tree.map(
+        lambda s: nn.logical_to_mesh_axes(tuple(s), RULES),
+        param_specs(cfg),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def init_sharded_params(cfg: ModelConfig, mesh: Mesh, key: jax.Array) -> Any:
+    """Parameters created directly in their shards: no device ever holds the whole model."""
+    from gptjax.model import init_params
+
+    shardings = param_shardings(cfg, mesh)
+    with activate(mesh):
+        return jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings)(key)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % n:
+        raise UserError(f"{what}={batch_size} is not divisible by the {n} data-parallel devices "
+                        f"(mesh data×fsdp)")
+
+
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """KV cache: batch over the data axes, heads over tensor; index split like the batch."""
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        if leaf.ndim == 1:  # index [B]
+            return NamedSharding(mesh, P(BATCH_AXES))
+        # [layers, B, S, H, K]
+        return NamedSharding(mesh, P(None, BATCH_AXES, None, "tensor", None))
+
+    return jax.tree_util.tree_map_with_path(one, cache)
+

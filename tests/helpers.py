@@ -1,0 +1,22 @@
+"""Tiny configs shared by the tests (kept small: the suite runs on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gptjax.config import ModelConfig
+
+
+def tiny(**kw: object) -> ModelConfig:
+    base = ModelConfig(
+        vocab_size=101,
+        context_length=48,
+        n_layer=4,
+        d_model=32,
+        n_head=4,
+        d_ff=64,
+        attention_pattern=("dense", "local"),
+        local_window=8,
+        vocab_multiple=16,
+    )
+    return dataclasses.replace(base, **kw)
