@@ -1,0 +1,92 @@
+"""GPT-3's optimizer (Appendix B): global-norm clipping, AdamW with a decay mask, linear warmup
+then cosine decay to 10% (then constant), and the batch-size ramp; all in tokens, as the paper.
+
+The learning rate is a function of tokens seen, computed on the host in exact integers and
+passed to the step: with a constant batch it is the same as converting tokens to steps, and with
+the ramp (steps of different sizes) it stays what the paper describes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import optax
+
+from gptjax.config import OptimConfig, TrainConfig
+
+# Decayed: matmul kernels and the two embedding tables (as GPT-2/nanoGPT do). Not decayed:
+# biases and LayerNorm gains/shifts, where shrinking towards 0 changes the function's scale and
+# offset rather than limiting its complexity.
+DECAYED_SUFFIXES = ("kernel", "wte", "wpe")
+
+
+def decay_mask(params: Any) -> Any:
+    """A tree of bools: True where weight decay applies."""
+
+    def decayed(path: tuple[Any, ...], _: Any) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name.endswith(DECAYED_SUFFIXES)
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Clip → Adam moments → decoupled weight decay. The result is the update direction for a
+    learning rate of 1; the train step multiplies it by -lr(tokens)."""
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps))
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def learning_rate(cfg: OptimConfig, tokens: int) -> float:
+    """Linear warmup over warmup_tokens, cosine from the peak to min_lr_ratio·peak at
+    decay_tokens, then constant at the floor."""
+    peak = cfg.learning_rate
+    floor = peak * cfg.min_lr_ratio
+    if cfg.warmup_tokens > 0 and tokens < cfg.warmup_tokens:
+        return peak * tokens / cfg.warmup_tokens
+    if tokens >= cfg.decay_tokens:
+        return floor
+    span = cfg.decay_tokens - cfg.warmup_tokens
+    progress = (tokens - cfg.warmup_tokens) / span if span > 0 else 1.0
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BatchSchedule:
+    """How many microbatches each step accumulates: GPT-3's ramp from ramp_start_tokens per step
+    up to the full batch over ramp_tokens, in a few power-of-two sizes so that the train step
+    compiles at most log2(microbatches) + 1 times."""
+
+    def __init__(self, optim: OptimConfig, train: TrainConfig, context_length: int) -> None:
+        self.microbatches = train.microbatches
+        self.micro_size = train.batch_size // train.microbatches  # sequences
+        self.seq_tokens = context_length
+        self.full_tokens = train.batch_size * context_length
+        self.ramp_start = optim.ramp_start_tokens
+        self.ramp_tokens = optim.ramp_tokens
+
+    def sizes(self) -> list[int]:
+        out, n = [], 1
+        while n < self.microbatches:
+            out.append(n)
+            n *= 2
+        return [*out, self.microbatches]
+
+    def num_microbatches(self, tokens_seen: int) -> int:
+        if self.ramp_tokens <= 0 or tokens_seen >= self.ramp_tokens:
+            return self.microbatches
+        frac = tokens_seen / self.ramp_tokens
+        want = self.ramp_start + frac * (self.full_tokens - self.ramp_start)
+        n = max(1, math.ceil(want / (self.micro_size * self.seq_tokens)))
+        # Round down to an allowed size (never above the full batch).
+        allowed = [s for s in self.sizes() if s <= n]
+        return allowed[-1] if allowed else 1
+
+    def tokens_per_step(self, tokens_seen: int) -> int:
+        return self.num_microbatches(tokens_seen) * self.micro_size * self.seq_tokens

@@ -1,0 +1,509 @@
+"""Training: TrainState, the pure train/eval steps, and the loop (logging, eval, checkpoints,
+preemption, non-finite guard). One code path for one CPU, one GPU, a TPU slice or many hosts:
+everything is a global jax.Array on a mesh and the step is jitted once per batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax import checkpoint, optim, sharding
+from gptjax.config import Config, ModelConfig, UserError, config_to_dict
+from gptjax.model import GPT, count_params, cross_entropy, flops_per_token, init_params
+
+# Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("A10", 125e12), ("V100", 125e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # steps taken, skipped ones included (each consumed its batch)
+    params: Any
+    opt_state: Any
+    bad_streak: jax.Array  # consecutive non-finite steps
+
+
+def _sum_loss(params: Any, model_cfg: ModelConfig, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    logits = GPT(model_cfg).apply({"params": params}, mb["inputs"])
+    mean, count = cross_entropy(logits, mb["targets"], mb.get("mask"))
+    return mean * count, count
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, *,
+               model_cfg: ModelConfig, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over batch [n_micro, B, T], gradients accumulated over the microbatches.
+
+    A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged.
+    """
+    grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
+
+    def micro(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+        g_acc, nll_acc, n_acc = carry
+        (nll, n), g = grad_fn(state.params, model_cfg, mb)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        return (g_acc, nll_acc + nll, n_acc + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    count = jnp.maximum(count, 1.0)
+    # Sum of per-token gradients / tokens: k microbatches equal one batch k times as large.
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = nll / count
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok,
+               "bad_streak": new_state.bad_streak}
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model_cfg: ModelConfig
+              ) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, tokens) over one [B, T] batch; rows with mask 0 are padding."""
+    return _sum_loss(params, model_cfg, batch)
+
+
+# --------------------------------------------------------------------------- state and shardings
+
+
+def batch_shardings(mesh: Mesh, stacked: bool) -> NamedSharding:
+    spec = P(None, sharding.BATCH_AXES, None) if stacked else P(sharding.BATCH_AXES, None)
+    return NamedSharding(mesh, spec)
+
+
+def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
+                   ) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, state shardings), allocating nothing."""
+    p_sh = sharding.param_shardings(cfg.model, mesh)
+    p_abs = jax.eval_shape(lambda k: init_params(cfg.model, k), jax.random.key(0))
+    p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), p_abs, p_sh)
+    # Let XLA propagate parameter shardings into Adam's moments (count stays replicated).
+    o_sh = jax.jit(tx.init, in_shardings=(p_sh,)).lower(p_abs).compile().output_shardings
+    o_abs = jax.eval_shape(tx.init, p_abs)
+    o_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), o_abs, o_sh)
+    rep = sharding.replicated(mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    abs_state = TrainState(step=scalar, params=p_abs, opt_state=o_abs, bad_streak=scalar)
+    shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, bad_streak=rep)
+    return abs_state, shardings
+
+
+def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: TrainState,
+               params: Any = None) -> TrainState:
+    if params is None:
+        params = sharding.init_sharded_params(cfg.model, mesh, jax.random.key(cfg.train.seed))
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    # Two distinct buffers: the state is donated, and one buffer cannot be donated twice.
+    step, streak = (jax.device_put(jnp.zeros((), jnp.int32), shardings.step) for _ in range(2))
+    return TrainState(step=step, params=params, opt_state=opt_state, bad_streak=streak)
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, stacked: bool) -> dict[str, jax.Array]:
+    """Process-local numpy rows → global arrays split over the data axes."""
+    sh = batch_shardings(mesh, stacked)
+    out = {}
+    for k, v in local.items():
+        shape = list(v.shape)
+        axis = 1 if stacked else 0
+        shape[axis] *= jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(shape))
+    return out
+
+
+def device_peak_flops(override_tflops: float = 0.0) -> float | None:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def all_finite(tree: Any) -> bool:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jnp.stack(leaves).all()) if leaves else True
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # Every host must stop at the same step; JAX's preemption service agrees on it.
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:
+                pass
+            flags = multihost_utils.process_allgather(np.array(self.requested))
+            return bool(np.any(flags))
+        return self.requested
+
+
+def total_steps(cfg: Config, schedule: optim.BatchSchedule) -> int:
+    if cfg.train.steps > 0:
+        return cfg.train.steps
+    steps, tokens = 0, 0
+    while tokens < cfg.train.total_tokens:
+        if tokens >= cfg.optim.ramp_tokens:
+            full = schedule.full_tokens
+            return steps + -(-(cfg.train.total_tokens - tokens) // full)
+        tokens += schedule.tokens_per_step(tokens)
+        steps += 1
+    return steps
+
+
+def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    for k in sorted(set(saved) | set(current)):
+        if saved.get(k) != current.get(k):
+            return f"model.{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now"
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard events) in the run directory, written by process 0 only."""
+
+    def __init__(self, run_dir: Path, resume_step: int) -> None:
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run recomputes the steps after its checkpoint: drop their old lines.
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) `cfg` into cfg.train.run_dir. Returns a summary dict."""
+    from gptjax import data as data_lib  # TensorFlow loads here, not at import
+
+    t_cfg, m_cfg = cfg.train, cfg.model
+    run_dir = Path(t_cfg.run_dir)
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    schedule = optim.BatchSchedule(cfg.optim, t_cfg, m_cfg.context_length)
+    sharding.check_batch(schedule.micro_size, mesh, "train.batch_size / train.microbatches")
+    tx = optim.make_optimizer(cfg.optim)
+    n_steps = total_steps(cfg, schedule)
+
+    def say(msg: str) -> None:
+        if not quiet and jax.process_index() == 0:
+            print(msg, flush=True)
+
+    with sharding.activate(mesh):
+        abs_state, state_sh = abstract_state(cfg, mesh, tx)
+    ckpt = checkpoint.Checkpointer(run_dir, keep=t_cfg.keep_checkpoints)
+    restored = None
+    if ckpt.all_steps():
+        if ckpt.latest_step() is not None:
+            _, meta = checkpoint.read_meta(run_dir)
+            diff = _model_diff(meta["config"]["model"], config_to_dict(cfg)["model"])
+            if diff:
+                raise UserError(f"run directory {run_dir} was written by a different model config "
+                                f"({diff}); use another train.run_dir")
+        restored = ckpt.restore(abs_state.params, abs_state.opt_state)
+    if restored is not None:
+        step0, params, opt_state, data_state, meta = restored
+        rep = state_sh.step
+        state = TrainState(step=jax.device_put(jnp.int32(step0), rep), params=params,
+                           opt_state=opt_state, bad_streak=jax.device_put(jnp.int32(0), rep))
+        tokens = int(meta["tokens"])
+        say(f"resumed from {run_dir} at step {step0}")
+    else:
+        with sharding.activate(mesh):
+            state = init_state(cfg, mesh, tx, state_sh)
+        step0, data_state, tokens = 0, None, 0
+
+    n_params = count_params(m_cfg)
+    fpt = flops_per_token(m_cfg)
+    peak = device_peak_flops(t_cfg.peak_tflops)
+    say(f"model: {n_params / 1e6:.2f}M parameters, {m_cfg.n_layer} layers, d_model "
+        f"{m_cfg.d_model}, pattern {'/'.join(m_cfg.attention_pattern)}; mesh "
+        f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+    step_fn = jax.jit(
+        functools.partial(train_step, model_cfg=m_cfg, tx=tx),
+        in_shardings=(state_sh, batch_shardings(mesh, True), None),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model_cfg=m_cfg),
+        in_shardings=(state_sh.params, batch_shardings(mesh, False)),
+    )
+
+    def evaluate(params: Any) -> tuple[float, float]:
+        total, count = 0.0, 0.0
+        sums = []
+        for i, b in enumerate(data_lib.eval_batches(cfg, schedule.micro_size)):
+            if t_cfg.eval_batches and i >= t_cfg.eval_batches:
+                break
+            with sharding.activate(mesh):
+                sums.append(eval_fn(params, to_global(b, mesh, stacked=False)))
+        for s, c in jax.device_get(sums):
+            total, count = total + float(s), count + float(c)
+        loss = total / max(count, 1.0)
+        return loss, math.exp(min(loss, 50.0))
+
+    it = data_lib.TrainIterator(cfg, schedule.micro_size, state=data_state)
+    log = MetricsLog(run_dir, step0)
+    pending: list[tuple[int, float, int, int, dict[str, jax.Array]]] = []
+    summary: dict[str, Any] = {"start_step": step0, "skipped": 0}
+    bar = None
+    if not quiet and jax.process_index() == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, initial=step0, unit="step", dynamic_ncols=True)
+    t_last, tokens_last, t_start = time.perf_counter(), tokens, time.perf_counter()
+
+    def flush(step: int) -> None:
+        nonlocal t_last, tokens_last
+        got = jax.device_get([p[-1] for p in pending])
+        now = time.perf_counter()
+        tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+        mfu = fpt * tps / (peak * jax.device_count()) if peak else None
+        eta = (n_steps - step) * (now - t_last) / max(len(pending), 1)
+        for (s, lr, tok, n_micro, _), m in zip(pending, got):
+            rec = {"step": s, "loss": float(m["loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
+                   "tokens": tok, "microbatches": n_micro, "skipped": bool(m["skipped"])}
+            summary["skipped"] += int(rec["skipped"])
+            if s == step:
+                rec.update(tokens_per_s=tps, mfu=mfu)
+            log.write(rec)
+        last = got[-1]
+        summary["loss"] = float(last["loss"])
+        msg = (f"step {step}/{n_steps} | loss {float(last['loss']):.4f} | lr {pending[-1][1]:.3e} | "
+               f"grad norm {float(last['grad_norm']):.3f} | {tps:,.0f} tok/s | "
+               f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta / 60:.1f} min")
+        if summary["skipped"]:
+            msg += f" | skipped {summary['skipped']}"
+        if bar is not None:
+            bar.set_postfix_str(f"loss {float(last['loss']):.4f}")
+            bar.write(msg)
+        else:
+            say(msg)
+        streak = int(last["bad_streak"])
+        pending.clear()
+        t_last, tokens_last = now, tokens
+        if streak >= t_cfg.max_bad_steps:
+            raise UserError(f"{streak} training steps in a row had a non-finite loss or gradient "
+                            f"(train.max_bad_steps={t_cfg.max_bad_steps}); stopping. Lower "
+                            f"optim.learning_rate or check the data")
+
+    def save(step: int) -> None:
+        if not all_finite(state.params):
+            raise UserError(f"parameters are not finite at step {step}; not saving")
+        meta = checkpoint.make_meta(cfg, step, {"tokens": tokens})
+        ckpt.save(step, state.params, state.opt_state, it.get_state(), meta)
+
+    step = step0
+    preempt = _Preemption()
+    try:
+        with preempt:
+            while step < n_steps:
+                n_micro = schedule.num_microbatches(tokens)
+                micro = [next(it) for _ in range(n_micro)]
+                local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+                step_tokens = n_micro * schedule.micro_size * m_cfg.context_length
+                lr = optim.learning_rate(cfg.optim, tokens + step_tokens)
+                with sharding.activate(mesh):
+                    batch = to_global(local, mesh, stacked=True)
+                    state, metrics = step_fn(state, batch, jnp.float32(lr))
+                step += 1
+                tokens += step_tokens
+                pending.append((step, lr, tokens, n_micro, metrics))
+                if bar is not None:
+                    bar.update(1)
+                if step % t_cfg.log_every == 0 or step == n_steps:
+                    flush(step)
+                if step % t_cfg.eval_every == 0 or step == n_steps:
+                    if pending:
+                        flush(step)
+                    val_loss, val_ppl = evaluate(state.params)
+                    summary.setdefault("val_losses", []).append((step, val_loss))
+                    log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                    say(f"step {step} | validation loss {val_loss:.4f} | perplexity {val_ppl:.2f}")
+                if step % t_cfg.checkpoint_every == 0 or step == n_steps:
+                    if pending:
+                        flush(step)
+                    save(step)
+                if preempt.should_stop(step):
+                    if pending:
+                        flush(step)
+                    save(step)
+                    say(f"stopping at step {step} on request; checkpoint saved")
+                    summary["preempted"] = True
+                    break
+    finally:
+        ckpt.close()
+        it.close()
+        log.close()
+        if bar is not None:
+            bar.close()
+    summary.update(step=step, tokens=tokens, seconds=time.perf_counter() - t_start)
+    return summary
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
+            mfu: float = 0.5, peak_tflops: float | None = None) -> str:
+    """Per-device memory and FLOPs of a config on a mesh, with no weights allocated."""
+    tx = optim.make_optimizer(cfg.optim)
+    with sharding.activate(mesh):
+        abs_state, state_sh = abstract_state(cfg, mesh, tx)
+
+    def per_device(tree: Any) -> int:
+        total = 0
+        for a in jax.tree.leaves(tree):
+            shard = a.sharding.shard_shape(a.shape)
+            total += math.prod(shard) * jnp.dtype(a.dtype).itemsize
+        return total
+
+    m = cfg.model
+    n_params = count_params(m)
+    schedule = optim.BatchSchedule(cfg.optim, cfg.train, m.context_length)
+    micro = schedule.micro_size
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    b_dev = max(micro // n_data, 1)
+    T, D, L = m.context_length, m.d_model, m.n_layer
+    act_bytes = jnp.dtype(m.dtype).itemsize
+    # Saved activations per layer and sequence: under full remat only the block input; otherwise
+    # roughly the residual stream, q/k/v, attention output and the MLP hidden (34·T·D-ish bytes in
+    # bf16, as in Korthikanti et al.), split over the tensor axis except the residual stream.
+    tensor = mesh.shape["tensor"]
+    if m.remat == "full":
+        per_layer = T * D * act_bytes
+    else:
+        per_layer = T * D * act_bytes * (2 + (4 * 1 + 2 * m.d_ff / D) / tensor)
+    act = per_layer * L * b_dev + b_dev * T * m.padded_vocab_size * 4 / tensor * 2
+    flops_step = flops_per_token(m) * cfg.train.batch_size * T
+    budget = cfg.train.total_tokens
+    train_flops = flops_per_token(m) * budget
+    peak = (peak_tflops or cfg.train.peak_tflops or 0) * 1e12 or device_peak_flops() or 125e12
+    lines = [
+        f"config: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {T}",
+        f"parameters: {n_params:,} ({n_params / 1e9:.2f}B)",
+        f"mesh: {dict(mesh.shape)} ({mesh.devices.size} devices, {jax.devices()[0].platform})",
+        f"per device: params {per_device(abs_state.params) / 2**30:.2f} GiB, optimizer state "
+        f"{per_device(abs_state.opt_state) / 2**30:.2f} GiB, activations ~{act / 2**30:.2f} GiB "
+        f"(microbatch {b_dev} sequences per device, remat {m.remat})",
+        f"FLOPs per step: {flops_step:.3e} ({cfg.train.batch_size} x {T} tokens, "
+        f"{flops_per_token(m):.3e} per token)",
+        f"training budget: {budget:.3e} tokens -> {train_flops:.3e} FLOPs = "
+        f"{train_flops / (peak * mfu) / 86400:,.0f} device-days "
+        f"({train_flops / (peak * mfu) / 86400 / 365:,.1f} device-years) at {mfu:.0%} MFU of "
+        f"{peak / 1e12:.0f} TFLOP/s",
+    ]
+    if compile_step is None:
+        compile_step = n_params < 3e9
+    if compile_step:
+        b_abs = {
+            k: jax.ShapeDtypeStruct((1, micro, T), dt, sharding=batch_shardings(mesh, True))
+            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32))
+        }
+        with sharding.activate(mesh):
+            compiled = jax.jit(
+                functools.partial(train_step, model_cfg=m, tx=tx),
+                in_shardings=(state_sh, batch_shardings(mesh, True), None),
+                out_shardings=(state_sh, None),
+                donate_argnums=(0,),
+            ).lower(abs_state, b_abs, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        ma = compiled.memory_analysis()
+        if ma is not None:
+            lines.append(
+                f"XLA memory analysis per device: arguments {ma.argument_size_in_bytes / 2**30:.2f} "
+                f"GiB, outputs {ma.output_size_in_bytes / 2**30:.2f} GiB, temporaries "
+                f"{ma.temp_size_in_bytes / 2**30:.2f} GiB"
+            )
+    else:
+        lines.append("XLA memory analysis: skipped (compiling a step this size on emulated CPU "
+                     "devices takes too long; pass --compile to try)")
+    return "\n".join(lines)
+
+
+def replace_cfg(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """cfg with some fields of some sections replaced: replace_cfg(cfg, train={"steps": 3})."""
+    parts = {name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(cfg, **parts)

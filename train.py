@@ -1,0 +1,106 @@
+"""Train a GPT: `python train.py [--config configs/X.yaml] [section.key=value ...]`.
+
+With no arguments it trains configs/default.yaml (a small model on the Python standard library's
+source, byte tokenizer) into runs/default, and resumes from there if a checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptjax.config import override_help
+
+    p = argparse.ArgumentParser(
+        description="Train GPT-3-style models in JAX on whatever devices are present.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any as section.key=value):\n" + override_help(),
+    )
+    p.add_argument("--config", default="default",
+                   help="a configs/*.yaml path or preset name (default: default)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the abstract state on the mesh, print memory and FLOPs, train nothing")
+    p.add_argument("--compile", action="store_true",
+                   help="with --dry-run: also compile the train step for XLA's memory analysis")
+    p.add_argument("--mfu", type=float, default=0.5,
+                   help="with --dry-run: the MFU assumed for the time estimate (default 0.5)")
+    p.add_argument("--coordinator", default=None,
+                   help="multi-host: coordinator address host:port (process 0)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
+    return p
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _cluster_env() -> bool:
+    """Environments where jax.distributed.initialize() finds its peers by itself."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gptjax.config import UserError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except UserError as e:
+        fail(str(e))
+    if args.dry_run:
+        m = cfg.mesh
+        sizes = (m.data, m.fsdp, m.tensor)
+        if -1 not in sizes and "jax" not in sys.modules:
+            # Emulate the configured mesh on CPU so a 175B config can be planned on a laptop.
+            n = sizes[0] * sizes[1] * sizes[2]
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + f" --xla_force_host_platform_device_count={n}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import jax
+
+    multi = args.coordinator is not None or args.num_processes is not None
+    try:
+        if multi or _cluster_env():
+            # CPU collectives across processes (CPU clusters, tests) go through gloo; it does not
+            # affect GPU or TPU collectives.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            kwargs = {}
+            if args.coordinator is not None:
+                kwargs = dict(coordinator_address=args.coordinator,
+                              num_processes=args.num_processes, process_id=args.process_id)
+            jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        fail(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}")
+
+    from gptjax import sharding, trainer
+
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+        if args.dry_run:
+            print(trainer.dry_run(cfg, mesh, compile_step=True if args.compile else None,
+                                  mfu=args.mfu))
+            return 0
+        summary = trainer.train(cfg, mesh=mesh)
+    except UserError as e:
+        fail(str(e))
+    if jax.process_index() == 0:
+        print(f"done: step {summary['step']}, {summary['tokens']:,} tokens in "
+              f"{summary['seconds']:.0f} s; checkpoints in {cfg.train.run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
