@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -61,15 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         m = cfg.mesh
         sizes = (m.data, m.fsdp, m.tensor)
-        if -1 not in sizes and "jax" not in sys.modules:
+        if -1 not in sizes:
             # Emulate the configured mesh on CPU so a 175B config can be planned on a laptop.
+            # (jax is imported by now, but reads these only when its backends start.)
+            import jax
+
             n = sizes[0] * sizes[1] * sizes[2]
-            os.environ["JAX_PLATFORMS"] = "cpu"
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                       + f" --xla_force_host_platform_device_count={n}")
+            jax.config.update("jax_platforms", "cpu")
+            flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                           os.environ.get("XLA_FLAGS", ""))
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     import jax
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter
 
     multi = args.coordinator is not None or args.num_processes is not None
     try:

@@ -112,7 +112,7 @@ def _manager_for_reading(run_dir: str | Path) -> ocp.CheckpointManager:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         raise UserError(f"no checkpoint found in {run_dir} (expected {directory})")
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    options = ocp.CheckpointManagerOptions(create=False)
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 

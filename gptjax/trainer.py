@@ -69,7 +69,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, *,
     # Sum of per-token gradients / tokens: k microbatches equal one batch k times as large.
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = nll / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -105,15 +105,34 @@ def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
     p_sh = sharding.param_shardings(cfg.model, mesh)
     p_abs = jax.eval_shape(lambda k: init_params(cfg.model, k), jax.random.key(0))
     p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), p_abs, p_sh)
-    # Let XLA propagate parameter shardings into Adam's moments (count stays replicated).
-    o_sh = jax.jit(tx.init, in_shardings=(p_sh,)).lower(p_abs).compile().output_shardings
-    o_abs = jax.eval_shape(tx.init, p_abs)
-    o_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), o_abs, o_sh)
     rep = sharding.replicated(mesh)
+    o_abs = jax.eval_shape(tx.init, p_abs)
+    o_sh = opt_state_shardings(o_abs, p_abs, rep)
+    o_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), o_abs, o_sh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     abs_state = TrainState(step=scalar, params=p_abs, opt_state=o_abs, bad_streak=scalar)
     shardings = TrainState(step=rep, params=p_sh, opt_state=o_sh, bad_streak=rep)
     return abs_state, shardings
+
+
+def opt_state_shardings(opt_abs: Any, params_abs: Any, default: NamedSharding) -> Any:
+    """Adam's moments mirror the parameter tree: each leaf whose path ends with a parameter's
+    path (and has its shape) takes that parameter's sharding; counters are replicated.
+    (XLA does not propagate shardings into zeros_like, so this must be explicit.)"""
+    by_path = {
+        tuple(str(k) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)
+    }
+
+    def pick(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        keys = tuple(str(k) for k in path)
+        for i in range(len(keys)):
+            p = by_path.get(keys[i:])
+            if p is not None and p.shape == leaf.shape:
+                return p.sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abs)
 
 
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: TrainState,

@@ -1,0 +1,382 @@
+"""Optimizer, train step and the training loop (in-process and through train.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import config, optim, sharding, trainer
+from gptjax.config import OptimConfig, TrainConfig
+from helpers import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_learning_rate_schedule_in_tokens() -> None:
+    o = OptimConfig(learning_rate=6e-4, warmup_tokens=375_000_000, decay_tokens=260_000_000_000,
+                    min_lr_ratio=0.1)
+    assert optim.learning_rate(o, 0) == 0.0
+    assert optim.learning_rate(o, 375_000_000 // 2) == pytest.approx(3e-4)
+    assert optim.learning_rate(o, 375_000_000) == pytest.approx(6e-4)  # warmup end = peak
+    mid = (375_000_000 + 260_000_000_000) // 2
+    assert optim.learning_rate(o, mid) == pytest.approx(0.5 * (6e-4 + 6e-5), rel=1e-6)
+    assert optim.learning_rate(o, 260_000_000_000) == pytest.approx(6e-5)  # decay end = 10%
+    assert optim.learning_rate(o, 300_000_000_000) == pytest.approx(6e-5)  # then the floor
+    lrs = [optim.learning_rate(o, t) for t in range(375_000_000, 260_000_000_000, 10**10)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_decay_mask_covers_kernels_and_embeddings_only() -> None:
+    from gptjax.model import init_params
+
+    mask = optim.decay_mask(init_params(tiny(), jax.random.key(0)))
+    block = mask["layers"]["block0"]
+    assert mask["wte"] and mask["wpe"]
+    assert block["attn"]["qkv_kernel"] and block["mlp"]["fc_kernel"] and block["mlp"]["proj_kernel"]
+    assert not block["attn"]["qkv_bias"] and not block["mlp"]["fc_bias"]
+    assert not block["ln1"]["scale"] and not block["ln1"]["bias"] and not mask["ln_f"]["scale"]
+
+
+def test_batch_ramp_grows_in_power_of_two_microbatches() -> None:
+    o = OptimConfig(ramp_start_tokens=32_768, ramp_tokens=4_000_000_000)
+    t = TrainConfig(batch_size=256, microbatches=16)  # 16 sequences of 2048 per microbatch
+    s = optim.BatchSchedule(o, t, 2048)
+    assert s.sizes() == [1, 2, 4, 8, 16]
+    assert s.num_microbatches(0) == 1  # 32k tokens = one microbatch of 16 x 2048
+    seen = [s.num_microbatches(k * 100_000_000) for k in range(45)]
+    assert seen == sorted(seen) and set(seen) == {1, 2, 4, 8, 16}
+    assert s.num_microbatches(4_000_000_000) == 16 and s.tokens_per_step(5 * 10**9) == 256 * 2048
+    # Halfway the wanted batch is ~half the full one; a power-of-two size never exceeds it.
+    half = s.num_microbatches(2_000_000_000)
+    assert half * 16 * 2048 <= 32_768 + 0.5 * (256 * 2048 - 32_768) < 2 * half * 16 * 2048
+    no_ramp = optim.BatchSchedule(OptimConfig(ramp_tokens=0), t, 2048)
+    assert no_ramp.num_microbatches(0) == 16
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def small_cfg(**model_kw) -> config.Config:
+    return config.Config(
+        model=tiny(**model_kw),
+        optim=OptimConfig(learning_rate=3e-3, warmup_tokens=0, decay_tokens=10**9),
+        train=TrainConfig(batch_size=8),
+        mesh=config.MeshConfig(data=1, fsdp=1, tensor=1),
+    )
+
+
+def synthetic_batch(cfg: config.Config, n: int, b: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    T = cfg.model.context_length
+    # A learnable stream: each row counts up from a random start (mod vocab).
+    start = rng.integers(0, cfg.model.vocab_size, size=(n, b, 1))
+    seq = (start + np.arange(T + 1)) % cfg.model.vocab_size
+    return {"inputs": seq[..., :-1].astype(np.int32), "targets": seq[..., 1:].astype(np.int32),
+            "mask": np.ones((n, b, T), np.float32)}
+
+
+def make_step(cfg: config.Config, mesh):
+    tx = optim.make_optimizer(cfg.optim)
+    with sharding.activate(mesh):
+        _, sh = trainer.abstract_state(cfg, mesh, tx)
+        state = trainer.init_state(cfg, mesh, tx, sh)
+    fn = jax.jit(functools.partial(trainer.train_step, model_cfg=cfg.model, tx=tx),
+                 in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
+                 out_shardings=(sh, None))
+
+    def step(state, batch, lr=1e-3):
+        with sharding.activate(mesh):
+            return fn(state, trainer.to_global(batch, mesh, stacked=True), jnp.float32(lr))
+
+    return state, step
+
+
+def one_device_mesh():
+    return sharding.make_mesh(config.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def test_loss_falls_within_30_steps() -> None:
+    cfg = small_cfg()
+    state, step = make_step(cfg, one_device_mesh())
+    losses = []
+    for i in range(30):
+        state, m = step(state, synthetic_batch(cfg, 1, 8, seed=i), lr=3e-3)
+        losses.append(float(m["loss"]))
+    assert losses[0] == pytest.approx(math.log(cfg.model.vocab_size), abs=0.15)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_accumulated_microbatches_equal_one_big_batch() -> None:
+    cfg = small_cfg()
+    mesh = one_device_mesh()
+    big = synthetic_batch(cfg, 1, 8, seed=3)
+    split = {k: v.reshape(4, 2, *v.shape[2:]) for k, v in big.items()}
+    s1, step = make_step(cfg, mesh)
+    s2, _ = make_step(cfg, mesh)
+    a, ma = step(s1, big)
+    b, mb = step(s2, split)
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    assert float(ma["grad_norm"]) == pytest.approx(float(mb["grad_norm"]), rel=1e-5)
+    # Adam's first step is ~lr·sign(g), so entries whose gradient is ~0 may differ by rounding;
+    # 1e-6 is 0.1% of the lr of 1e-3.
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_sharded_step_equals_unsharded() -> None:
+    cfg = small_cfg()
+    batch = synthetic_batch(cfg, 2, 8, seed=5)
+    ref_state, ref_step = make_step(cfg, one_device_mesh())
+    mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, tensor=2))
+    state, step = make_step(cfg, mesh)
+    for _ in range(2):
+        ref_state, ref_m = ref_step(ref_state, batch)
+        state, m = step(state, batch)
+    assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    fc = state.params["layers"]["block0"]["mlp"]["fc_kernel"]
+    spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert fc.sharding.spec == spec
+    # Adam's moments are sharded like their parameters (not replicated).
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == fc.shape]
+    assert len(moments) == 2 and all(x.sharding.spec == spec for x in moments)
+
+
+def test_non_finite_step_is_skipped() -> None:
+    cfg = small_cfg()
+    state, step = make_step(cfg, one_device_mesh())
+    state, _ = step(state, synthetic_batch(cfg, 1, 8))
+    before = jax.device_get(state.params)
+    bad = synthetic_batch(cfg, 1, 8, seed=1)
+    bad["mask"][0, 0, 3] = np.nan  # poisons the loss and every gradient
+    state, m = step(state, bad)
+    assert bool(m["skipped"]) and int(m["bad_streak"]) == 1 and int(state.step) == 2
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(x, y)
+    state, m = step(state, bad)
+    assert int(m["bad_streak"]) == 2
+    state, m = step(state, synthetic_batch(cfg, 1, 8, seed=2))
+    assert not bool(m["skipped"]) and int(m["bad_streak"]) == 0
+    assert trainer.all_finite(state.params)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~120 KB of Python source as 30 .txt documents (deterministic)."""
+    d = tmp_path_factory.mktemp("corpus")
+    import json as json_mod  # any stdlib module's source will do
+
+    src = Path(json_mod.__file__).parent
+    text = "".join(p.read_text() for p in sorted(src.glob("*.py")))
+    for i in range(30):
+        (d / f"doc{i:02d}.txt").write_text(text[i * 3000 : i * 3000 + 4000])
+    return d
+
+
+def loop_overrides(corpus: Path, run_dir: Path, steps: int = 24, **extra: object) -> list[str]:
+    kv = {
+        "data.source": f"{corpus}/*.txt",
+        "data.cache_dir": str(run_dir.parent / "cache"),
+        "data.val_fraction": 0.1,
+        "model.n_layer": 2, "model.d_model": 64, "model.n_head": 4, "model.d_ff": 256,
+        "model.context_length": 64, "model.local_window": 16,
+        "optim.learning_rate": 3e-3, "optim.warmup_tokens": 2000, "optim.decay_tokens": 100000,
+        "train.run_dir": str(run_dir), "train.batch_size": 8, "train.steps": steps,
+        "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 2,
+        "train.checkpoint_every": 8, "train.keep_checkpoints": 3, "mesh.data": 1,
+    }
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def run_train(args: list[str], *, devices: int = 1, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def final_params(run_dir: Path):
+    from gptjax import checkpoint
+
+    params, _, _, step = checkpoint.load_params(run_dir)
+    return step, jax.device_get(params)
+
+
+def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) -> None:
+    # Big enough that steps take tens of ms, so the kill lands mid-run.
+    big = {"model.d_model": 128, "model.n_layer": 4, "model.d_ff": 512, "train.steps": 48,
+           "train.checkpoint_every": 8, "train.eval_every": 100}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    r = run_train(loop_overrides(corpus, ref_dir, **big))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *loop_overrides(corpus, run_dir, **big)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("step 20/48"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = losses(run_dir)
+    assert max(partial) < 48
+
+    r = run_train(loop_overrides(corpus, run_dir, **big))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    assert losses(run_dir) == losses(ref_dir)  # every step once, bitwise-equal values
+    s1, p1 = final_params(ref_dir)
+    s2, p2 = final_params(run_dir)
+    assert s1 == s2 == 48
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_current_step_and_exits_0(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    args = loop_overrides(corpus, run_dir, **{"train.steps": 100000, "train.checkpoint_every": 100000,
+                                              "train.eval_every": 100000})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "checkpoint saved" in out
+    from gptjax import checkpoint
+
+    steps = checkpoint.Checkpointer(run_dir).all_steps()
+    assert len(steps) == 1 and 8 <= steps[0] < 100000
+    assert max(losses(run_dir)) == steps[0]
+
+
+def test_corrupt_latest_checkpoint_falls_back(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 16}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    latest = run_dir / "checkpoints" / "16" / "params"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 20}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 16" in r.stderr and "unreadable" in r.stderr
+    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+
+
+def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 24}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    val = [json.loads(x)["val_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if "val_loss" in x]
+    assert len(val) == 2 and val[-1] < val[0]
+    assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
+    r = run_train(loop_overrides(corpus, run_dir, **{"model.d_model": 32}))
+    assert r.returncode == 2
+    assert "different model config" in r.stderr and "model.d_model" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    common = {"train.steps": 8, "train.eval_every": 100, "train.checkpoint_every": 100,
+              "mesh.data": -1}
+    r = run_train(loop_overrides(corpus, one, **common), devices=4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = tmp_path / "two"
+    port = 20000 + os.getpid() % 20000
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *loop_overrides(corpus, two, **common),
+             f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    assert "8 cpu device" not in outs[0][0]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5)
+
+
+def test_dry_run_175b_on_emulated_mesh() -> None:
+    t = time.perf_counter()
+    r = run_train(["--config", "configs/gpt3-175b.yaml", "--dry-run", "mesh.data=2",
+                   "mesh.fsdp=16", "mesh.tensor=2"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "parameters: 174,6" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("per device"))
+    # 175B fp32 params over fsdp 16 x tensor 2 = 32 shards: ~20 GiB each; Adam's two moments twice that.
+    params_gib = float(line.split("params ")[1].split(" GiB")[0])
+    opt_gib = float(line.split("optimizer state ")[1].split(" GiB")[0])
+    assert 19 < params_gib < 22 and 38 < opt_gib < 44
+    assert "device-years" in r.stdout
+    assert time.perf_counter() - t < 300
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["model.bogus=1"], "unknown config key model.bogus"),
+        (["model.n_layer=x"], "model.n_layer: expected an integer"),
+        (["--config", "nope"], "unknown config 'nope'"),
+        (["mesh.data=3"], "needs 3 devices, but 1 are present"),
+        (["train.batch_size=3", "mesh.data=-1"], None),
+        (["data.source=/nonexistent/*.txt", "train.steps=1"], "/nonexistent/*.txt"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], needle: str | None, tmp_path: Path) -> None:
+    base = [f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    devices = 2 if "train.batch_size=3" in args else 1
+    r = run_train([*base, *args], devices=devices, timeout=120)
+    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    if needle:
+        assert needle in lines[0]
+    else:
+        assert "not divisible" in lines[0]
