@@ -156,7 +156,7 @@ def test_sharded_step_equals_unsharded() -> None:
     assert fc.sharding.spec == spec
     # Adam's moments are sharded like their parameters (not replicated).
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == fc.shape]
-    assert len(moments) == 2 and all(x.sharding.spec == spec for x in moments)
+    assert len(moments) == 4 and all(x.sharding.spec == spec for x in moments)  # 2 blocks x mu, nu
 
 
 def test_non_finite_step_is_skipped() -> None:
