@@ -1,0 +1,94 @@
+"""sample.py end to end on a tiny checkpoint made here; each user mistake: one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gptjax import checkpoint, config, model
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = config.config_from_dict({
+        "model": {"vocab_size": 257, "context_length": 64, "n_layer": 2, "d_model": 32,
+                  "n_head": 4, "d_ff": 64, "local_window": 8, "vocab_multiple": 128},
+        "data": {"tokenizer": "byte"},
+        "sample": {"max_new_tokens": MAX_NEW, "temperature": 0.9, "top_k": 50, "seed": 0},
+    })
+    d = tmp_path_factory.mktemp("run")
+    c = checkpoint.Checkpointer(d)
+    c.save(7, model.init_params(cfg.model, jax.random.key(0)),
+           {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 7))
+    c.close()
+    return d
+
+
+def sample(*args: str) -> subprocess.CompletedProcess:
+    # A plain single-device process, as a user would start it (not conftest's 8 devices).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONIOENCODING"] = "utf-8"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, timeout=120)
+    # Bytes decoded by hand: text mode would turn a sampled "\r" into "\n".
+    r.stdout, r.stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+    return r
+
+
+def test_streams_text_and_json_agree(run_dir: Path) -> None:
+    args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--num-samples", "2", "--seed", "3"]
+    text = sample(*args)
+    assert text.returncode == 0, text.stderr
+    js = sample(*args, "--json")
+    assert js.returncode == 0, js.stderr
+    record = json.loads(js.stdout)
+    assert record["step"] == 7 and record["prompt"] == "def " and record["tokenizer"] == "byte"
+    assert record["settings"]["max_new_tokens"] == MAX_NEW  # from the checkpoint's config
+    assert record["settings"]["top_k"] == 50 and record["settings"]["seed"] == 3
+    samples = record["samples"]
+    assert len(samples) == 2 and samples[0]["text"] != samples[1]["text"]
+    assert all(s["tokens"] == MAX_NEW and s["finish_reason"] == "length" for s in samples)
+    # The streamed text (decoded in chunks) is the same samples, one after the other.
+    expected = "".join(f"=== sample {i + 1}/2 ===\ndef {s['text']}\n"
+                       for i, s in enumerate(samples))
+    assert text.stdout == expected
+
+
+def test_greedy_prompt_file_and_step(run_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "few_shot.txt"
+    f.write_text("# add ⇒ def add(a, b):\n# square ⇒ ")
+    out = [sample("--checkpoint", str(run_dir), "--prompt-file", str(f), "--greedy", "--json",
+                  "--step", "7", "--max-new-tokens", "5", "--seed", str(seed)) for seed in (0, 1)]
+    assert all(o.returncode == 0 for o in out), out[0].stderr
+    a, b = (json.loads(o.stdout) for o in out)
+    assert a["prompt"] == f.read_text() and a["settings"]["temperature"] == 0.0
+    assert a["samples"] == b["samples"]  # greedy ignores the seed
+    assert a["samples"][0]["tokens"] <= 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "{missing}", "--prompt", "x"], "no checkpoint found"),
+    (["--checkpoint", "{run}", "--prompt", ""], "the prompt is empty"),
+    (["--checkpoint", "{run}", "--prompt", "a" * 50], "exceeds the context length of 64"),
+    (["--checkpoint", "{run}", "--prompt", "x", "--temperature", "-0.5"], "--temperature"),
+    (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+])
+def test_bad_input_exits_2_with_one_line(run_dir: Path, tmp_path: Path, args: list[str],
+                                         message: str) -> None:
+    args = [a.format(run=run_dir, missing=tmp_path / "nothing") for a in args]
+    r = sample(*args)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0] and lines[0].startswith("sample.py: error: ")

@@ -1,0 +1,173 @@
+"""Sampling: the jitted decoder against full recomputation, the filters, seeds, ragged batches,
+end-of-text, a mesh, and the bare loop on a fake model."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import model, sampling, sharding
+from gptjax.config import MeshConfig, UserError
+from gptjax.sampling import Sampling
+from helpers import tiny
+
+# A wide init makes the logits peaked, so no argmax hangs on a 1e-6 difference between cached
+# and recomputed attention.
+CFG = tiny(init_std=0.3)
+# Lengths 3, 11 and 6 plus 12 new tokens run past local_window=8: the ring buffer wraps.
+PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41, 42, 43, 44, 45]]
+NEW = 12
+SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9)
+
+
+@functools.cache
+def params():
+    return model.init_params(CFG, jax.random.key(0))
+
+
+@functools.cache
+def greedy():
+    return sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=0.0)
+
+
+def test_greedy_equals_argmax_over_full_recomputation() -> None:
+    # Causal, so the logits at position i ignore the zeros after it: one shape, one compile.
+    forward = jax.jit(lambda p, t: model.GPT(CFG).apply({"params": p}, t[None])[0])
+    for prompt, out in zip(PROMPTS, greedy()):
+        toks = list(prompt)
+        for _ in range(NEW):
+            padded = jnp.array(toks + [0] * (CFG.context_length - len(toks)))
+            toks.append(int(jnp.argmax(forward(params(), padded)[len(toks) - 1])))
+        assert out == toks[len(prompt):]
+    assert len(set(greedy()[1])) > 2, "degenerate model output would make this test weak"
+
+
+def test_top_k_1_equals_greedy() -> None:
+    out = sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=1.3, top_k=1,
+                            seed=7)
+    assert out == greedy()
+
+
+def test_top_p_keeps_exactly_the_smallest_set() -> None:
+    probs = np.array([0.05, 0.4, 0.02, 0.3, 0.2, 0.03])  # descending: ids 1, 3, 4, 0, 5, 2
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+    expected = {0.3: {1}, 0.41: {1, 3}, 0.69: {1, 3}, 0.71: {1, 3, 4}, 0.92: {1, 3, 4, 0},
+                0.96: {1, 3, 4, 0, 5}, 0.99: {0, 1, 2, 3, 4, 5}, 1.0: {0, 1, 2, 3, 4, 5}}
+    for p, keep in expected.items():
+        kept = np.flatnonzero(np.isfinite(sampling.filter_logits(logits, top_p=p)[0]))
+        assert set(kept.tolist()) == keep, f"top_p={p}"
+    # Combined with top-k, top-p acts on the distribution renormalized over the top k: there id 1
+    # alone has 0.4/0.7 >= 0.5, while without top-k it needs id 3 too.
+    kept = np.isfinite(sampling.filter_logits(logits, top_k=2, top_p=0.5)[0])
+    assert set(np.flatnonzero(kept).tolist()) == {1}
+    kept = np.isfinite(sampling.filter_logits(logits, top_p=0.5)[0])
+    assert set(np.flatnonzero(kept).tolist()) == {1, 3}
+    kept_vals = sampling.filter_logits(logits, top_p=0.8)[0]
+    np.testing.assert_array_equal(kept_vals[np.array([1, 3, 4])], logits[0, np.array([1, 3, 4])])
+
+    # The sampler draws from that set and only from it (2048 draws).
+    def fixed(tokens_B1, cache):
+        return jnp.broadcast_to(logits, (tokens_B1.shape[0], 6)), cache
+
+    s = Sampling(temperature=1.0, top_p=0.71)
+    keys = jax.random.split(jax.random.key(0), 256)
+    state = sampling.init_state(fixed(jnp.zeros((256, 1), jnp.int32), None)[0], None, keys,
+                                max_new_tokens=8, sampling=s)
+    state = jax.jit(functools.partial(sampling.sample_loop, fixed, sampling=s))(state, 8)
+    drawn = np.asarray(state.tokens_BN)
+    assert set(np.unique(drawn).tolist()) == {1, 3, 4}
+    # Proportions follow the renormalized probabilities 0.4/0.9, 0.3/0.9, 0.2/0.9.
+    freq = np.array([(drawn == i).mean() for i in (1, 3, 4)])
+    np.testing.assert_allclose(freq, np.array([4, 3, 2]) / 9, atol=0.04)
+
+
+def test_same_seed_same_text_other_seed_other_text() -> None:
+    run = functools.partial(sampling.generate, params(), CFG, PROMPTS[:1], max_new_tokens=NEW,
+                            num_samples=2, **SAMPLED)
+    a, b, c = run(seed=3), run(seed=3), run(seed=4)
+    assert a == b
+    assert a != c
+    assert a[0] != a[1], "samples of one prompt draw from different streams"
+
+
+def test_ragged_batch_equals_rows_alone() -> None:
+    run = functools.partial(sampling.generate, params(), CFG, max_new_tokens=NEW, num_samples=2,
+                            seed=5, **SAMPLED)
+    together = run(PROMPTS)
+    alone = [row for p in PROMPTS for row in run([p])]
+    assert together == alone
+    assert all(len(r) == NEW for r in together)
+
+
+def test_row_that_emits_eot_stops_while_others_go_on() -> None:
+    out0, out1 = greedy()[:2]
+    # An id the first row emits (not first) and the second row never does.
+    i = next(i for i, t in enumerate(out0) if i > 0 and t not in out1 and t not in out0[:i])
+    eot = out0[i]
+    got = sampling.generate(params(), CFG, PROMPTS[:2], max_new_tokens=NEW, temperature=0.0,
+                            eos_id=eot)
+    assert got == [out0[:i], out1]  # end-of-text itself is not returned
+
+
+def test_sharded_decode_equals_unsharded() -> None:
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = sharding.init_sharded_params(CFG, mesh, jax.random.key(1))
+    assert sharded["wte"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    plain = jax.device_get(sharded)
+    # 3 rows on 4 data-parallel shards: the batch is padded with ended rows.
+    kw = dict(max_new_tokens=NEW, seed=2, **SAMPLED)
+    got = sampling.generate(sharded, CFG, PROMPTS, mesh=mesh, **kw)
+    want = sampling.generate(plain, CFG, PROMPTS, **kw)
+    assert got == want
+
+
+def test_sampler_loop_on_fake_logits_fn() -> None:
+    """next = token + 1; the cache counts the calls, so early stopping is visible."""
+    V = 50
+
+    def plus_one(tokens_B1, calls):
+        return 10.0 * jax.nn.one_hot(tokens_B1[:, 0] + 1, V), calls + 1
+
+    def run(sampling_: Sampling, starts: list[int], max_new: int, limits: list[int]):
+        first, calls = plus_one(jnp.array(starts)[:, None], jnp.int32(0))
+        keys = jax.random.split(jax.random.key(0), len(starts))
+        state = sampling.init_state(first, calls, keys, max_new_tokens=max_new,
+                                    sampling=sampling_)
+        loop = jax.jit(functools.partial(sampling.sample_loop, plus_one, sampling=sampling_))
+        for limit in limits:
+            state = loop(state, limit)
+        rows = [np.asarray(state.tokens_BN[b, : state.num_B[b]]).tolist()
+                for b in range(len(starts))]
+        return rows, int(state.cache)
+
+    greedy_ = Sampling(temperature=0.0)
+    rows, calls = run(greedy_, [3, 10], 6, [6])
+    assert rows == [[4, 5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16]]
+    assert calls == 6  # the prefill's call and 5 decode steps: none wasted
+    # Decoding in chunks (as generate_stream does) gives the same tokens.
+    assert run(greedy_, [3, 10], 6, [2, 3, 6, 6]) == (rows, calls)
+    # End-of-text 7 ends row 0 (7 is not kept); row 1 runs on; no step after all rows end.
+    rows, calls = run(Sampling(temperature=0.0, eos_id=7), [3, 10], 6, [6])
+    assert rows == [[4, 5, 6], [11, 12, 13, 14, 15, 16]]
+    rows, calls = run(Sampling(temperature=0.0, eos_id=7), [3, 4], 20, [20])
+    assert rows == [[4, 5, 6], [5, 6]] and calls == 4
+    # A stop sequence ends a row after it (it is kept); a single-token one too.
+    s = Sampling(temperature=0.0, stop_sequences=((12, 13), (30,), (6, 9)))
+    rows, calls = run(s, [10, 27, 0], 8, [8])
+    assert rows == [[11, 12, 13], [28, 29, 30], [1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:
+    long = list(range(1, 41))  # 40 tokens + 12 new > context 48
+    with pytest.raises(UserError, match="exceeds the context length of 48 tokens"):
+        sampling.generate(params(), CFG, [long], max_new_tokens=NEW)
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        sampling.generate(params(), CFG, [[1], []], max_new_tokens=NEW)
+    with pytest.raises(UserError, match="no room for a prompt"):
+        sampling.generate(params(), CFG, [[1]], max_new_tokens=48)
+    kept = sampling.generate(params(), CFG, [long], max_new_tokens=NEW, temperature=0.0,
+                             truncate_prompt=True)
+    assert kept == sampling.generate(params(), CFG, [long[-36:]], max_new_tokens=NEW,
+                                     temperature=0.0)
