@@ -1,0 +1,205 @@
+"""Benchmarks (not tests): `python -m gptjax.bench {attention,train,decode,data} [options]`.
+
+Each prints a small table and, with --json, one JSON object. Timings are medians over repeats
+after a warm-up (compile excluded and reported separately); machines here are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_attention(seqs: list[int], window: int, heads: int, head_dim: int, batch: int,
+                    repeats: int) -> dict[str, Any]:
+    """CPU time of banded (local) vs dense causal attention as T grows, fp32."""
+    import jax
+
+    from gptjax import attention
+
+    rows = []
+    for T in seqs:
+        ks = jax.random.split(jax.random.key(T), 3)
+        q, k, v = (jax.random.normal(kk, (batch, T, heads, head_dim)) for kk in ks)
+        banded = jax.jit(functools.partial(attention.banded_attention, window=window))
+        dense = jax.jit(functools.partial(attention.reference_attention, window=None))
+        rows.append({
+            "T": T,
+            "banded_ms": 1e3 * _median_time(lambda: banded(q, k, v), repeats),
+            "dense_ms": 1e3 * _median_time(lambda: dense(q, k, v), repeats),
+        })
+    first, last = rows[0], rows[-1]
+    return {
+        "window": window, "heads": heads, "head_dim": head_dim, "batch": batch, "rows": rows,
+        "banded_growth": last["banded_ms"] / first["banded_ms"],
+        "dense_growth": last["dense_ms"] / first["dense_ms"],
+        "T_growth": last["T"] / first["T"],
+    }
+
+
+def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
+                remat: str | None, steps: int) -> dict[str, Any]:
+    """Train-step throughput with synthetic batches (no TensorFlow needed)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptjax import config, optim, sharding, trainer
+    from gptjax.model import count_params, flops_per_token
+
+    cfg = config.load_config(cfg_name, overrides)
+    m = cfg.model
+    if seq:
+        m = dataclasses.replace(m, context_length=seq)
+    if remat:
+        m = dataclasses.replace(m, remat=remat)
+    cfg = dataclasses.replace(cfg, model=m)
+    B = batch or cfg.train.batch_size
+    cfg = trainer.replace_cfg(cfg, train={"batch_size": B, "microbatches": 1})
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx = optim.make_optimizer(cfg.optim)
+    with sharding.activate(mesh):
+        _, sh = trainer.abstract_state(cfg, mesh, tx)
+        state = trainer.init_state(cfg, mesh, tx, sh)
+    step = jax.jit(functools.partial(trainer.train_step, model_cfg=m, tx=tx),
+                   in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
+                   out_shardings=(sh, None), donate_argnums=(0,))
+    T = m.context_length
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, m.vocab_size, size=(1, B, T + 1), dtype=np.int32)
+    local = {"inputs": toks[..., :-1], "targets": toks[..., 1:], "mask": np.ones((1, B, T), np.float32)}
+    with sharding.activate(mesh):
+        batch_g = trainer.to_global(local, mesh, stacked=True)
+        lr = jnp.float32(1e-4)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch_g, lr).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = compiled(state, batch_g, lr)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch_g, lr)
+            jax.block_until_ready(metrics["loss"])
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    tps = B * T / med
+    peak = trainer.device_peak_flops(cfg.train.peak_tflops)
+    mfu = flops_per_token(m) * tps / (peak * jax.device_count()) if peak else None
+    mem = None
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if stats:
+        mem = stats.get("peak_bytes_in_use")
+    return {
+        "config": cfg_name, "params": count_params(m), "batch": B, "seq": T, "remat": m.remat,
+        "dtype": m.dtype, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "step_ms_median": 1e3 * med, "tokens_per_s": tps, "mfu": mfu, "compile_s": compile_s,
+        "peak_memory_gib": None if mem is None else mem / 2**30,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__)
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("attention", help="banded vs dense attention time as T grows")
+    a.add_argument("--seqs", default="1024,2048,4096")
+    a.add_argument("--window", type=int, default=256)
+    a.add_argument("--heads", type=int, default=4)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--repeats", type=int, default=5)
+    t = sub.add_parser("train", help="train-step tokens/s and MFU on synthetic batches")
+    t.add_argument("--config", default="default")
+    t.add_argument("--batch", type=int, default=None)
+    t.add_argument("--seq", type=int, default=None)
+    t.add_argument("--remat", choices=("none", "dots", "full"), default=None)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
+    d.add_argument("--config", default="default")
+    d.add_argument("--batch-sizes", default="1,64")
+    d.add_argument("--prompt-len", type=int, default=None)
+    d.add_argument("--new-tokens", type=int, default=None)
+    d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
+    g.add_argument("--seq", type=int, default=2048)
+    g.add_argument("--batch", type=int, default=8)
+    for q in (a, t, d, g):
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    from gptjax.config import UserError
+
+    try:
+        if args.what == "attention":
+            seqs = [int(s) for s in args.seqs.split(",")]
+            out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
+                                  args.repeats)
+        elif args.what == "train":
+            out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
+                              args.steps)
+        elif args.what == "decode":
+            from gptjax import config, sampling
+
+            cfg = config.load_config(args.config, args.overrides).model
+            kw = {"batch_sizes": tuple(int(b) for b in args.batch_sizes.split(","))}
+            if args.prompt_len:
+                kw["prompt_len"] = args.prompt_len
+            if args.new_tokens:
+                kw["new_tokens"] = args.new_tokens
+            out = sampling.benchmark(cfg, **kw)
+        else:
+            from gptjax import data
+
+            out = data.benchmark(seq=args.seq, batch=args.batch)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print(out)
+    return 0
+
+
+def _print(out: dict[str, Any], indent: str = "") -> None:
+    for k, v in out.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            print(f"{indent}{k}:")
+            for row in v:
+                print(indent + "  " + "  ".join(f"{rk}={_fmt(rv)}" for rk, rv in row.items()))
+        elif isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print(v, indent + "  ")
+        else:
+            print(f"{indent}{k}: {_fmt(v)}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
