@@ -225,6 +225,23 @@ def total_steps(cfg: Config, schedule: optim.BatchSchedule) -> int:
     return steps
 
 
+def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
+    """Parameters (only) of another run, restored straight into this run's shardings."""
+    _, meta = checkpoint.read_meta(source)
+    theirs = jax.eval_shape(lambda k: init_params(
+        checkpoint.config_from_dict(meta["config"]).model, k), jax.random.key(0))
+    mine = jax.tree_util.tree_leaves_with_path(abstract_params)
+    their_shapes = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(theirs)}
+    for path, a in mine:
+        key = jax.tree_util.keystr(path)
+        if their_shapes.get(key) != a.shape:
+            raise UserError(f"train.init_from={source}: parameter {key} has shape "
+                            f"{their_shapes.get(key)} there but {a.shape} in this config")
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    params, _, _, _ = checkpoint.load_params(source, shardings=shardings)
+    return params
+
+
 def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     for k in sorted(set(saved) | set(current)):
         if saved.get(k) != current.get(k):
@@ -309,8 +326,12 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         tokens = int(meta["tokens"])
         say(f"resumed from {run_dir} at step {step0}")
     else:
+        params = None
+        if t_cfg.init_from:
+            params = load_init_params(t_cfg.init_from, cfg, abs_state.params)
+            say(f"fine-tuning: parameters from {t_cfg.init_from}, fresh optimizer, step 0")
         with sharding.activate(mesh):
-            state = init_state(cfg, mesh, tx, state_sh)
+            state = init_state(cfg, mesh, tx, state_sh, params=params)
         step0, data_state, tokens = 0, None, 0
 
     n_params = count_params(m_cfg)

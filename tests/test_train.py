@@ -314,6 +314,15 @@ def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_
     assert r.returncode == 2
     assert "different model config" in r.stderr and "model.d_model" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # Fine-tuning: parameters only (step 0, fresh optimizer) from the trained run.
+    tuned = tmp_path / "tuned"
+    r = run_train(loop_overrides(corpus, tuned, **{"train.steps": 4, "train.init_from": run_dir}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fine-tuning" in r.stdout and "resumed" not in r.stdout
+    assert losses(tuned)[1] < losses(run_dir)[1] - 0.5  # starts from the trained weights
+    r = run_train(loop_overrides(corpus, tmp_path / "x", **{"train.steps": 4, "model.d_ff": 128,
+                                                             "train.init_from": run_dir}))
+    assert r.returncode == 2 and "has shape" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
