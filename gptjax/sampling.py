@@ -428,16 +428,18 @@ def _median_time(fn: Callable[[], Any], setup: Callable[[], Any] | None, repeats
     return statistics.median(times)
 
 
-def benchmark(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64), prompt_len: int = 128,
-              new_tokens: int = 128, dtype: str | None = None, max_len: int | None = None,
-              repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def benchmark(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
+              prompt_len: int | None = None, new_tokens: int | None = None,
+              dtype: str | None = None, max_len: int | None = None, repeats: int = 5,
+              seed: int = 0) -> dict[str, Any]:
     """Prefill time and decode speed of the jitted sampler, random weights, greedy decoding.
 
     Args:
       cfg: the model (e.g. `gptjax.model_config("gpt3-small")`).
       batch_sizes: the batches to time; the summary keys read batch 1 and the largest.
-      prompt_len: prompt tokens per row.
-      new_tokens: tokens decoded per row (no end-of-text: every step runs).
+      prompt_len: prompt tokens per row; None means min(128, max_len // 2).
+      new_tokens: tokens decoded per row (no end-of-text: every step runs); None means
+        min(128, max_len - prompt_len).
       dtype: compute dtype; None means bfloat16 on GPU/TPU and cfg.dtype on CPU.
       max_len: KV cache length; None means the model's context length, so every dense-layer
         step attends over a full-context cache, as at the end of a long generation.
@@ -451,9 +453,11 @@ def benchmark(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64), prompt_
     # Inference weights stored in the compute dtype, as a serving setup would hold them.
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     max_len = max_len or cfg.context_length
-    if prompt_len + new_tokens > max_len or max_len > cfg.context_length:
-        raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} must fit max_len="
-                        f"{max_len} <= context_length={cfg.context_length}")
+    prompt_len = prompt_len or min(128, max_len // 2)
+    new_tokens = new_tokens or min(128, max_len - prompt_len)
+    if new_tokens < 2 or prompt_len + new_tokens > max_len or max_len > cfg.context_length:
+        raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
+                        f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
     prefill, decode = _programs(cfg, Sampling(temperature=0.0), None)
     per_batch: dict[int, dict[str, float]] = {}
