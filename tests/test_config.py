@@ -117,3 +117,16 @@ def test_flops_per_token_palm_formula() -> None:
     n = model.count_params(cfg) - 2048 * 768
     assert model.flops_per_token(cfg) == pytest.approx(6 * n + 12 * 12 * 768 * 2048)
     assert math.isclose(model.flops_per_token(cfg) / 1e9, 0.968, rel_tol=0.01)
+
+
+def test_readme_documents_every_config_key_and_flag() -> None:
+    import dataclasses as dc
+    import re
+
+    readme = (Path(config.CONFIG_DIR).parent / "README.md").read_text()
+    for section in config.SECTIONS:
+        for f in dc.fields(getattr(config.Config(), section)):
+            assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"
+    train_py = (Path(config.CONFIG_DIR).parent / "train.py").read_text()
+    for flag in set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', train_py)):
+        assert f"`{flag}" in readme, f"train.py {flag} missing from README"
