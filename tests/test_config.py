@@ -127,6 +127,9 @@ def test_readme_documents_every_config_key_and_flag() -> None:
     for section in config.SECTIONS:
         for f in dc.fields(getattr(config.Config(), section)):
             assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"
-    train_py = (Path(config.CONFIG_DIR).parent / "train.py").read_text()
-    for flag in set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', train_py)):
-        assert f"`{flag}" in readme, f"train.py {flag} missing from README"
+    for script in ("train.py", "sample.py"):
+        text = (Path(config.CONFIG_DIR).parent / script).read_text()
+        flags = set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', text))
+        assert flags, script
+        for flag in flags:
+            assert f"`{flag}" in readme, f"{script} {flag} missing from README"
