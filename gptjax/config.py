@@ -54,6 +54,9 @@ class ModelConfig:
     attention_impl: str = "auto"  # auto | cudnn | xla | reference
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Training loss computed this many positions at a time (0: all at once), so the fp32
+    # [B, T, vocab] logits are never materialized whole.
+    loss_chunk: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -251,6 +254,7 @@ def _validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     nonneg = {
+        "model.loss_chunk": m.loss_chunk,
         "train.steps": t.steps,
         "train.total_tokens": t.total_tokens,
         "train.eval_batches": t.eval_batches,

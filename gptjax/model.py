@@ -239,6 +239,39 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
     return (nll * mask_BT).sum() / jnp.maximum(count, 1.0), count
 
 
+def chunked_cross_entropy(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array,
+                          mask_BT: jax.Array | None, cfg: ModelConfig, chunk: int
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Like cross_entropy(logits_from_hidden(x), ...) but `chunk` positions at a time, each chunk
+    rematerialized in the backward pass, so the [B, T, V] fp32 logits never exist at once.
+
+    Returns (sum of token losses, number of tokens counted)."""
+    B, T, D = x_BTD.shape
+    if mask_BT is None:
+        mask_BT = jnp.ones((B, T), jnp.float32)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:  # padded positions carry mask 0
+        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
+
+    def split(a: jax.Array) -> jax.Array:  # [B, n·c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(x_BcD: jax.Array, t_Bc: jax.Array, m_Bc: jax.Array) -> jax.Array:
+        mean, count = cross_entropy(logits_from_hidden(x_BcD, wte_VD, cfg), t_Bc, m_Bc)
+        return mean * count
+
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        return total + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (split(x_BTD), split(targets_BT), split(mask_BT.astype(jnp.float32))))
+    return total, mask_BT.astype(jnp.float32).sum()
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 1) -> Any:
     """Unboxed fp32 parameters on the default device (no mesh); see sharding.py for sharded."""
     tokens = jnp.zeros((batch, min(cfg.context_length, 8)), jnp.int32)

@@ -24,7 +24,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import checkpoint, optim, sharding
 from gptjax.config import Config, ModelConfig, UserError, config_to_dict
-from gptjax.model import GPT, count_params, cross_entropy, flops_per_token, init_params
+from gptjax.model import (
+    GPT,
+    chunked_cross_entropy,
+    count_params,
+    cross_entropy,
+    flops_per_token,
+    init_params,
+)
 
 # Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins).
 PEAK_FLOPS = (
@@ -43,6 +50,18 @@ class TrainState:
 
 
 def _sum_loss(params: Any, model_cfg: ModelConfig, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, tokens counted) of one microbatch."""
+    dt = jnp.dtype(model_cfg.dtype)
+    if dt != jnp.dtype(model_cfg.param_dtype):
+        # One cast of the weights per step (not per use), so FSDP gathers move half the bytes;
+        # gradients flow back through it to the fp32 master weights.
+        params = jax.tree.map(lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                              params)
+    chunk = model_cfg.loss_chunk
+    if chunk and chunk < mb["inputs"].shape[-1]:
+        x = GPT(model_cfg).apply({"params": params}, mb["inputs"], return_hidden=True)
+        return chunked_cross_entropy(x, params["wte"], mb["targets"], mb.get("mask"), model_cfg,
+                                     chunk)
     logits = GPT(model_cfg).apply({"params": params}, mb["inputs"])
     mean, count = cross_entropy(logits, mb["targets"], mb.get("mask"))
     return mean * count, count
