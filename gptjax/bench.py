@@ -7,6 +7,7 @@ after a warm-up (compile excluded and reported separately); machines here are sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -118,6 +119,56 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     }
 
 
+def bench_torch(m: Any, batch: int, steps: int) -> dict[str, Any]:
+    """The same-shape Hugging Face GPT-2 train step (AdamW, clip 1.0) under torch.compile, bf16
+    autocast on GPU. GPT-2 is all-dense: compare against gptjax with attention_pattern=dense for
+    like-for-like, or with GPT-3's pattern to see what the banded layers buy."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T = m.context_length
+    hf = GPT2Config(vocab_size=m.vocab_size, n_positions=T, n_embd=m.d_model, n_layer=m.n_layer,
+                    n_head=m.n_head, n_inner=m.d_ff, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hf).to(dev)
+    model.config._attn_implementation = "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev == "cuda")
+    compiled = torch.compile(model)
+    x = torch.randint(0, m.vocab_size, (batch, T), device=dev)
+    bf16 = dev == "cuda" and m.dtype == "bfloat16"
+
+    def step() -> float:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            loss = compiled(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync() -> None:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(2):  # compile + warm-up
+        step()
+    sync()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"torch_step_ms_median": 1e3 * med, "torch_tokens_per_s": batch * T / med,
+            "torch_compile_s": compile_s, "torch_device": dev, "torch_version": torch.__version__}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -134,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seq", type=int, default=None)
     t.add_argument("--remat", choices=("none", "dots", "full"), default=None)
     t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--compare-torch", action="store_true",
+                   help="also time Hugging Face GPT-2 + torch.compile at the same shape")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
     d.add_argument("--config", default="default")
@@ -158,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "train":
             out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
                               args.steps)
+            if args.compare_torch:
+                from gptjax import config
+
+                m = config.load_config(args.config, args.overrides).model
+                m = dataclasses.replace(m, context_length=out["seq"], remat=out["remat"])
+                out.update(bench_torch(m, out["batch"], args.steps))
+                out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
         elif args.what == "decode":
             from gptjax import config, sampling
 
