@@ -1,0 +1,1108 @@
+"""Sources → token cache → tf.data sliding windows → global jax.Array batches.
+
+GPT-3 trains on windows slid over one long token stream: documents are packed, each followed by
+the end-of-text id, and nothing is masked across them. A source is tokenized once into a cache
+directory (one token file per split plus a JSON manifest); training windows are then read from a
+memory map in a seeded pseudo-random order that needs no buffer, so the iterator's position is
+three numbers and a resumed run sees exactly the batches an uninterrupted one would.
+
+TensorFlow and JAX are imported inside the functions that need them: `import gptjax.data` (and
+the tokenizer worker processes) stay light, and file sources build their cache without TF.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import sys
+import sysconfig
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptjax.config import Config, UserError
+from gptjax.tokenizer import Tokenizer, get_tokenizer
+
+SPLITS = ("train", "validation")
+CACHE_FORMAT = 1
+TOKENS_FILE = "tokens.bin"
+MANIFEST_FILE = "manifest.json"
+# Work is handed to tokenizer processes in chunks of about this much text.
+CHUNK_BYTES = 4 << 20
+# Below this much text (and for the byte tokenizer, which is faster than the pickling a process
+# pool adds) tokenization stays in this process: spawning workers costs seconds.
+PARALLEL_MIN_BYTES = 32 << 20
+
+
+class DataError(UserError):
+    """Bad data input (unknown source, empty glob, too few tokens, ...); one-line message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileUnit:
+    """One file of a stdlib/files source; `key` (a stable relative name) decides its split."""
+
+    key: str
+    path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def jsonl(self) -> bool:
+        return self.path.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _in_validation(key: str, fraction: float) -> bool:
+    """Deterministic, seed-independent split: the first 8 bytes of sha256(key) as a uniform draw."""
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return draw < fraction * 2.0**64
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """Every `.py` file of the running interpreter's standard library (not site-packages), as
+    (path relative to the stdlib root, path), sorted by the relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in filenames:
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                out.append((path.relative_to(root).as_posix(), path))
+    out.sort()
+    return out
+
+
+def _stat_units(pairs: Iterable[tuple[str, Path | str]]) -> list[_FileUnit]:
+    units = []
+    for key, path in pairs:
+        st = os.stat(path)
+        units.append(_FileUnit(key, str(path), st.st_size, st.st_mtime_ns))
+    return units
+
+
+def _looks_like_path(pattern: str) -> bool:
+    return any(c in pattern for c in "/\\*?[~") or bool(re.search(r"\.\w+$", pattern))
+
+
+def _glob_units(source: str) -> list[_FileUnit]:
+    patterns = [p.strip() for p in source.split(",") if p.strip()]
+    if not patterns or not all(_looks_like_path(p) for p in patterns):
+        raise DataError(
+            f"unknown data.source={source!r} (use stdlib, tfds:NAME[/CONFIG][:VERSION], or "
+            "comma-separated globs of .txt/.jsonl files, .gz accepted)"
+        )
+    found: dict[str, str] = {}  # path -> key
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+        if not matches:
+            raise DataError(f"data.source: {pattern!r} matches no files")
+        # Keys are relative to the pattern's fixed leading directories, so a file's split does
+        # not change when the corpus moves.
+        fixed = []
+        for part in Path(pattern).parts[:-1]:
+            if any(c in part for c in "*?["):
+                break
+            fixed.append(part)
+        base = os.path.join(*fixed) if fixed else "."
+        for m in matches:
+            found.setdefault(m, Path(os.path.relpath(m, base)).as_posix())
+    return sorted(
+        _stat_units((key, path) for path, key in found.items()), key=lambda u: (u.key, u.path)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+    name: str
+    config: str
+    version: str
+    data_dir: str
+
+    @property
+    def display(self) -> str:
+        return self.name + (f"/{self.config}" if self.config else "")
+
+
+def _parse_tfds(source: str, data_dir: str) -> _TfdsSpec:
+    body = source[len("tfds:") :]
+    name_config, _, version = body.partition(":")
+    name, _, config = name_config.partition("/")
+    if not re.fullmatch(r"[a-z0-9_]+", name) or (config and "/" in config):
+        raise DataError(f"data.source={source!r} is not of the form tfds:NAME[/CONFIG][:VERSION]")
+    if version and not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        raise DataError(f"data.source={source!r}: the version must look like 1.2.3")
+    if not data_dir:
+        data_dir = os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
+    if "://" not in data_dir:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    return _TfdsSpec(name, config, version, data_dir)
+
+
+def _tfds_builder_dir(spec: _TfdsSpec) -> Any:
+    """The prepared dataset's directory (`DATA_DIR/NAME[/CONFIG]/VERSION`), found by listing only:
+    nothing here may touch the network, so an unprepared dataset fails at once."""
+    from etils import epath
+
+    def versions(d: Any) -> list[str]:
+        if not d.is_dir():
+            return []
+        found = [
+            p.name
+            for p in d.iterdir()
+            if re.fullmatch(r"\d+\.\d+\.\d+", p.name) and (p / "dataset_info.json").exists()
+        ]
+        return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+    base = epath.Path(spec.data_dir) / spec.name
+    config = spec.config
+    if config:
+        base = base / config
+    elif not versions(base) and base.is_dir():
+        # NAME without CONFIG for a dataset with configs (c4 → c4/en/3.0.1): take the only one.
+        configs = sorted(p.name for p in base.iterdir() if p.is_dir() and versions(p))
+        if len(configs) > 1:
+            raise DataError(
+                f"tfds:{spec.name} has several prepared configs under {spec.data_dir} "
+                f"({', '.join(configs)}); name one, e.g. tfds:{spec.name}/{configs[0]}"
+            )
+        if configs:
+            config, base = configs[0], base / configs[0]
+    prepared = versions(base)
+    if spec.version:
+        if spec.version in prepared:
+            return base / spec.version
+        if prepared:
+            raise DataError(
+                f"tfds:{spec.display} version {spec.version} is not prepared under "
+                f"{spec.data_dir} (prepared: {', '.join(prepared)})"
+            )
+    elif prepared:
+        return base / prepared[-1]
+    raise DataError(_tfds_missing_message(spec))
+
+
+def _tfds_missing_message(spec: _TfdsSpec) -> str:
+    known = True
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        pass
+    else:
+        try:
+            tfds.builder_cls(spec.name)  # the local catalog; no network for a plain name
+        except tfds.core.registered.DatasetNotFoundError:
+            known = False
+    if not known:
+        return (
+            f"unknown TFDS dataset {spec.name!r}: not in the TFDS catalog and not prepared "
+            f"under data.tfds_data_dir={spec.data_dir}"
+        )
+    return (
+        f"TFDS dataset {spec.display} is not prepared under {spec.data_dir} and is never "
+        f"downloaded here; prepare it where there is network (tfds build {spec.display} "
+        f"--data_dir DIR) and set data.tfds_data_dir=DIR"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything needed to (re)build one split's cache, and the digest that names it."""
+
+    source: str
+    split: str
+    tokenizer: Tokenizer
+    kind: str  # stdlib | files | tfds
+    units: tuple[_FileUnit, ...] = ()
+    tfds_dir: str = ""
+    tfds_split: str = ""
+    text_key: str = "text"
+    val_fraction: float = 0.0
+    fingerprint: tuple = ()
+    approx_bytes: int = 0  # of text, to decide whether worker processes pay off
+
+    def digest(self) -> str:
+        blob = json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "source": self.source,
+                "split": self.split,
+                "tokenizer": self.tokenizer.spec(),
+                "kind": self.kind,
+                "text_key": self.text_key,
+                "val_fraction": self.val_fraction,
+                "fingerprint": self.fingerprint,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def dir_name(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9_]+", "_", self.source).strip("_")[:40] or "source"
+        return f"{slug}.{self.split}.{self.tokenizer.name}.{self.digest()[:16]}"
+
+
+def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    d = cfg.data
+    source = d.source.strip()
+    if source.startswith("tfds:"):
+        spec = _parse_tfds(source, d.tfds_data_dir)
+        builder_dir = _tfds_builder_dir(spec)
+        info = (builder_dir / "dataset_info.json").read_bytes()
+        tfds_split = d.train_split if split == "train" else d.val_split
+        try:
+            approx = sum(int(s.get("numBytes", 0)) for s in json.loads(info).get("splits", []))
+        except (ValueError, AttributeError, TypeError):
+            approx = 0
+        return _Plan(
+            source=source,
+            split=split,
+            tokenizer=tokenizer,
+            kind="tfds",
+            tfds_dir=os.fspath(builder_dir),
+            tfds_split=tfds_split,
+            text_key=d.text_key,
+            # A re-prepared dataset has a new dataset_info.json and so a new cache.
+            fingerprint=(os.fspath(builder_dir), tfds_split, hashlib.sha256(info).hexdigest()),
+            approx_bytes=approx,
+        )
+    if split == "validation" and d.val_fraction == 0:
+        raise DataError(f"data.val_fraction=0: data.source={source!r} has no validation split")
+    if source == "stdlib":
+        units = _stat_units(stdlib_files())
+        kind = "stdlib"
+    else:
+        units = _glob_units(source)
+        kind = "files"
+    # .txt files are split whole here; .jsonl files go to both splits and are split by line.
+    want_val = split == "validation"
+    keep = [u for u in units if u.jsonl or _in_validation(u.key, d.val_fraction) == want_val]
+    return _Plan(
+        source=source,
+        split=split,
+        tokenizer=tokenizer,
+        kind=kind,
+        units=tuple(keep),
+        text_key=d.text_key,
+        val_fraction=d.val_fraction,
+        # Edited, added or removed files give a new cache.
+        fingerprint=tuple((u.key, u.size, u.mtime_ns) for u in keep),
+        approx_bytes=sum(u.size for u in keep),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization (these functions also run in worker processes)
+
+
+@dataclasses.dataclass
+class _Encoded:
+    tokens: np.ndarray
+    documents: int = 0
+    nbytes: int = 0
+    replaced: int = 0
+    replaced_in: str = ""  # the first document with undecodable bytes
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """UTF-8 text with undecodable bytes replaced by U+FFFD, and how many were replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+def _join(tok: Tokenizer, docs: Iterable[tuple[str, bytes]]) -> _Encoded:
+    """Tokenizes (name, raw bytes) documents, each followed by the end-of-text id."""
+    parts, out = [], _Encoded(np.zeros(0, tok.dtype))
+    eot = np.array([tok.eot_id], dtype=tok.dtype)
+    for name, data in docs:
+        out.nbytes += len(data)
+        text, bad = _decode(data)
+        if not text:
+            continue
+        if bad:
+            out.replaced += bad
+            out.replaced_in = out.replaced_in or name
+        parts += [tok.encode_array(text).astype(tok.dtype, copy=False), eot]
+        out.documents += 1
+    if parts:
+        out.tokens = np.concatenate(parts)
+    return out
+
+
+def _read(path: str) -> bytes:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read()
+
+
+def _file_docs(
+    units: tuple[_FileUnit, ...], split: str, val_fraction: float, text_key: str
+) -> Iterator[tuple[str, bytes]]:
+    for u in units:
+        data = _read(u.path)
+        if not u.jsonl:
+            yield u.key, data
+            continue
+        for i, line in enumerate(data.splitlines(), 1):
+            if not line.strip() or _in_validation(f"{u.key}:{i}", val_fraction) != (
+                split == "validation"
+            ):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{u.path}:{i}: not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise DataError(f"{u.path}:{i}: no string field {text_key!r} (data.text_key)")
+            yield f"{u.key}:{i}", record[text_key].encode("utf-8", errors="surrogatepass")
+
+
+def _encode_files(
+    tok: Tokenizer, units: tuple[_FileUnit, ...], split: str, val_fraction: float, text_key: str
+) -> _Encoded:
+    return _join(tok, _file_docs(units, split, val_fraction, text_key))
+
+
+def _encode_texts(tok: Tokenizer, names: list[str], texts: list[bytes]) -> _Encoded:
+    return _join(tok, zip(names, texts))
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _worker_init(tok: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tok
+
+
+def _in_worker(fn: Callable[..., _Encoded], args: tuple) -> _Encoded:
+    return fn(_WORKER_TOKENIZER, *args)
+
+
+def num_workers(cfg: Config) -> int:
+    """Tokenizer processes: `data.num_workers`, or one per usable core when it is 0."""
+    if cfg.data.num_workers:
+        return cfg.data.num_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _encode_all(
+    tok: Tokenizer,
+    jobs: Iterable[tuple[Callable[..., _Encoded], tuple]],
+    workers: int,
+) -> Iterator[_Encoded]:
+    """Runs the jobs in order, in `workers` spawned processes when workers > 1. At most two jobs
+    per worker are in flight, so a huge source never queues up in memory."""
+    if workers <= 1:
+        for fn, args in jobs:
+            yield fn(tok, *args)
+        return
+    # spawn, not fork: the parent usually has JAX's and TF's threads running.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(tok,)
+    ) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for fn, args in jobs:
+                pending.append(pool.submit(_in_worker, fn, args))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _file_jobs(plan: _Plan) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
+    chunk: list[_FileUnit] = []
+    size = 0
+    for u in plan.units:
+        chunk.append(u)
+        size += u.size
+        if size >= CHUNK_BYTES:
+            yield _encode_files, (tuple(chunk), plan.split, plan.val_fraction, plan.text_key)
+            chunk, size = [], 0
+    if chunk:
+        yield _encode_files, (tuple(chunk), plan.split, plan.val_fraction, plan.text_key)
+
+
+def _import_tf() -> Any:
+    """TensorFlow for tf.data only: quiet, and kept off any GPU that JAX owns."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # tf.data does no float math here; this also silences TF's oneDNN banner on import.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise DataError(
+            "tensorflow is needed for tf.data and TFDS: pip install tensorflow-cpu"
+        ) from None
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # already initialized: the caller did it
+    return tf
+
+
+def _tfds_jobs(plan: _Plan, progress: Any) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
+    _import_tf()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(plan.tfds_dir)
+    splits = builder.info.splits
+    base = re.split(r"[\[+]", plan.tfds_split, maxsplit=1)[0]
+    if base not in splits:
+        key = "data.train_split" if plan.split == "train" else "data.val_split"
+        raise DataError(
+            f"{key}={plan.tfds_split!r}: {plan.source} has splits {', '.join(sorted(splits))}"
+        )
+    features = builder.info.features
+    if plan.text_key not in features:
+        raise DataError(
+            f"data.text_key={plan.text_key!r}: {plan.source} has features "
+            f"{', '.join(sorted(features.keys()))}"
+        )
+    try:
+        progress.reset(total=splits[plan.tfds_split].num_examples)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        pass  # an unusual split expression: a bar without a total
+    ds = builder.as_dataset(split=plan.tfds_split, shuffle_files=False)
+    ds = ds.map(lambda ex: ex[plan.text_key]).batch(1024).prefetch(2)
+    names: list[str] = []
+    texts: list[bytes] = []
+    size = count = 0
+    for batch in ds.as_numpy_iterator():
+        for text in batch:
+            if not isinstance(text, bytes):
+                raise DataError(f"data.text_key={plan.text_key!r} of {plan.source} is not text")
+            names.append(f"{plan.tfds_split}[{count}]")
+            texts.append(text)
+            size += len(text)
+            count += 1
+            if size >= CHUNK_BYTES:
+                yield _encode_texts, (names, texts)
+                names, texts, size = [], [], 0
+    if texts:
+        yield _encode_texts, (names, texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The token cache
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        size = (path / manifest["file"]).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if size != manifest["tokens"] * np.dtype(manifest["dtype"]).itemsize:
+        return None
+    return manifest
+
+
+def _manifest_matches(manifest: dict | None, plan: _Plan) -> bool:
+    return (
+        manifest is not None
+        and manifest.get("format") == CACHE_FORMAT
+        and manifest.get("digest") == plan.digest()
+        and manifest.get("tokenizer") == plan.tokenizer.spec()
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_builds(cache_dir: Path, name: str) -> None:
+    """Deletes temporary directories of builds of `name` on this host whose process is gone."""
+    host = socket.gethostname()
+    for tmp in cache_dir.glob(f".tmp.{name}.*"):
+        parts = tmp.name[len(f".tmp.{name}.") :].split(".")
+        dead = len(parts) >= 3 and parts[0] == host and parts[1].isdigit()
+        if dead and not _pid_alive(int(parts[1])):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(plan: _Plan, final: Path, workers: int) -> dict:
+    """Tokenizes the plan into a temporary directory, then renames it to `final` (atomic: an
+    interrupted build never leaves a directory that looks complete)."""
+    from tqdm import tqdm
+
+    cache_dir = final.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(cache_dir, final.name)
+    tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = cache_dir / f".tmp.{final.name}.{tag}"
+    tmp.mkdir()
+    tok = plan.tokenizer
+    start = time.perf_counter()
+    total_bytes = sum(u.size for u in plan.units)
+    if tok.name == "byte" or plan.approx_bytes < PARALLEL_MIN_BYTES:
+        workers = 1  # byte tokenization outruns the pickling a process pool adds
+    sha = hashlib.sha256()
+    counts = {"tokens": 0, "documents": 0, "bytes": 0, "replaced": 0}
+    replaced_in = ""
+    try:
+        bar = tqdm(
+            total=total_bytes if plan.kind != "tfds" else None,
+            unit="B" if plan.kind != "tfds" else " docs",
+            unit_scale=True,
+            desc=f"tokenizing {plan.source} ({plan.split}, {tok.name})",
+            file=sys.stderr,
+            mininterval=0.5,
+            leave=False,
+        )
+        with bar, open(tmp / TOKENS_FILE, "wb") as f:
+            jobs = _tfds_jobs(plan, bar) if plan.kind == "tfds" else _file_jobs(plan)
+            for enc in _encode_all(tok, jobs, workers):
+                data = enc.tokens.astype(tok.dtype, copy=False).tobytes()
+                f.write(data)
+                sha.update(data)
+                counts["tokens"] += enc.tokens.size
+                counts["documents"] += enc.documents
+                counts["bytes"] += enc.nbytes
+                counts["replaced"] += enc.replaced
+                replaced_in = replaced_in or enc.replaced_in
+                bar.update(enc.nbytes if plan.kind != "tfds" else enc.documents)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "format": CACHE_FORMAT,
+            "digest": plan.digest(),
+            "source": plan.source,
+            "split": plan.split,
+            "tfds_split": plan.tfds_split or None,
+            "tokenizer": tok.spec(),
+            "dtype": tok.dtype.name,
+            "file": TOKENS_FILE,
+            **counts,
+            "replaced_first_in": replaced_in or None,
+            "sha256": sha.hexdigest(),
+            "files": len(plan.units) if plan.kind != "tfds" else None,
+            "build_seconds": round(time.perf_counter() - start, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process (a second host process, say) finished the same build first.
+            if not _manifest_matches(_read_manifest(final), plan):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _read_manifest(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    secs = manifest["build_seconds"]
+    print(
+        f"token cache: {manifest['tokens']:,} {tok.name} tokens from {manifest['documents']:,} "
+        f"documents of {plan.source} ({plan.split}) in {secs:.1f}s -> {final}",
+        file=sys.stderr,
+    )
+    if manifest["replaced"]:
+        print(
+            f"warning: {manifest['replaced']:,} undecodable byte sequences in {plan.source} "
+            f"({plan.split}) were replaced with U+FFFD (first in {replaced_in})",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def ensure_cache(cfg: Config, split: str) -> tuple[dict, Path, bool]:
+    """Builds `split`'s token cache unless a matching one exists.
+
+    Returns:
+        (its manifest, its directory, whether it was built now).
+    """
+    plan = _plan(cfg, split, get_tokenizer(cfg.data.tokenizer))
+    final = Path(cfg.data.cache_dir).expanduser() / plan.dir_name()
+    manifest = _read_manifest(final)
+    if _manifest_matches(manifest, plan):
+        return manifest, final, False
+    if final.exists():
+        print(f"token cache {final} is stale or incomplete; rebuilding", file=sys.stderr)
+        shutil.rmtree(final)
+    return _build(plan, final, num_workers(cfg)), final, True
+
+
+def load_tokens(cfg: Config, split: str) -> np.ndarray:
+    """The token stream of `split` ("train" or "validation"): documents joined by end-of-text.
+
+    Builds the cache under `cfg.data.cache_dir` on first use and reuses it while the source,
+    tokenizer and split rules are unchanged.
+
+    Returns:
+        A read-only uint16 (vocab ≤ 65536) or uint32 memory map.
+
+    Raises:
+        DataError: unknown source, a glob matching nothing, an unprepared or unknown TFDS dataset,
+            an empty split, ...
+    """
+    manifest, path, _ = ensure_cache(cfg, split)
+    if manifest["tokens"] == 0:
+        rule = (
+            f" (data.val_fraction={cfg.data.val_fraction} selected no document)"
+            if split == "validation" and not cfg.data.source.startswith("tfds:")
+            else ""
+        )
+        raise DataError(f"the {split} split of data.source={cfg.data.source!r} is empty{rule}")
+    return np.memmap(
+        path / manifest["file"], dtype=manifest["dtype"], mode="r", shape=(manifest["tokens"],)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and their order
+
+
+def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
+    """How many windows of context_length + 1 tokens, `stride` apart, fit in n_tokens."""
+    span = context_length + 1
+    return 0 if n_tokens < span else (n_tokens - span) // stride + 1
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit avalanche mix (splitmix64's finalizer) of a uint64 array."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, seed: int, epoch: np.ndarray | int) -> np.ndarray:
+    """The image of `index` under a pseudo-random bijection of [0, n) keyed by (seed, epoch).
+
+    A 4-round Feistel network on the smallest even-width bit domain that holds n; values that land
+    outside [0, n) are mapped again until they fall inside ("cycle walking"), which keeps it a
+    bijection. Unlike a stored permutation it costs no memory, whatever the dataset size, and
+    position k of any epoch is computed directly.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    if n <= 0:
+        raise ValueError("n must be positive")
+    if index.size and (index.min() < 0 or index.max() >= n):
+        raise ValueError(f"index out of range [0, {n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    epoch = np.broadcast_to(np.asarray(epoch, dtype=np.uint64), index.shape)
+    base = _mix64(np.full(index.shape, seed & _MASK64, dtype=np.uint64) ^ np.uint64(0x5EED))
+    base = _mix64(base ^ _mix64(epoch + np.uint64(0x9E3779B97F4A7C15)))
+    keys = [_mix64(base + np.uint64(r + 1)) for r in range(4)]
+    x = index.astype(np.uint64)
+    todo = np.ones(x.shape, dtype=bool)
+    while todo.any():
+        y = x[todo]
+        left, right = y >> shift, y & mask
+        for key in keys:
+            k = key[todo]
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        x[todo] = (left << shift) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def _check_processes(
+    batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if batch_size <= 0 or batch_size % process_count:
+        raise DataError(
+            f"batch size {batch_size} is not a positive multiple of the {process_count} processes"
+        )
+    return process_index, process_count, batch_size // process_count
+
+
+def _check_vocab(cfg: Config, split: str, tokens: np.ndarray) -> int:
+    """Checks the model can embed the tokenizer's ids and the split holds a window; the stride."""
+    tok = get_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"data.tokenizer={tok.name} has {tok.vocab_size} ids but model.vocab_size="
+            f"{cfg.model.vocab_size}"
+        )
+    T = cfg.model.context_length
+    if len(tokens) < T + 1:
+        raise DataError(
+            f"the {split} split of data.source={cfg.data.source!r} has {len(tokens)} tokens, "
+            f"fewer than one window of model.context_length + 1 = {T + 1}"
+        )
+    return cfg.data.stride or T
+
+
+def _rows(tokens: np.ndarray, starts: np.ndarray, span: int) -> np.ndarray:
+    """int32 [len(starts), span]: contiguous slices of the memory map, one read each."""
+    out = np.empty((len(starts), span), dtype=np.int32)
+    for i, s in enumerate(starts):
+        out[i] = tokens[s : s + span]
+    return out
+
+
+# Live pipelines, closed before interpreter shutdown: tf.data threads still calling
+# numpy_function while Python finalizes can deadlock the exit (seen in 1 run of 3).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for it in list(_LIVE):
+        it.close()
+
+
+class TrainIterator:
+    """Training batches of windows in a seeded order, this process's rows of each global batch.
+
+    Epoch e visits every window once, in the order `permute(·, windows, seed, e)`; global batch b
+    takes the next `batch_size` positions of the endless sequence of epochs (a batch may straddle
+    two epochs), and process p takes rows [p·L, (p+1)·L) of it, L = batch_size // process_count.
+    The position is therefore the same small state on every process.
+
+    Yields:
+        {"inputs": int32 [L, T], "targets": int32 [L, T] (inputs shifted by one),
+         "mask": float32 [L, T] (all ones for plain text)}
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        batch_size: int,
+        *,
+        state: dict | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.process_index, self.process_count, self.local_batch_size = _check_processes(
+            batch_size, process_index, process_count
+        )
+        self.batch_size = batch_size
+        self.tokens = load_tokens(cfg, "train")
+        self.stride = _check_vocab(cfg, "train", self.tokens)
+        self.context_length = cfg.model.context_length
+        self.tokenizer = cfg.data.tokenizer
+        self.windows = num_windows(len(self.tokens), self.context_length, self.stride)
+        self.seed = cfg.data.seed
+        self.prefetch = cfg.data.prefetch
+        self._position = 0  # of the next window, counted over all epochs
+        if state is not None:
+            self._restore(state)
+        self._it: Iterator | None = None
+
+    def _restore(self, state: dict) -> None:
+        try:
+            seed, epoch, index = int(state["seed"]), int(state["epoch"]), int(state["index"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"not a data iterator state: {state!r}") from None
+        if state.get("tokenizer", self.tokenizer) != self.tokenizer:
+            raise DataError(
+                f"the data state was saved with tokenizer {state['tokenizer']} but "
+                f"data.tokenizer={self.tokenizer}"
+            )
+        if state.get("windows", self.windows) != self.windows:
+            raise DataError(
+                f"the data state was saved over {state['windows']} windows but the data now has "
+                f"{self.windows} (source, tokenizer, context_length or stride changed)"
+            )
+        if epoch < 0 or not 0 <= index < self.windows:
+            raise DataError(f"data state out of range: {state!r}")
+        # The state's seed wins over the config's: it is what makes the resumed order exact.
+        self.seed = seed
+        self._position = epoch * self.windows + index
+
+    def get_state(self) -> dict:
+        """Where the next batch starts: JSON-able, identical on every process."""
+        epoch, index = divmod(self._position, self.windows)
+        return {
+            "seed": self.seed,
+            "epoch": epoch,
+            "index": index,
+            "windows": self.windows,
+            "tokenizer": self.tokenizer,
+        }
+
+    def _batch_fn(self) -> Callable[[np.int64], np.ndarray]:
+        # Plain locals, so tf.data's threads hold no reference to the iterator itself.
+        tokens, n, seed, stride = self.tokens, self.windows, self.seed, self.stride
+        start = self._position + self.process_index * self.local_batch_size
+        step, span = self.batch_size, self.context_length + 1
+        offsets = np.arange(self.local_batch_size, dtype=np.int64)
+
+        def rows(b: np.int64) -> np.ndarray:
+            epoch, index = np.divmod(start + int(b) * step + offsets, n)
+            return _rows(tokens, permute(index, n, seed, epoch) * stride, span)
+
+        return rows
+
+    def _make(self) -> Iterator:
+        tf = _import_tf()
+        rows = self._batch_fn()
+        L, T = self.local_batch_size, self.context_length
+
+        def load(b: Any) -> dict:
+            x = tf.numpy_function(rows, [b], tf.int32, stateful=False)
+            x.set_shape([L, T + 1])
+            return {"inputs": x[:, :-1], "targets": x[:, 1:]}
+
+        ds = tf.data.Dataset.range(1 << 62).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        if self.prefetch:
+            ds = ds.prefetch(self.prefetch)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options).as_numpy_iterator()
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._make()
+            _LIVE.add(self)
+        batch = next(self._it)
+        self._position += self.batch_size
+        batch["mask"] = np.ones(batch["inputs"].shape, dtype=np.float32)
+        return batch
+
+    def close(self) -> None:
+        """Stops the tf.data pipeline; the iterator can go on (it restarts where it was)."""
+        self._it = None
+
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def eval_batches(
+    cfg: Config,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every validation window once, in order, this process's rows of each global batch.
+
+    Validation windows never overlap (stride = context_length, whatever data.stride), so each
+    token is scored once. Every process yields the same number of batches; rows past the last
+    window are zeros with mask 0.
+
+    Yields:
+        {"inputs", "targets": int32 [L, T], "mask": float32 [L, T]}, L = batch_size // processes.
+    """
+    index, _, local = _check_processes(batch_size, process_index, process_count)
+    tokens = load_tokens(cfg, "validation")
+    _check_vocab(cfg, "validation", tokens)
+    T = cfg.model.context_length
+    n = num_windows(len(tokens), T, T)
+    return _eval_iter(tokens, n, T, batch_size, index * local, local)
+
+
+def _eval_iter(
+    tokens: np.ndarray, n: int, T: int, batch_size: int, first: int, local: int
+) -> Iterator[dict[str, np.ndarray]]:
+    offsets = np.arange(local, dtype=np.int64)
+    for b in range(-(-n // batch_size)):
+        windows = b * batch_size + first + offsets
+        valid = windows < n
+        x = _rows(tokens, windows[valid] * T, T + 1)
+        inputs = np.zeros((local, T), np.int32)
+        targets = np.zeros((local, T), np.int32)
+        inputs[valid], targets[valid] = x[:, :-1], x[:, 1:]
+        mask = np.repeat(valid.astype(np.float32)[:, None], T, axis=1)
+        yield {"inputs": inputs, "targets": targets, "mask": mask}
+
+
+def to_global(
+    batch: dict[str, np.ndarray], mesh: Any, batch_axes: tuple[str, ...] = ("data", "fsdp")
+) -> dict[str, Any]:
+    """This process's rows → global `jax.Array`s, dim 0 sharded over the mesh's batch axes.
+
+    Args:
+        batch: numpy arrays with the process-local batch first.
+        mesh: a `jax.sharding.Mesh`; batch axes it lacks are ignored.
+        batch_axes: mesh axes that split the batch.
+
+    Returns:
+        The same keys, as global arrays of batch_size rows, sharded `P(batch_axes, None, ...)`.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    out = {}
+    for key, value in batch.items():
+        rows = value.shape[0] * jax.process_count()
+        if rows % ways:
+            raise DataError(
+                f"a global batch of {rows} rows does not divide over the mesh's batch axes "
+                f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)})"
+            )
+        spec = PartitionSpec(axes or None, *([None] * (value.ndim - 1)))
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def _stdlib_text(megabytes: float) -> list[str]:
+    """About `megabytes` of standard-library source, as documents, for tokenizer speed."""
+    texts, size = [], 0
+    for _, path in stdlib_files():
+        if size >= megabytes * 1e6:
+            break
+        text, _ = _decode(path.read_bytes())
+        texts.append(text)
+        size += len(text.encode())
+    return texts
+
+
+def _tokenize_rate(tok: Tokenizer, texts: list[str], workers: int = 1) -> float:
+    nbytes = sum(len(t.encode()) for t in texts)
+    if workers <= 1:
+        start = time.perf_counter()
+        for t in texts:
+            tok.encode_array(t)
+        return nbytes / (time.perf_counter() - start) / 1e6
+    chunks, chunk, size = [], [], 0
+    for t in texts:
+        chunk.append(t.encode())
+        size += len(chunk[-1])
+        if size >= CHUNK_BYTES // 4:
+            chunks.append(chunk)
+            chunk, size = [], 0
+    chunks.append(chunk)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(tok,)
+    ) as pool:
+        # Warm the workers (imports, ranks) before timing.
+        list(pool.map(_in_worker, [_encode_texts] * workers, [([""], [b"warm"])] * workers))
+        start = time.perf_counter()
+        list(pool.map(_in_worker, [_encode_texts] * len(chunks), [(c, c) for c in chunks]))
+        return nbytes / (time.perf_counter() - start) / 1e6
+
+
+def benchmark(
+    cfg: Config | None = None,
+    *,
+    seq: int = 2048,
+    batch: int = 8,
+    seconds: float = 5.0,
+    text_mb: float = 8.0,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Input-pipeline speed, for `python -m gptjax.bench data`.
+
+    Args:
+        cfg: supplies the data section (source, tokenizer, cache_dir); default `Config()`, i.e.
+            the stdlib source with the byte tokenizer in `.cache/gptjax/tokens`.
+        seq: context length T of the timed training batches.
+        batch: sequences per timed batch (one process).
+        seconds: how long to time batches from the cache.
+        text_mb: megabytes of stdlib source used to time the tokenizers.
+        workers: processes for the parallel gpt2 figure; default one per core.
+
+    Returns:
+        A flat dict: tokenizer MB/s (byte; gpt2 on one core and on `workers` cores, None without
+        the ranks file), the cache's size and build time (None when it was reused) and training
+        batches from it in tokens/s.
+    """
+    cfg = cfg or Config()
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, context_length=seq, vocab_size=max(cfg.model.vocab_size, 50257)
+        ),
+        data=dataclasses.replace(cfg.data, stride=0),
+    )
+    workers = workers or num_workers(cfg)
+    texts = _stdlib_text(text_mb)
+    out: dict[str, Any] = {"text_mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2)}
+    out["byte_mb_per_s"] = round(_tokenize_rate(get_tokenizer("byte"), texts), 1)
+    try:
+        gpt2 = get_tokenizer("gpt2")
+    except UserError as e:
+        out["gpt2_mb_per_s"] = out["gpt2_mb_per_s_parallel"] = None
+        out["gpt2_missing"] = str(e)
+    else:
+        out["gpt2_mb_per_s"] = round(_tokenize_rate(gpt2, texts), 2)
+        out["gpt2_mb_per_s_parallel"] = None
+        if workers > 1:
+            out["gpt2_mb_per_s_parallel"] = round(_tokenize_rate(gpt2, texts, workers), 2)
+            out["workers"] = workers
+
+    start = time.perf_counter()
+    manifest, _, built = ensure_cache(cfg, "train")
+    out["cache"] = f"{cfg.data.source} ({cfg.data.tokenizer})"
+    out["cache_tokens"] = manifest["tokens"]
+    out["cache_build_s"] = round(time.perf_counter() - start, 2) if built else None
+
+    it = TrainIterator(cfg, batch, process_index=0, process_count=1)
+    for _ in range(20):  # warm up tf.data
+        next(it)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        n += 1
+    elapsed = time.perf_counter() - start
+    it.close()
+    out.update(
+        seq=seq,
+        batch=batch,
+        batches=n,
+        batches_per_s=round(n / elapsed, 1),
+        tokens_per_s=round(n * batch * seq / elapsed),
+    )
+    return out
