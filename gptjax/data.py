@@ -6,6 +6,10 @@ directory (one token file per split plus a JSON manifest); training windows are 
 memory map in a seeded pseudo-random order that needs no buffer, so the iterator's position is
 three numbers and a resumed run sees exactly the batches an uninterrupted one would.
 
+Fine-tuning data comes as `.jsonl` records with `prompt` and `completion` strings: each becomes
+the document prompt + completion + end-of-text, and a parallel uint8 loss-weight file (0 on prompt
+tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
+
 TensorFlow and JAX are imported inside the functions that need them: `import gptjax.data` (and
 the tokenizer worker processes) stay light, and file sources build their cache without TF.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -43,6 +48,14 @@ SPLITS = ("train", "validation")
 CACHE_FORMAT = 1
 TOKENS_FILE = "tokens.bin"
 MANIFEST_FILE = "manifest.json"
+# Loss weights, one uint8 per token (the weight of predicting that token); only for sources with
+# prompt/completion records. Plain text has all-ones weights and stores none.
+MASK_FILE = "mask.bin"
+PROMPT_KEY, COMPLETION_KEY = "prompt", "completion"
+# Bumped when the rule that turns .jsonl records into tokens and weights changes. Only plans with
+# .jsonl files put it in their digest, so caches of other sources keep their names; caches built
+# before records could be prompt/completion pairs lack it and are never found.
+JSONL_RULE = 1
 # Work is handed to tokenizer processes in chunks of about this much text.
 CHUNK_BYTES = 4 << 20
 # Below this much text (and for the byte tokenizer, which is faster than the pickling a process
@@ -254,10 +267,15 @@ class _Plan:
                 "text_key": self.text_key,
                 "val_fraction": self.val_fraction,
                 "fingerprint": self.fingerprint,
+                **({"jsonl_rule": JSONL_RULE} if self.has_jsonl else {}),
             },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def has_jsonl(self) -> bool:
+        return any(u.jsonl for u in self.units)
 
     def dir_name(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9_]+", "_", self.source).strip("_")[:40] or "source"
@@ -322,10 +340,17 @@ def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
 @dataclasses.dataclass
 class _Encoded:
     tokens: np.ndarray
+    # uint8 loss weights, one per token; None when the chunk held no prompt/completion record.
+    mask: np.ndarray | None = None
     documents: int = 0
     nbytes: int = 0
     replaced: int = 0
     replaced_in: str = ""  # the first document with undecodable bytes
+
+
+# A document: (name, text, None) for plain text, (name, prompt, completion) for a record whose
+# prompt tokens get weight 0.
+_Doc = tuple[str, bytes, bytes | None]
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -337,22 +362,37 @@ def _decode(data: bytes) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
 
 
-def _join(tok: Tokenizer, docs: Iterable[tuple[str, bytes]]) -> _Encoded:
-    """Tokenizes (name, raw bytes) documents, each followed by the end-of-text id."""
+def _join(tok: Tokenizer, docs: Iterable[_Doc]) -> _Encoded:
+    """Tokenizes documents, each followed by the end-of-text id; a prompt/completion document
+    also gets loss weights: 0 on the prompt, 1 on the completion and its end-of-text."""
     parts, out = [], _Encoded(np.zeros(0, tok.dtype))
+    runs: list[int] = []  # alternating lengths of weight-0 and weight-1 runs
+    completions = False
     eot = np.array([tok.eot_id], dtype=tok.dtype)
-    for name, data in docs:
-        out.nbytes += len(data)
-        text, bad = _decode(data)
-        if not text:
+    for name, data, completion in docs:
+        pieces = [data] if completion is None else [data, completion]
+        texts = []
+        for piece in pieces:
+            out.nbytes += len(piece)
+            text, bad = _decode(piece)
+            if bad:
+                out.replaced += bad
+                out.replaced_in = out.replaced_in or name
+            texts.append(text)
+        if not any(texts):
             continue
-        if bad:
-            out.replaced += bad
-            out.replaced_in = out.replaced_in or name
-        parts += [tok.encode_array(text).astype(tok.dtype, copy=False), eot]
+        # Prompt and completion are encoded apart, as a sampler encodes the prompt alone: the
+        # boundary is exact, and the model learns the completion's tokens as it will meet them.
+        ids = [tok.encode_array(t).astype(tok.dtype, copy=False) for t in texts]
+        parts += [*ids, eot]
+        prompt = len(ids[0]) if completion is not None else 0
+        runs += [prompt, sum(len(i) for i in ids) + 1 - prompt]
+        completions = completions or completion is not None
         out.documents += 1
     if parts:
         out.tokens = np.concatenate(parts)
+    if completions:
+        out.mask = np.repeat(np.tile(np.array([0, 1], np.uint8), len(runs) // 2), runs)
     return out
 
 
@@ -362,13 +402,18 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _utf8(text: str) -> bytes:
+    # JSON may hold lone surrogates; _decode turns them into counted U+FFFD.
+    return text.encode("utf-8", errors="surrogatepass")
+
+
 def _file_docs(
     units: tuple[_FileUnit, ...], split: str, val_fraction: float, text_key: str
-) -> Iterator[tuple[str, bytes]]:
+) -> Iterator[_Doc]:
     for u in units:
         data = _read(u.path)
         if not u.jsonl:
-            yield u.key, data
+            yield u.key, data, None
             continue
         for i, line in enumerate(data.splitlines(), 1):
             if not line.strip() or _in_validation(f"{u.key}:{i}", val_fraction) != (
@@ -379,9 +424,23 @@ def _file_docs(
                 record = json.loads(line)
             except ValueError:
                 raise DataError(f"{u.path}:{i}: not valid JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise DataError(f"{u.path}:{i}: no string field {text_key!r} (data.text_key)")
-            yield f"{u.key}:{i}", record[text_key].encode("utf-8", errors="surrogatepass")
+            if not isinstance(record, dict):
+                raise DataError(f"{u.path}:{i}: not a JSON object")
+            # Both keys make a fine-tuning record, whatever else it holds (a "text" copy, say).
+            if PROMPT_KEY in record and COMPLETION_KEY in record:
+                prompt, completion = record[PROMPT_KEY], record[COMPLETION_KEY]
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise DataError(
+                        f"{u.path}:{i}: {PROMPT_KEY!r} and {COMPLETION_KEY!r} must both be strings"
+                    )
+                yield f"{u.key}:{i}", _utf8(prompt), _utf8(completion)
+            elif isinstance(record.get(text_key), str):
+                yield f"{u.key}:{i}", _utf8(record[text_key]), None
+            else:
+                raise DataError(
+                    f"{u.path}:{i}: no string field {text_key!r} (data.text_key), nor "
+                    f"{PROMPT_KEY!r} and {COMPLETION_KEY!r}"
+                )
 
 
 def _encode_files(
@@ -391,7 +450,7 @@ def _encode_files(
 
 
 def _encode_texts(tok: Tokenizer, names: list[str], texts: list[bytes]) -> _Encoded:
-    return _join(tok, zip(names, texts))
+    return _join(tok, ((name, text, None) for name, text in zip(names, texts)))
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -530,6 +589,12 @@ def _read_manifest(path: Path) -> dict | None:
         return None
     if size != manifest["tokens"] * np.dtype(manifest["dtype"]).itemsize:
         return None
+    if manifest.get("mask"):
+        try:
+            if (path / manifest["mask"]).stat().st_size != manifest["tokens"]:
+                return None
+        except (OSError, TypeError):
+            return None
     return manifest
 
 
@@ -539,6 +604,9 @@ def _manifest_matches(manifest: dict | None, plan: _Plan) -> bool:
         and manifest.get("format") == CACHE_FORMAT
         and manifest.get("digest") == plan.digest()
         and manifest.get("tokenizer") == plan.tokenizer.spec()
+        # .jsonl records may be prompt/completion pairs: only a build that looked for them (and
+        # says whether it found any) can stand for such a source.
+        and (not plan.has_jsonl or "mask" in manifest)
     )
 
 
@@ -581,6 +649,8 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
     sha = hashlib.sha256()
     counts = {"tokens": 0, "documents": 0, "bytes": 0, "replaced": 0}
     replaced_in = ""
+    mask_file = None  # opened at the first chunk with weights
+    loss_tokens = 0
     try:
         bar = tqdm(
             total=total_bytes if plan.kind != "tfds" else None,
@@ -591,9 +661,20 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
             mininterval=0.5,
             leave=False,
         )
-        with bar, open(tmp / TOKENS_FILE, "wb") as f:
+        with bar, open(tmp / TOKENS_FILE, "wb") as f, contextlib.ExitStack() as later:
             jobs = _tfds_jobs(plan, bar) if plan.kind == "tfds" else _file_jobs(plan)
             for enc in _encode_all(tok, jobs, workers):
+                if enc.mask is not None and mask_file is None:
+                    mask_file = later.enter_context(open(tmp / MASK_FILE, "wb"))
+                    _write_ones(mask_file, counts["tokens"])  # the plain documents before it
+                    loss_tokens = counts["tokens"]
+                if mask_file is not None:
+                    if enc.mask is None:
+                        _write_ones(mask_file, enc.tokens.size)
+                        loss_tokens += enc.tokens.size
+                    else:
+                        mask_file.write(enc.mask.tobytes())
+                        loss_tokens += int(enc.mask.sum(dtype=np.int64))
                 data = enc.tokens.astype(tok.dtype, copy=False).tobytes()
                 f.write(data)
                 sha.update(data)
@@ -603,8 +684,9 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
                 counts["replaced"] += enc.replaced
                 replaced_in = replaced_in or enc.replaced_in
                 bar.update(enc.nbytes if plan.kind != "tfds" else enc.documents)
-            f.flush()
-            os.fsync(f.fileno())
+            for out in filter(None, (f, mask_file)):
+                out.flush()
+                os.fsync(out.fileno())
         manifest = {
             "format": CACHE_FORMAT,
             "digest": plan.digest(),
@@ -614,7 +696,10 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
             "tokenizer": tok.spec(),
             "dtype": tok.dtype.name,
             "file": TOKENS_FILE,
+            # Always written: the key says this build looked for prompt/completion records.
+            "mask": MASK_FILE if mask_file is not None else None,
             **counts,
+            "loss_tokens": loss_tokens if mask_file is not None else counts["tokens"],
             "replaced_first_in": replaced_in or None,
             "sha256": sha.hexdigest(),
             "files": len(plan.units) if plan.kind != "tfds" else None,
@@ -636,7 +721,8 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
     secs = manifest["build_seconds"]
     print(
         f"token cache: {manifest['tokens']:,} {tok.name} tokens from {manifest['documents']:,} "
-        f"documents of {plan.source} ({plan.split}) in {secs:.1f}s -> {final}",
+        f"documents of {plan.source} ({plan.split}) in {secs:.1f}s -> {final}"
+        + (f" ({manifest['loss_tokens']:,} count in the loss)" if manifest["mask"] else ""),
         file=sys.stderr,
     )
     if manifest["replaced"]:
@@ -646,6 +732,13 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
             file=sys.stderr,
         )
     return manifest
+
+
+def _write_ones(f: Any, n: int) -> None:
+    block = np.ones(min(n, 1 << 20), np.uint8).tobytes()
+    while n > 0:
+        f.write(block[:n])
+        n -= len(block)
 
 
 def ensure_cache(cfg: Config, split: str) -> tuple[dict, Path, bool]:
@@ -678,6 +771,18 @@ def load_tokens(cfg: Config, split: str) -> np.ndarray:
         DataError: unknown source, a glob matching nothing, an unprepared or unknown TFDS dataset,
             an empty split, ...
     """
+    return load_split(cfg, split)[0]
+
+
+def load_mask(cfg: Config, split: str) -> np.ndarray | None:
+    """The loss weights of `split`'s tokens, parallel to `load_tokens`: a read-only uint8 memory
+    map (0 on prompt tokens of prompt/completion records, 1 elsewhere), or None when every weight
+    is 1 (no such record). Position i weighs the prediction of token i, i.e. a target."""
+    return load_split(cfg, split)[1]
+
+
+def load_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(`load_tokens`, `load_mask`) of `split` from one look at the cache."""
     manifest, path, _ = ensure_cache(cfg, split)
     if manifest["tokens"] == 0:
         rule = (
@@ -686,9 +791,12 @@ def load_tokens(cfg: Config, split: str) -> np.ndarray:
             else ""
         )
         raise DataError(f"the {split} split of data.source={cfg.data.source!r} is empty{rule}")
-    return np.memmap(
-        path / manifest["file"], dtype=manifest["dtype"], mode="r", shape=(manifest["tokens"],)
-    )
+    n = manifest["tokens"]
+    tokens = np.memmap(path / manifest["file"], dtype=manifest["dtype"], mode="r", shape=(n,))
+    mask = None
+    if manifest.get("mask"):
+        mask = np.memmap(path / manifest["mask"], dtype=np.uint8, mode="r", shape=(n,))
+    return tokens, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,12 +888,20 @@ def _check_vocab(cfg: Config, split: str, tokens: np.ndarray) -> int:
     return cfg.data.stride or T
 
 
-def _rows(tokens: np.ndarray, starts: np.ndarray, span: int) -> np.ndarray:
-    """int32 [len(starts), span]: contiguous slices of the memory map, one read each."""
-    out = np.empty((len(starts), span), dtype=np.int32)
+def _rows(tokens: np.ndarray, starts: np.ndarray, span: int, dtype: Any = np.int32) -> np.ndarray:
+    """[len(starts), span] of `dtype`: contiguous slices of the memory map, one read each."""
+    out = np.empty((len(starts), span), dtype=dtype)
     for i, s in enumerate(starts):
         out[i] = tokens[s : s + span]
     return out
+
+
+def _window_mask(mask: np.ndarray | None, starts: np.ndarray, T: int) -> np.ndarray:
+    """float32 [len(starts), T]: the weights of the targets of the windows at `starts`, i.e. of
+    tokens start + 1 ... start + T (all ones without a mask)."""
+    if mask is None:
+        return np.ones((len(starts), T), np.float32)
+    return _rows(mask, np.asarray(starts) + 1, T, np.float32)
 
 
 # Live pipelines, closed before interpreter shutdown: tf.data threads still calling
@@ -809,7 +925,8 @@ class TrainIterator:
 
     Yields:
         {"inputs": int32 [L, T], "targets": int32 [L, T] (inputs shifted by one),
-         "mask": float32 [L, T] (all ones for plain text)}
+         "mask": float32 [L, T] (the targets' loss weights: 0 on prompt tokens of
+         prompt/completion records, 1 elsewhere)}
     """
 
     def __init__(
@@ -825,7 +942,7 @@ class TrainIterator:
             batch_size, process_index, process_count
         )
         self.batch_size = batch_size
-        self.tokens = load_tokens(cfg, "train")
+        self.tokens, self.mask = load_split(cfg, "train")
         self.stride = _check_vocab(cfg, "train", self.tokens)
         self.context_length = cfg.model.context_length
         self.tokenizer = cfg.data.tokenizer
@@ -869,16 +986,17 @@ class TrainIterator:
             "tokenizer": self.tokenizer,
         }
 
-    def _batch_fn(self) -> Callable[[np.int64], np.ndarray]:
+    def _batch_fn(self) -> Callable[[np.int64], tuple[np.ndarray, np.ndarray]]:
         # Plain locals, so tf.data's threads hold no reference to the iterator itself.
-        tokens, n, seed, stride = self.tokens, self.windows, self.seed, self.stride
+        tokens, mask, n, seed, stride = self.tokens, self.mask, self.windows, self.seed, self.stride
         start = self._position + self.process_index * self.local_batch_size
-        step, span = self.batch_size, self.context_length + 1
+        step, T = self.batch_size, self.context_length
         offsets = np.arange(self.local_batch_size, dtype=np.int64)
 
-        def rows(b: np.int64) -> np.ndarray:
+        def rows(b: np.int64) -> tuple[np.ndarray, np.ndarray]:
             epoch, index = np.divmod(start + int(b) * step + offsets, n)
-            return _rows(tokens, permute(index, n, seed, epoch) * stride, span)
+            starts = permute(index, n, seed, epoch) * stride
+            return _rows(tokens, starts, T + 1), _window_mask(mask, starts, T)
 
         return rows
 
@@ -888,9 +1006,10 @@ class TrainIterator:
         L, T = self.local_batch_size, self.context_length
 
         def load(b: Any) -> dict:
-            x = tf.numpy_function(rows, [b], tf.int32, stateful=False)
+            x, m = tf.numpy_function(rows, [b], (tf.int32, tf.float32), stateful=False)
             x.set_shape([L, T + 1])
-            return {"inputs": x[:, :-1], "targets": x[:, 1:]}
+            m.set_shape([L, T])
+            return {"inputs": x[:, :-1], "targets": x[:, 1:], "mask": m}
 
         ds = tf.data.Dataset.range(1 << 62).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         if self.prefetch:
@@ -908,7 +1027,6 @@ class TrainIterator:
             _LIVE.add(self)
         batch = next(self._it)
         self._position += self.batch_size
-        batch["mask"] = np.ones(batch["inputs"].shape, dtype=np.float32)
         return batch
 
     def close(self) -> None:
@@ -933,31 +1051,40 @@ def eval_batches(
 
     Validation windows never overlap (stride = context_length, whatever data.stride), so each
     token is scored once. Every process yields the same number of batches; rows past the last
-    window are zeros with mask 0.
+    window are zeros with mask 0. Within a window the mask is the targets' loss weights, as in
+    `TrainIterator`.
 
     Yields:
         {"inputs", "targets": int32 [L, T], "mask": float32 [L, T]}, L = batch_size // processes.
     """
     index, _, local = _check_processes(batch_size, process_index, process_count)
-    tokens = load_tokens(cfg, "validation")
+    tokens, mask = load_split(cfg, "validation")
     _check_vocab(cfg, "validation", tokens)
     T = cfg.model.context_length
     n = num_windows(len(tokens), T, T)
-    return _eval_iter(tokens, n, T, batch_size, index * local, local)
+    return _eval_iter(tokens, mask, n, T, batch_size, index * local, local)
 
 
 def _eval_iter(
-    tokens: np.ndarray, n: int, T: int, batch_size: int, first: int, local: int
+    tokens: np.ndarray,
+    weights: np.ndarray | None,
+    n: int,
+    T: int,
+    batch_size: int,
+    first: int,
+    local: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     offsets = np.arange(local, dtype=np.int64)
     for b in range(-(-n // batch_size)):
         windows = b * batch_size + first + offsets
         valid = windows < n
-        x = _rows(tokens, windows[valid] * T, T + 1)
+        starts = windows[valid] * T
+        x = _rows(tokens, starts, T + 1)
         inputs = np.zeros((local, T), np.int32)
         targets = np.zeros((local, T), np.int32)
+        mask = np.zeros((local, T), np.float32)
         inputs[valid], targets[valid] = x[:, :-1], x[:, 1:]
-        mask = np.repeat(valid.astype(np.float32)[:, None], T, axis=1)
+        mask[valid] = _window_mask(weights, starts, T)
         yield {"inputs": inputs, "targets": targets, "mask": mask}
 
 
