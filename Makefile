@@ -10,8 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch first, pinned to the CPU build that lies on this workplace's disk: the hf extra's plain
+# torch requirement would otherwise pull a CUDA build of several GB.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,hf]'
 	touch $@
 
 install: $(VENV)/.installed

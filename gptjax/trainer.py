@@ -245,7 +245,12 @@ def total_steps(cfg: Config, schedule: optim.BatchSchedule) -> int:
 
 
 def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
-    """Parameters (only) of another run, restored straight into this run's shardings."""
+    """Parameters (only) of another run or a Hugging Face GPT-2 directory, restored straight into
+    this run's shardings."""
+    from gptjax import hf
+
+    if hf.is_hf_dir(source):
+        return hf.init_params_for(source, cfg.model, abstract_params)
     _, meta = checkpoint.read_meta(source)
     theirs = jax.eval_shape(lambda k: init_params(
         checkpoint.config_from_dict(meta["config"]).model, k), jax.random.key(0))
