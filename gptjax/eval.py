@@ -14,6 +14,8 @@ Bits per byte divide the summed loss (in bits) by the UTF-8 bytes the scored tok
 each id's own byte string (one byte per byte-tokenizer id, a BPE token's bytes for gpt2);
 end-of-text ids between documents count zero bytes, though their loss is counted. The bytes are
 therefore those of the text as tokenized (invalid UTF-8 in a source already replaced by U+FFFD).
+A source of prompt/completion records is scored on its completion tokens only (the loss weights
+training uses), so loss and bytes are those of the completions.
 
 Last-word accuracy (LAMBADA style): each line of a .jsonl file is {"context": ..., "target": ...};
 an example is right when greedy decoding after the context yields exactly the target's tokens,
@@ -89,10 +91,10 @@ def _score(params: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array, 
     return (nll * mask).sum(-1), mask.sum(-1), hit.all(-1)
 
 
-def _batches(tokens: np.ndarray, w: Windows, batch_size: int, T: int
+def _batches(tokens: np.ndarray, weights: np.ndarray | None, w: Windows, batch_size: int, T: int
              ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(windows in the batch, arrays [batch_size, T]); the last batch is padded with mask-0 rows
-    so the scoring program compiles once."""
+    so the scoring program compiles once. weights[i] weighs the prediction of token i."""
     L = w.length
     for b in range(0, len(w), batch_size):
         starts, froms = w.start[b : b + batch_size], w.score_from[b : b + batch_size]
@@ -100,7 +102,7 @@ def _batches(tokens: np.ndarray, w: Windows, batch_size: int, T: int
         mask = np.zeros((batch_size, T), np.float32)
         for r, (s, f) in enumerate(zip(starts, froms)):
             x[r, : L + 1] = tokens[s : s + L + 1]
-            mask[r, f:L] = 1.0
+            mask[r, f:L] = 1.0 if weights is None else weights[s + 1 + f : s + 1 + L]
         yield len(starts), {"inputs": x[:, :-1], "targets": x[:, 1:], "mask": mask}
 
 
@@ -118,8 +120,10 @@ def token_bytes(tok: Any) -> np.ndarray:
 
 
 def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, stride: int,
-                 batch_size: int = DEFAULT_BATCH, progress: bool = False) -> dict[str, Any]:
-    """Sliding-window scoring of a token stream.
+                 weights: np.ndarray | None = None, batch_size: int = DEFAULT_BATCH,
+                 progress: bool = False) -> dict[str, Any]:
+    """Sliding-window scoring of a token stream; `weights` (parallel to tokens, weight i for
+    predicting token i) leaves out the tokens of weight 0, as training's loss does.
 
     Returns:
         {"loss" (nats/token), "perplexity", "tokens" (scored), "windows", "stride",
@@ -137,7 +141,7 @@ def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, stride: i
             total, count = total + float(nll.sum()), count + float(n.sum())
         pending.clear()
 
-    for n, batch in _batches(tokens, w, batch_size, T):
+    for n, batch in _batches(tokens, weights, w, batch_size, T):
         pending.append(_score(params, batch["inputs"], batch["targets"], batch["mask"], cfg)[:2])
         bar.update(n)
         if len(pending) >= 4:  # a few in flight: overlap the host's slicing with the device
@@ -234,9 +238,10 @@ def last_word_accuracy(params: Any, cfg: ModelConfig, tok: Any,
 
 
 def load_eval_tokens(cfg: Config, source: str | None, split: str | None,
-                     text_key: str | None = None) -> tuple[np.ndarray, str, str]:
-    """(token stream, source, split) to score: the run's validation split by default; with
-    `source`, the whole of a file/stdlib source ("all") or a named split."""
+                     text_key: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None, str, str]:
+    """(token stream, its loss weights or None, source, split) to score: the run's validation
+    split by default; with `source`, the whole of a file/stdlib source ("all") or a split."""
     from gptjax import data
 
     d = cfg.data
@@ -251,9 +256,9 @@ def load_eval_tokens(cfg: Config, source: str | None, split: str | None,
             raise UserError("--split all is for file and stdlib sources; use validation or train")
         # With nothing held out, a file source's "train" split is the whole source.
         d = dataclasses.replace(d, val_fraction=0.0)
-    tokens = data.load_tokens(dataclasses.replace(cfg, data=d),
-                              "train" if split == "all" else split)
-    return tokens, d.source, split
+    tokens, weights = data.load_split(dataclasses.replace(cfg, data=d),
+                                      "train" if split == "all" else split)
+    return tokens, weights, d.source, split
 
 
 def _bar(total: int, unit: str, enabled: bool) -> Any:
@@ -312,15 +317,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     tok = tokenizer.get_tokenizer(tok_name)
     result: dict[str, Any] = {"checkpoint": str(a.checkpoint), "step": step, "tokenizer": tok_name}
     if examples is None or a.data is not None:
-        tokens, source, split = load_eval_tokens(cfg, a.data, a.split, a.text_key)
+        tokens, weights, source, split = load_eval_tokens(cfg, a.data, a.split, a.text_key)
         if a.max_tokens is not None:
             tokens = tokens[: a.max_tokens]
+            weights = None if weights is None else weights[: a.max_tokens]
         table = token_bytes(tok)
         if int(tokens.max()) >= len(table):
             raise UserError(f"token id {int(tokens.max())} is outside the {tok_name} tokenizer")
-        r = score_tokens(params, m, tokens, stride=stride, batch_size=a.batch_size,
-                         progress=True)
-        n_bytes = int(table[np.asarray(tokens[1:], np.int64)].sum())
+        r = score_tokens(params, m, tokens, stride=stride, weights=weights,
+                         batch_size=a.batch_size, progress=True)
+        per_token = table[np.asarray(tokens[1:], np.int64)]
+        if weights is not None:
+            per_token = per_token * np.asarray(weights[1:], np.int64)
+        n_bytes = int(per_token.sum())
         r.update(source=source, split=split, bytes=n_bytes,
                  bits_per_byte=r["loss"] * r["tokens"] / math.log(2) / max(n_bytes, 1))
         result["perplexity"] = r

@@ -365,6 +365,9 @@ def save_gpt2(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer: str
     # Written beside and renamed: a crash never leaves a truncated model.safetensors.
     tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: readable by owner only
     os.replace(tmp, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     return out

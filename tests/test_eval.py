@@ -160,6 +160,17 @@ def test_cli_file_source_and_last_word(run_dir: Path, tmp_path: Path, params: di
     assert "bits/byte" in human.stdout and "at stride 8\n" in human.stdout  # default: context // 2
 
 
+def test_cli_prompt_completion_scores_completions_only(run_dir: Path, tmp_path: Path) -> None:
+    records = [{"prompt": f"Q: {i} + {i}?\nA:", "completion": f" {2 * i}"} for i in range(20)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = run_eval("--checkpoint", str(run_dir), "--data", str(tmp_path / "qa.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["perplexity"]
+    completions = [len(rec["completion"]) for rec in records]
+    assert p["tokens"] == sum(completions) + len(records)  # each completion and its end-of-text
+    assert p["bytes"] == sum(completions)
+
+
 def test_cli_default_is_validation_split(run_dir: Path) -> None:
     r = run_eval("--checkpoint", str(run_dir), "--max-tokens", "300", "--json")
     assert r.returncode == 0, r.stderr
