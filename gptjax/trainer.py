@@ -440,10 +440,29 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         meta = checkpoint.make_meta(cfg, step, {"tokens": tokens})
         ckpt.save(step, state.params, state.opt_state, it.get_state(), meta)
 
+    eval_enabled = True
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_enabled
+        if not eval_enabled:
+            return
+        try:
+            val_loss, val_ppl = evaluate(state.params)
+        except data_lib.DataError as e:
+            # No validation split (one small file, val_fraction=0): train anyway.
+            checkpoint.warn(f"evaluation disabled: {e}")
+            eval_enabled = False
+            return
+        summary.setdefault("val_losses", []).append((step, val_loss))
+        log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        say(f"step {step} | validation loss {val_loss:.4f} | perplexity {val_ppl:.2f}")
+
     step = step0
     preempt = _Preemption()
     try:
         with preempt:
+            if step0 == 0:
+                run_eval(0)  # the baseline the run's progress is judged against
             while step < n_steps:
                 n_micro = schedule.num_microbatches(tokens)
                 micro = [next(it) for _ in range(n_micro)]
@@ -463,10 +482,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                 if step % t_cfg.eval_every == 0 or step == n_steps:
                     if pending:
                         flush(step)
-                    val_loss, val_ppl = evaluate(state.params)
-                    summary.setdefault("val_losses", []).append((step, val_loss))
-                    log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-                    say(f"step {step} | validation loss {val_loss:.4f} | perplexity {val_ppl:.2f}")
+                    run_eval(step)
                 if step % t_cfg.checkpoint_every == 0 or step == n_steps:
                     if pending:
                         flush(step)

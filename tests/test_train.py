@@ -308,7 +308,7 @@ def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     val = [json.loads(x)["val_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
            if "val_loss" in x]
-    assert len(val) == 2 and val[-1] < val[0]
+    assert len(val) == 3 and val[-1] < val[0]  # steps 0, 12 and 24
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
     r = run_train(loop_overrides(corpus, run_dir, **{"model.d_model": 32}))
     assert r.returncode == 2
