@@ -429,6 +429,11 @@ def import_run(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None
         raise UserError(f"{out} already holds checkpoints; choose another --out")
     np_params, model_cfg = load_gpt2(hf_dir)
     tok = tokenizer or default_tokenizer(model_cfg.vocab_size)
+    tok_vocab = {"gpt2": 50257, "byte": 257}[tok]
+    if tok_vocab > model_cfg.vocab_size:
+        # Still imported (its weights may be wanted); sampling and training will refuse the ids.
+        checkpoint.warn(f"the {tok} tokenizer has {tok_vocab} ids but the model's vocabulary is "
+                        f"{model_cfg.vocab_size}; no tokenizer of gptjax fits it")
     cfg = config_from_dict({
         "model": config_to_dict(Config(model=model_cfg))["model"],
         "data": {"tokenizer": tok},

@@ -229,3 +229,12 @@ def test_few_shot_prompt_file_gpt2(tmp_path: Path) -> None:
     except UserError as e:
         pytest.skip(f"gpt2 tokenizer unavailable ({e})")
     _few_shot(make_hf(tmp_path / "gpt2", vocab=50257, seed=1, ctx=FEW_SHOT_CTX), tmp_path, "gpt2")
+
+
+def test_import_vocab_without_tokenizer_warns(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    src = make_hf(tmp_path / "small", vocab=101)
+    cfg = hf.import_run(src, tmp_path / "run")
+    assert cfg.data.tokenizer == "byte" and cfg.model.vocab_size == 101
+    assert "byte tokenizer has 257 ids but the model's vocabulary is 101" in capsys.readouterr().err
+    assert checkpoint.read_meta(tmp_path / "run")[0] == 0
