@@ -216,16 +216,21 @@ class _Preemption:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def should_stop(self, step: int) -> bool:
+    def should_stop(self, step: int, exchange: bool) -> bool:
+        """exchange: also share local signals with the other hosts (a collective, so only at
+        log steps, not every step)."""
         if jax.process_count() > 1:
-            # Every host must stop at the same step; JAX's preemption service agrees on it.
+            # Every host must stop at the same step. JAX's preemption service (cloud
+            # preemption notices) agrees on one; signals sent to single hosts are shared.
             from jax.experimental import multihost_utils
 
             try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     return True
-            except RuntimeError:
+            except RuntimeError:  # no preemption service in this cluster
                 pass
+            if not exchange:
+                return False
             flags = multihost_utils.process_allgather(np.array(self.requested))
             return bool(np.any(flags))
         return self.requested
@@ -487,7 +492,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                     if pending:
                         flush(step)
                     save(step)
-                if preempt.should_stop(step):
+                if preempt.should_stop(step, exchange=step % t_cfg.log_every == 0):
                     if pending:
                         flush(step)
                     save(step)
