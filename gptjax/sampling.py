@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -321,6 +322,8 @@ def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
                      truncate_prompt)
     if chunk_size <= 0:
         raise UserError(f"chunk_size must be positive, got {chunk_size}")
+    # `model.init` returns parameters boxed with their logical axis names; accept those too.
+    params = flax.linen.meta.unbox(params)
     sampling = Sampling(float(temperature), int(top_k), float(top_p),
                         None if eos_id is None else int(eos_id),
                         tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s)))

@@ -1,0 +1,27 @@
+"""The public API as DESIGN.md and the README show it."""
+
+import jax
+import jax.numpy as jnp
+
+import gptjax
+from helpers import tiny
+
+
+def test_public_api_round_trip() -> None:
+    cfg = gptjax.model_config("default")
+    assert isinstance(cfg, gptjax.ModelConfig) and cfg.vocab_size == 257
+    cfg = tiny(vocab_size=257)
+    model = gptjax.GPT(cfg)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)  # boxed with logical axis names
+    logits = model.apply(variables, tokens)
+    assert logits.shape == (1, 16, 257) and logits.dtype == jnp.float32
+    tok = gptjax.get_tokenizer("byte")
+    prompt = tok.encode("def ")
+    # generate takes the params as init returns them (boxed) or plain; same tokens either way.
+    boxed = gptjax.generate(variables["params"], cfg, [prompt], max_new_tokens=6, temperature=0.0)
+    plain = gptjax.generate(gptjax.init_params(cfg, jax.random.key(0)), cfg, [prompt],
+                            max_new_tokens=6, temperature=0.0)
+    assert boxed == plain and len(boxed[0]) == 6
+    assert isinstance(tok.decode(boxed[0]), str)
+    assert set(gptjax.__all__) >= {"GPT", "model_config", "get_tokenizer", "generate"}
