@@ -315,10 +315,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict[str, Any]:
     """Trains (or resumes) `cfg` into cfg.train.run_dir. Returns a summary dict."""
     from gptjax import data as data_lib  # TensorFlow loads here, not at import
@@ -448,7 +444,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
     eval_enabled = True
 
     def run_eval(step: int) -> None:
-        nonlocal eval_enabled
+        nonlocal eval_enabled, t_last
         if not eval_enabled:
             return
         try:
@@ -458,6 +454,8 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
             checkpoint.warn(f"evaluation disabled: {e}")
             eval_enabled = False
             return
+        finally:
+            t_last = time.perf_counter()  # tokens/s measures training, not evaluation
         summary.setdefault("val_losses", []).append((step, val_loss))
         log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
         say(f"step {step} | validation loss {val_loss:.4f} | perplexity {val_ppl:.2f}")
