@@ -13,20 +13,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from gptjax.cli import OneLineParser
 from gptjax.config import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other user mistake (argparse would add the usage block).
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                    help="a training run directory (holding checkpoints/)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

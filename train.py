@@ -13,9 +13,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptjax.cli import OneLineParser
     from gptjax.config import override_help
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        prog="train.py",
         description="Train GPT-3-style models in JAX on whatever devices are present.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override any as section.key=value):\n" + override_help(),
@@ -36,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def _cluster_env() -> bool:
     """Environments where jax.distributed.initialize() finds its peers by itself."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -53,6 +50,7 @@ def _cluster_env() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gptjax.cli import fail
     from gptjax.config import UserError, load_config
 
     try:
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                               num_processes=args.num_processes, process_id=args.process_id)
             jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
-        fail(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}")
+        fail(f"jax.distributed.initialize failed: {(str(e).splitlines() or [repr(e)])[0]}")
 
     from gptjax import sharding, trainer
 

@@ -77,7 +77,10 @@ class Checkpointer:
     def restore(self, abstract_params: Any, abstract_opt: Any) -> tuple[int, Any, Any, dict, dict] | None:
         """The newest step that restores cleanly: (step, params, opt, data_state, meta), or None.
 
-        abstract_* are trees of jax.ShapeDtypeStruct carrying the target shardings."""
+        Unreadable newer steps are deleted once an older one restores, so that training can
+        write those steps again. abstract_* are trees of jax.ShapeDtypeStruct carrying the
+        target shardings."""
+        bad = []
         for step in reversed(self.all_steps()):
             try:
                 r = self.manager.restore(
@@ -91,8 +94,12 @@ class Checkpointer:
                 )
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 warn(f"checkpoint step {step} in {self.directory} is unreadable "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one")
+                     f"({describe(e)}); trying an older one")
+                bad.append(step)
                 continue
+            for b in bad:
+                warn(f"deleting unreadable checkpoint step {b}")
+                self.manager.delete(b)
             return step, r.params, r.opt, r.data, r.meta
         return None
 
@@ -108,6 +115,12 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def describe(e: BaseException) -> str:
+    """`Type: first line of the message` (some exceptions have an empty message)."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def _manager_for_reading(run_dir: str | Path) -> ocp.CheckpointManager:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
@@ -116,43 +129,61 @@ def _manager_for_reading(run_dir: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of `step` or of the latest checkpoint in a run directory."""
-    manager = _manager_for_reading(run_dir)
+def _candidate_steps(manager: ocp.CheckpointManager, run_dir: str | Path,
+                     step: int | None) -> list[int]:
     steps = sorted(manager.all_steps())
     if not steps:
         raise UserError(f"no checkpoint found in {run_dir}")
     if step is None:
-        step = steps[-1]
-    elif step not in steps:
+        return steps[::-1]  # newest first; older ones are fallbacks
+    if step not in steps:
         raise UserError(f"no checkpoint at step {step} in {run_dir} (have {steps})")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    manager.close()
-    return step, meta
+    return [step]
+
+
+def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of `step`, or of the newest checkpoint whose meta is readable."""
+    manager = _manager_for_reading(run_dir)
+    try:
+        for s in _candidate_steps(manager, run_dir, step):
+            try:
+                r = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                return s, r.meta
+            except Exception as e:  # noqa: BLE001
+                warn(f"checkpoint step {s} in {run_dir} is unreadable ({describe(e)})")
+        raise UserError(f"no readable checkpoint in {run_dir}")
+    finally:
+        manager.close()
 
 
 def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = None
                 ) -> tuple[Any, Config, dict[str, Any], int]:
-    """Parameters only (no optimizer state) of a run: (params, config, meta, step).
+    """Parameters only (no optimizer state) of a run: (params, config, meta, step); without
+    `step`, of the newest checkpoint that reads cleanly.
 
     shardings: optional tree of NamedShardings to restore into (default: one device)."""
     from gptjax.model import param_shapes
 
-    step, meta = read_meta(run_dir, step)
-    cfg = config_from_dict(meta["config"])
-    abstract = param_shapes(cfg.model)
-    if shardings is not None:
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
     manager = _manager_for_reading(run_dir)
     try:
-        r = manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        )
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"checkpoint step {step} in {run_dir} is unreadable: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        for s in _candidate_steps(manager, run_dir, step):
+            try:
+                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                cfg = config_from_dict(meta["config"])
+                abstract = param_shapes(cfg.model)
+                if shardings is not None:
+                    abstract = jax.tree.map(
+                        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings,
+                    )
+                r = manager.restore(
+                    s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+                )
+                return r.params, cfg, meta, s
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                warn(f"checkpoint step {s} in {run_dir} is unreadable ({describe(e)})")
+        raise UserError(f"no readable checkpoint in {run_dir}")
     finally:
         manager.close()
-    return r.params, cfg, meta, step

@@ -310,6 +310,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}"
         )
+    if o.ramp_tokens > 0 and t.microbatches == 1:
+        raise ConfigError("optim.ramp_tokens > 0 needs train.microbatches > 1: the batch ramp "
+                          "grows the number of accumulated microbatches")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):

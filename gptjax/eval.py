@@ -32,12 +32,13 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.cli import OneLineParser
 from gptjax.config import Config, ModelConfig, UserError
 from gptjax.model import GPT
 
@@ -272,14 +273,8 @@ def _bar(total: int, unit: str, enabled: bool) -> Any:
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m gptjax.eval", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m gptjax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--data", metavar="SOURCE",

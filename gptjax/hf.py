@@ -29,10 +29,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
+from gptjax.cli import OneLineParser
 from gptjax.config import Config, ModelConfig, UserError, config_from_dict, config_to_dict
 
 CONFIG_FILE = "config.json"
@@ -473,15 +474,9 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None,
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m gptjax.hf", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="python -m gptjax.hf", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     i = sub.add_parser("import", help="a Hugging Face GPT-2 directory -> a gptjax run directory")
     i.add_argument("hf_dir", metavar="HF_DIR", help="holding config.json and model.safetensors")
     i.add_argument("--out", required=True, metavar="RUN_DIR")

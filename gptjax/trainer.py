@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gptjax import checkpoint, optim, sharding
 from gptjax.config import Config, ModelConfig, UserError, config_to_dict
@@ -290,8 +291,13 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A resumed run recomputes the steps after its checkpoint: drop their old lines.
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= resume_step:
+                        kept.append(ln)
+                except (json.JSONDecodeError, AttributeError):
+                    pass  # a line cut short by a kill
             self.path.write_text("".join(k + "\n" for k in kept))
         try:
             from tensorboardX import SummaryWriter
@@ -324,6 +330,10 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     schedule = optim.BatchSchedule(cfg.optim, t_cfg, m_cfg.context_length)
     sharding.check_batch(schedule.micro_size, mesh, "train.batch_size / train.microbatches")
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if n_data % jax.process_count():
+        raise UserError(f"the data axes (mesh data x fsdp = {n_data}) must span all "
+                        f"{jax.process_count()} processes: each process feeds its own rows")
     tx = optim.make_optimizer(cfg.optim)
     n_steps = total_steps(cfg, schedule)
 
@@ -559,6 +569,11 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         f"({train_flops / (peak * mfu) / 86400 / 365:,.1f} device-years) at {mfu:.0%} MFU of "
         f"{peak / 1e12:.0f} TFLOP/s",
     ]
+    if micro % n_data:
+        lines.append(f"note: a microbatch of {micro} sequences does not split over {n_data} "
+                     f"data-parallel devices; training needs train.microbatches dividing "
+                     f"{cfg.train.batch_size} with batch_size / microbatches a multiple of "
+                     f"{n_data} (fewer microbatches means a coarser batch ramp)")
     if compile_step is None:
         compile_step = n_params < 3e9
     if compile_step:

@@ -83,6 +83,7 @@ def test_overrides_are_typed() -> None:
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one"),
         (["sample.top_p=1.5"], "sample.top_p"),
         (["data.tokenizer=spm"], "data.tokenizer"),
+        (["optim.ramp_tokens=1000"], "needs train.microbatches > 1"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:
