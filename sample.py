@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C while streaming: stop quietly
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); keep Python from complaining at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
