@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # pytest workers; the suite is sized for 2 cores
 JOBS ?= 2
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-test: install
+lint: install
+	$(BIN)/ruff check gptjax tests train.py sample.py
+
+test: lint
 	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: install
