@@ -210,6 +210,17 @@ def logits_from_hidden(x_BTD: jax.Array, wte_VD: jax.Array, cfg: ModelConfig) ->
     return _constrain(logits[..., : cfg.vocab_size], ("batch", "length", "vocab"))
 
 
+def compute_params(params: Any, cfg: ModelConfig) -> Any:
+    """Floating parameters cast to the compute dtype, once per step or per decode call rather
+    than at every use: under bf16 the matmuls (and FSDP gathers) read half the bytes. Gradients
+    flow back through the cast to the fp32 master weights."""
+    dt = jnp.dtype(cfg.dtype)
+    if dt == jnp.dtype(cfg.param_dtype):
+        return params
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        params)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache: dense layers [B, max_len, H, K], local layers a ring of
     min(local_window, max_len) slots. Leaves are stacked [n_layer / period, ...] like the params."""

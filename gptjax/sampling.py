@@ -220,14 +220,6 @@ def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int
 # --- the GPT behind the loop -------------------------------------------------------------------
 
 
-def _compute_params(params: Any, cfg: ModelConfig) -> Any:
-    # Cast once per call, outside the loop: each decode step then reads weights in the compute
-    # dtype (half the bytes under bf16) instead of casting them again.
-    dt = jnp.dtype(cfg.dtype)
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        params)
-
-
 def _model_logits_fn(cfg: ModelConfig, params: Any) -> LogitsFn:
     def fn(tokens_B1: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         logits_B1V, cache = GPT(cfg).apply({"params": params}, tokens_B1, cache=cache)
@@ -242,7 +234,7 @@ def _programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable
 
     def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, keys_B: jax.Array,
                 active_B: jax.Array, max_len: int, max_new: int) -> SamplerState:
-        params = _compute_params(params, cfg)
+        params = model.compute_params(params, cfg)
         B = tokens_BT.shape[0]
         cache = init_cache(cfg, B, max_len)
         if mesh is not None:
@@ -258,7 +250,7 @@ def _programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable
                           active_B=active_B)
 
     def decode(params: Any, state: SamplerState, limit: jax.Array) -> SamplerState:
-        params = _compute_params(params, cfg)
+        params = model.compute_params(params, cfg)
         return sample_loop(_model_logits_fn(cfg, params), state, limit, sampling=sampling)
 
     return (jax.jit(prefill, static_argnames=("max_len", "max_new")),

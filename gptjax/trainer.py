@@ -28,6 +28,7 @@ from gptjax.config import Config, ModelConfig, UserError, config_to_dict
 from gptjax.model import (
     GPT,
     chunked_cross_entropy,
+    compute_params,
     count_params,
     cross_entropy,
     flops_per_token,
@@ -52,12 +53,7 @@ class TrainState:
 
 def _sum_loss(params: Any, model_cfg: ModelConfig, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, tokens counted) of one microbatch."""
-    dt = jnp.dtype(model_cfg.dtype)
-    if dt != jnp.dtype(model_cfg.param_dtype):
-        # One cast of the weights per step (not per use), so FSDP gathers move half the bytes;
-        # gradients flow back through it to the fp32 master weights.
-        params = jax.tree.map(lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                              params)
+    params = compute_params(params, model_cfg)
     chunk = model_cfg.loss_chunk
     if chunk and chunk < mb["inputs"].shape[-1]:
         x = GPT(model_cfg).apply({"params": params}, mb["inputs"], return_hidden=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+
+import pytest
 
 from gptjax.config import ModelConfig
 
@@ -20,3 +23,11 @@ def tiny(**kw: object) -> ModelConfig:
         vocab_multiple=16,
     )
     return dataclasses.replace(base, **kw)
+
+
+# Tests of the real GPT-2 BPE need tiktoken's r50k_base ranks; .ci/run points this variable at
+# ../shared/data/r50k_base.tiktoken. Nothing is downloaded at test time.
+needs_bpe = pytest.mark.skipif(
+    not os.environ.get("GPTJAX_GPT2_BPE"),
+    reason="GPTJAX_GPT2_BPE is not set (.ci/run sets it to ../shared/data/r50k_base.tiktoken)",
+)

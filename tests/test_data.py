@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -22,13 +21,9 @@ import pytest
 from gptjax import data
 from gptjax.config import config_from_dict
 from gptjax.data import DataError, TrainIterator, eval_batches, load_tokens, to_global
+from helpers import needs_bpe
 
 T = 16
-BPE = os.environ.get("GPTJAX_GPT2_BPE")
-needs_bpe = pytest.mark.skipif(
-    not BPE,
-    reason="GPTJAX_GPT2_BPE is not set (.ci/run sets it to ../shared/data/r50k_base.tiktoken)",
-)
 
 
 def make_cfg(tmp_path, source, *, context=T, **data_kw):
@@ -574,14 +569,6 @@ def tfds_dir(tmp_path_factory):
     )
     return root, train, val
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_tfds_source_offline(tmp_path, tfds_dir, no_network):

@@ -3,14 +3,13 @@ through tf.data, and prompt targets contributing nothing to the gradient."""
 
 import gzip
 import json
-import os
 import random
 import string
 
 import jax
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import needs_bpe, tiny
 
 from gptjax import data
 from gptjax.config import config_from_dict
@@ -18,10 +17,6 @@ from gptjax.data import DataError, TrainIterator, eval_batches, load_mask, load_
 from gptjax.model import GPT, cross_entropy, init_params
 
 T = 16
-needs_bpe = pytest.mark.skipif(
-    not os.environ.get("GPTJAX_GPT2_BPE"),
-    reason="GPTJAX_GPT2_BPE is not set (.ci/run sets it to ../shared/data/r50k_base.tiktoken)",
-)
 
 
 def make_cfg(tmp_path, source, **data_kw):

@@ -15,13 +15,15 @@ import jax
 import numpy as np
 import pytest
 
+# The hf extra (torch CPU, transformers, safetensors): `make test` installs it, so these tests
+# always run there; a broken install fails here rather than skipping.
+import safetensors.numpy as safetensors_numpy
+import torch
+import transformers
+
 from gptjax import checkpoint, hf, model
 from gptjax.config import UserError
-from gptjax.tokenizer import find_gpt2_bpe
-
-torch = pytest.importorskip("torch", reason="the hf extra (torch) is not installed")
-transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+from helpers import needs_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX = 32
@@ -223,11 +225,8 @@ def test_few_shot_prompt_file_byte(tmp_path: Path) -> None:
     _few_shot(make_hf(tmp_path / "byte", ctx=FEW_SHOT_CTX), tmp_path, "byte")
 
 
+@needs_bpe
 def test_few_shot_prompt_file_gpt2(tmp_path: Path) -> None:
-    try:
-        find_gpt2_bpe()
-    except UserError as e:
-        pytest.skip(f"gpt2 tokenizer unavailable ({e})")
     _few_shot(make_hf(tmp_path / "gpt2", vocab=50257, seed=1, ctx=FEW_SHOT_CTX), tmp_path, "gpt2")
 
 

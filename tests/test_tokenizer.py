@@ -5,7 +5,6 @@ import os
 import pickle
 import random
 import shutil
-import socket
 import tempfile
 import time
 
@@ -19,12 +18,9 @@ from gptjax.tokenizer import (
     ByteTokenizer,
     get_tokenizer,
 )
+from helpers import needs_bpe
 
 BPE = os.environ.get(GPT2_BPE_ENV)
-needs_bpe = pytest.mark.skipif(
-    not BPE,
-    reason=f"{GPT2_BPE_ENV} is not set (.ci/run sets it to ../shared/data/r50k_base.tiktoken)",
-)
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
@@ -36,14 +32,6 @@ def random_unicode(rng: random.Random, n: int) -> str:
             out.append(chr(c))
     return "".join(out)
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the tokenizer tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_byte_basics():
