@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                            os.environ.get("XLA_FLAGS", ""))
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from gptjax import xla_flags
+
+    try:
+        xla_flags.apply(cfg.train.xla_flags)  # before any backend starts
+    except UserError as e:
+        fail(str(e))
 
     import jax
     from absl import logging as absl_logging

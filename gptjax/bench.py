@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -201,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
-    from gptjax.config import UserError
+    from gptjax import xla_flags
+    from gptjax.config import UserError, load_config
 
     try:
+        if args.what in ("train", "decode"):
+            # Before JAX starts a backend: the flags train.py would set, unless overridden
+            # (train.xla_flags=none measures without them).
+            out_flags = xla_flags.apply(load_config(args.config, args.overrides).train.xla_flags)
         if args.what == "attention":
             seqs = [int(s) for s in args.seqs.split(",")]
             out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
@@ -235,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.what in ("train", "decode"):
+        out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        out["xla_flags_added"] = out_flags
     if args.json:
         print(json.dumps(out))
     else:

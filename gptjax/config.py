@@ -126,6 +126,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     peak_tflops: float = 0.0  # per device; 0 means look it up (n/a where unknown)
     init_from: str = ""  # a run directory or Hugging Face GPT-2 directory to fine-tune from
+    # XLA flags train.py and the benchmarks set: auto | none | flags ("auto" = gptjax.xla_flags.DEFAULT)
+    xla_flags: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +292,9 @@ def _validate(cfg: Config) -> None:
             f"model.local_window={m.local_window} is larger than "
             f"model.context_length={m.context_length}"
         )
+    from gptjax.xla_flags import expand
+
+    expand(t.xla_flags)  # a malformed flag is a config error before anything starts
     for key, value, allowed in (
         ("model.dtype", m.dtype, DTYPES),
         ("model.param_dtype", m.param_dtype, DTYPES),
