@@ -146,6 +146,22 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
 
     R = ck.shape[1]
     slots = jnp.arange(R)[None, :]
+    if T == 1 and R <= window:
+        # One token (the decoder's step): write it into its slot first, in place, then attend
+        # over the ring, which now holds exactly the band (R ≤ window positions up to this one).
+        rows, slot_B = jnp.arange(B), index_B % R
+        commit_B = (num_valid_B > 0)[:, None, None]
+
+        def put(c: jax.Array, x: jax.Array) -> jax.Array:
+            new = jnp.where(commit_B, x[:, 0].astype(c.dtype), c[rows, slot_B])
+            return c.at[rows, slot_B].set(new)
+
+        ck, cv = put(ck, k_BTHK), put(cv, v_BTHK)
+        pos_BR = index_B[:, None] - jnp.mod(index_B[:, None] - slots, R)
+        mask = (pos_BR >= 0)[:, None, :]  # [B, 1, R]; in the band by construction
+        out = masked_attention(q_BTHK, ck.astype(q_BTHK.dtype), cv.astype(q_BTHK.dtype), mask)
+        return out, {"k": ck, "v": cv}
+
     last_B1 = (index_B - 1)[:, None]
     # The position each slot holds before this call; negative means never written.
     old_pos_BR = last_B1 - jnp.mod(last_B1 - slots, R)

@@ -183,13 +183,15 @@ class GPT(nn.Module):
             )
             x, layer_caches = stack(cfg, name="layers")(x, layer_caches, index_B, num_valid_B)
         else:
+            # Unrolled: one cache entry per period (init_cache's layout for scan_layers=False),
+            # so the decoder updates each layer's buffer in place instead of slicing a stack.
             outs = []
             for i in range(n_period):
-                c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
+                c = None if layer_caches is None else layer_caches[i]
                 x, c = period_cls(cfg, name=f"layers_{i}")(x, c, index_B, num_valid_B)
                 outs.append(c)
             if layer_caches is not None:
-                layer_caches = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                layer_caches = tuple(outs)
 
         x = LayerNorm(self.cfg, name="ln_f")(x)
         if return_hidden:
@@ -223,15 +225,33 @@ def compute_params(params: Any, cfg: ModelConfig) -> Any:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache: dense layers [B, max_len, H, K], local layers a ring of
-    min(local_window, max_len) slots. Leaves are stacked [n_layer / period, ...] like the params."""
+    min(local_window, max_len) slots. "layers" holds one {"k", "v"} per attention_pattern entry;
+    with scan_layers (the default) each is stacked [n_layer / period, ...] like the params, else
+    "layers" is a tuple of n_layer / period such tuples, one per unrolled period."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     n_period, H, K = cfg.n_layer // cfg.period, cfg.n_head, cfg.head_dim
-    layers = []
-    for kind in cfg.attention_pattern:
-        S = max_len if kind == "dense" else min(cfg.local_window, max_len)
-        shape = (n_period, batch, S, H, K)
-        layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
-    return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layers)}
+
+    def period(lead: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:
+        out = []
+        for kind in cfg.attention_pattern:
+            S = max_len if kind == "dense" else min(cfg.local_window, max_len)
+            shape = (*lead, batch, S, H, K)
+            out.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+        return tuple(out)
+
+    layers = period((n_period,)) if cfg.scan_layers else tuple(period(()) for _ in range(n_period))
+    return {"index": jnp.zeros((batch,), jnp.int32), "layers": layers}
+
+
+def unstack_layers(params: Any, cfg: ModelConfig) -> Any:
+    """Parameters of the scanned model (layers stacked [n_layer / period, ...]) as the unrolled
+    model's (`scan_layers=False`: layers_0, layers_1, ...). Unchanged if already unrolled."""
+    if not cfg.scan_layers:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.n_layer // cfg.period):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,

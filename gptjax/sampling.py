@@ -230,11 +230,21 @@ def _model_logits_fn(cfg: ModelConfig, params: Any) -> LogitsFn:
 
 @functools.lru_cache(maxsize=32)
 def _programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable, Callable]:
-    """(prefill, decode), jitted once per model, sampling setting and mesh."""
+    """(prefill, decode), jitted once per model, sampling setting and mesh.
+
+    Both run the layers unrolled (`scan_layers=False`) on per-layer weights taken out of the
+    stack once per call, and keep one KV buffer per layer: inside the token loop nothing slices
+    a stacked array, and each step writes its token into each layer's cache in place."""
+    stacked = cfg
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
+
+    def layer_params(params: Any) -> Any:
+        # One pass: the compute-dtype cast and the unstacking fuse into per-layer copies.
+        return model.unstack_layers(model.compute_params(params, stacked), stacked)
 
     def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, keys_B: jax.Array,
                 active_B: jax.Array, max_len: int, max_new: int) -> SamplerState:
-        params = model.compute_params(params, cfg)
+        params = layer_params(params)
         B = tokens_BT.shape[0]
         cache = init_cache(cfg, B, max_len)
         if mesh is not None:
@@ -250,7 +260,7 @@ def _programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable
                           active_B=active_B)
 
     def decode(params: Any, state: SamplerState, limit: jax.Array) -> SamplerState:
-        params = model.compute_params(params, cfg)
+        params = layer_params(params)
         return sample_loop(_model_logits_fn(cfg, params), state, limit, sampling=sampling)
 
     return (jax.jit(prefill, static_argnames=("max_len", "max_new")),

@@ -134,8 +134,9 @@ def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
         if leaf.ndim == 1:  # index [B]
             return NamedSharding(mesh, P(BATCH_AXES))
-        # [layers, B, S, H, K]
-        return NamedSharding(mesh, P(None, BATCH_AXES, None, "tensor", None))
+        # [B, S, H, K], stacked [layers, B, S, H, K] for the scanned model
+        spec = (BATCH_AXES, None, "tensor", None)
+        return NamedSharding(mesh, P(*(None,) * (leaf.ndim - 4), *spec))
 
     return jax.tree_util.tree_map_with_path(one, cache)
 

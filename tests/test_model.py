@@ -93,14 +93,6 @@ def test_local_window_covering_context_equals_dense() -> None:
     assert float(jnp.abs(narrow - dense).max()) > 1e-4  # the band really matters when narrow
 
 
-def unstack(scanned_params, cfg):
-    """Scanned params [P, ...] → the unrolled model's layers_0..layers_{P-1}."""
-    out = {k: v for k, v in scanned_params.items() if k != "layers"}
-    for i in range(cfg.n_layer // cfg.period):
-        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], scanned_params["layers"])
-    return out
-
-
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
 def test_scan_unrolled_and_remat_agree(remat) -> None:
     cfg = tiny()
@@ -110,7 +102,7 @@ def test_scan_unrolled_and_remat_agree(remat) -> None:
     variant = dataclasses.replace(cfg, remat=remat)
     np.testing.assert_allclose(apply(variant, params, toks), ref, atol=1e-5)
     unrolled = dataclasses.replace(variant, scan_layers=False)
-    np.testing.assert_allclose(apply(unrolled, unstack(params, cfg), toks), ref, atol=1e-5)
+    np.testing.assert_allclose(apply(unrolled, model.unstack_layers(params, cfg), toks), ref, atol=1e-5)
     # Gradients agree too (remat changes what is recomputed, never the result).
     def loss(p, c):
         return model.cross_entropy(apply(c, p, toks)[:, :-1], toks[:, 1:])[0]
@@ -141,15 +133,21 @@ def test_reference_impl_equals_default() -> None:
     )
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("pattern", [("dense", "local"), ("local",)])
-def test_prefill_then_decode_equals_full_forward(pattern) -> None:
-    """Past local_window, so the ring buffer wraps several times."""
-    cfg = tiny(attention_pattern=pattern, n_layer=2, local_window=5, context_length=30)
+def test_prefill_then_decode_equals_full_forward(pattern, scan) -> None:
+    """Past local_window, so the ring buffer wraps several times. Unrolled (scan=False, as the
+    sampler runs) keeps one cache buffer per layer."""
+    cfg = tiny(attention_pattern=pattern, n_layer=4, local_window=5, context_length=30)
     params = model.init_params(cfg, jax.random.key(0))
     toks = tokens_for(cfg, B=2, T=30)
     full = apply(cfg, params, toks)
+    if not scan:
+        params, cfg = model.unstack_layers(params, cfg), dataclasses.replace(cfg, scan_layers=False)
     cache = model.init_cache(cfg, 2, 30)
-    assert cache["layers"][-1]["k"].shape[2] == (5 if pattern[-1] == "local" else 30)
+    last = cache["layers"][-1] if scan else cache["layers"][-1][-1]
+    assert last["k"].shape[-3] == (5 if pattern[-1] == "local" else 30)
+    assert last["k"].ndim == (5 if scan else 4)
     prompt = 7
     logits, cache = apply(cfg, params, toks[:, :prompt], cache=cache)
     steps = [logits]
