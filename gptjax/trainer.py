@@ -441,11 +441,21 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                             f"(train.max_bad_steps={t_cfg.max_bad_steps}); stopping. Lower "
                             f"optim.learning_rate or check the data")
 
-    def save(step: int) -> None:
+    def save(step: int, data_state: dict) -> None:
         if not all_finite(state.params):
             raise UserError(f"parameters are not finite at step {step}; not saving")
         meta = checkpoint.make_meta(cfg, step, {"tokens": tokens})
-        ckpt.save(step, state.params, state.opt_state, it.get_state(), meta)
+        ckpt.save(step, state.params, state.opt_state, data_state, meta)
+
+    def draw(tokens: int) -> tuple[int, dict[str, jax.Array], dict]:
+        """The next step's batch, already on its way to the devices (the copy overlaps the
+        step in flight), and where the data iterator stands after it."""
+        n_micro = schedule.num_microbatches(tokens)
+        micro = [next(it) for _ in range(n_micro)]
+        local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        with sharding.activate(mesh):
+            batch = to_global(local, mesh, stacked=True)
+        return n_micro, batch, it.get_state()
 
     eval_enabled = True
 
@@ -472,17 +482,20 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         with preempt:
             if step0 == 0:
                 run_eval(0)  # the baseline the run's progress is judged against
+            ahead = draw(tokens) if step < n_steps else None
             while step < n_steps:
-                n_micro = schedule.num_microbatches(tokens)
-                micro = [next(it) for _ in range(n_micro)]
-                local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+                n_micro, batch, data_state = ahead
                 step_tokens = n_micro * schedule.micro_size * m_cfg.context_length
                 lr = optim.learning_rate(cfg.optim, tokens + step_tokens)
                 with sharding.activate(mesh):
-                    batch = to_global(local, mesh, stacked=True)
                     state, metrics = step_fn(state, batch, jnp.float32(lr))
                 step += 1
                 tokens += step_tokens
+                # Device prefetch: the next batch is read and sent while this step runs, so the
+                # syncs below (logging, evaluation, checkpoints) leave the devices no gap to wait
+                # on the input. Checkpoints record data_state, so a resume redraws it.
+                if step < n_steps:
+                    ahead = draw(tokens)
                 pending.append((step, lr, tokens, n_micro, metrics))
                 if bar is not None:
                     bar.update(1)
@@ -495,11 +508,11 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                 if step % t_cfg.checkpoint_every == 0 or step == n_steps:
                     if pending:
                         flush(step)
-                    save(step)
+                    save(step, data_state)
                 if preempt.should_stop(step, exchange=step % t_cfg.log_every == 0):
                     if pending:
                         flush(step)
-                    save(step)
+                    save(step, data_state)
                     say(f"stopping at step {step} on request; checkpoint saved")
                     summary["preempted"] = True
                     break
