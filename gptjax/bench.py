@@ -56,24 +56,54 @@ def bench_attention(seqs: list[int], window: int, heads: int, head_dim: int, bat
     }
 
 
-def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
-                remat: str | None, steps: int) -> dict[str, Any]:
-    """Train-step throughput with synthetic batches (no TensorFlow needed)."""
-    import dataclasses
+def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 [n, n] @ [n, n] rate on the default device, random operands (zeros run faster),
+    median of `repeats` after a warm-up: the ceiling MFU is read against."""
+    import jax
+    import jax.numpy as jnp
 
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype))
+    return 2 * n**3 / _median_time(lambda: mm(a, b), repeats) / 1e12
+
+
+def _fits(compiled: Any, limit: int | None = -1) -> tuple[bool, float | None]:
+    """Whether a compiled step fits in `limit` bytes (-1: the device's allocator limit; None or
+    no limit known: it fits), by XLA's memory analysis: (fits, GiB it needs)."""
+    import jax
+
+    try:
+        ma = compiled.memory_analysis()
+        need = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                - ma.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - some backends give no analysis
+        return True, None
+    if limit == -1:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    return (limit is None or need <= limit), need / 2**30
+
+
+def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
+                remat: str | None, steps: int, peak: bool | None = None) -> dict[str, Any]:
+    """Train-step throughput with synthetic batches (no TensorFlow needed).
+
+    remat "auto" compiles none, dots, full in that order and keeps the first whose memory (XLA's
+    analysis) fits the device. peak: also measure the bf16 matmul rate and report MFU against it
+    (None: on GPU/TPU only)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from gptjax import config, optim, sharding, trainer
+    from gptjax.attention import _use_cudnn
     from gptjax.model import count_params, flops_per_token
 
     cfg = config.load_config(cfg_name, overrides)
     m = cfg.model
     if seq:
         m = dataclasses.replace(m, context_length=seq)
-    if remat:
-        m = dataclasses.replace(m, remat=remat)
     cfg = dataclasses.replace(cfg, model=m)
     B = batch or cfg.train.batch_size
     cfg = trainer.replace_cfg(cfg, train={"batch_size": B, "microbatches": 1})
@@ -82,19 +112,30 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     with sharding.activate(mesh):
         _, sh = trainer.abstract_state(cfg, mesh, tx)
         state = trainer.init_state(cfg, mesh, tx, sh)
-    step = jax.jit(functools.partial(trainer.train_step, model_cfg=m, tx=tx),
-                   in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
-                   out_shardings=(sh, None), donate_argnums=(0,))
     T = m.context_length
     rng = np.random.default_rng(0)
     toks = rng.integers(0, m.vocab_size, size=(1, B, T + 1), dtype=np.int32)
     local = {"inputs": toks[..., :-1], "targets": toks[..., 1:], "mask": np.ones((1, B, T), np.float32)}
+    candidates = ["none", "dots", "full"] if remat == "auto" else [remat or m.remat]
+    tried = {}
     with sharding.activate(mesh):
         batch_g = trainer.to_global(local, mesh, stacked=True)
         lr = jnp.float32(1e-4)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch_g, lr).compile()
-        compile_s = time.perf_counter() - t0
+        compile_s = 0.0
+        for policy in candidates:
+            m = dataclasses.replace(cfg.model, remat=policy)
+            step = jax.jit(functools.partial(trainer.train_step, model_cfg=m, tx=tx),
+                           in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
+                           out_shardings=(sh, None), donate_argnums=(0,))
+            t0 = time.perf_counter()
+            compiled = step.lower(state, batch_g, lr).compile()
+            compile_s = time.perf_counter() - t0
+            fits, need = _fits(compiled)
+            tried[policy] = need
+            if fits:
+                break
+        else:
+            raise config.UserError(f"no remat policy fits the device: {tried} GiB needed")
         state, metrics = compiled(state, batch_g, lr)
         jax.block_until_ready(metrics)
         times = []
@@ -105,19 +146,27 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
     tps = B * T / med
-    peak = trainer.device_peak_flops(cfg.train.peak_tflops)
-    mfu = flops_per_token(m) * tps / (peak * jax.device_count()) if peak else None
-    mem = None
-    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
-    if stats:
-        mem = stats.get("peak_bytes_in_use")
-    return {
+    spec = trainer.device_peak_flops(cfg.train.peak_tflops)
+    fpt = flops_per_token(m)
+    out = {
         "config": cfg_name, "params": count_params(m), "batch": B, "seq": T, "remat": m.remat,
-        "dtype": m.dtype, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "step_ms_median": 1e3 * med, "tokens_per_s": tps, "mfu": mfu, "compile_s": compile_s,
-        "peak_memory_gib": None if mem is None else mem / 2**30,
+        "dtype": m.dtype, "attention": "cudnn" if _use_cudnn(m.attention_impl, m.dtype) else "xla",
+        "loss_chunk": m.loss_chunk, "pattern": "/".join(m.attention_pattern),
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "step_ms_median": 1e3 * med, "step_ms_spread": 1e3 * (max(times) - min(times)),
+        "tokens_per_s": tps, "flops_per_token": fpt,
+        "mfu": fpt * tps / (spec * jax.device_count()) if spec else None,
+        "compile_s": compile_s, "memory_needed_gib": tried,
         "loss": float(metrics["loss"]),
     }
+    if peak if peak is not None else jax.default_backend() in ("gpu", "tpu"):
+        rate = measure_matmul_tflops()
+        out["matmul_tflops_measured"] = rate
+        out["mfu_vs_measured"] = fpt * tps / (rate * 1e12 * jax.device_count())
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if stats and \
+        "peak_bytes_in_use" in stats else None
+    return out
 
 
 def bench_torch(m: Any, batch: int, steps: int) -> dict[str, Any]:
@@ -170,6 +219,25 @@ def bench_torch(m: Any, batch: int, steps: int) -> dict[str, Any]:
             "torch_compile_s": compile_s, "torch_device": dev, "torch_version": torch.__version__}
 
 
+def _torch_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
+    """The torch comparison, run first and in its own process: JAX would otherwise hold most of
+    the GPU's memory (it preallocates) while torch runs, or torch's cache while JAX runs."""
+    import subprocess
+
+    from gptjax.config import UserError
+
+    cmd = [sys.executable, "-m", "gptjax.bench", "torch", "--config", args.config,
+           "--steps", str(args.steps), "--json", *args.overrides]
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value:
+            cmd += [flag, str(value)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"the torch comparison failed (exit {r.returncode}): {tail}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -184,11 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default="default")
     t.add_argument("--batch", type=int, default=None)
     t.add_argument("--seq", type=int, default=None)
-    t.add_argument("--remat", choices=("none", "dots", "full"), default=None)
+    t.add_argument("--remat", choices=("none", "dots", "full", "auto"), default=None,
+                   help="auto: the least recomputation whose memory fits the device")
+    t.add_argument("--peak", choices=("auto", "yes", "no"), default="auto",
+                   help="measure the bf16 matmul rate and report MFU against it (auto: GPU/TPU)")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--compare-torch", action="store_true",
                    help="also time Hugging Face GPT-2 + torch.compile at the same shape")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    h = sub.add_parser("torch", help="Hugging Face GPT-2 + torch.compile train step at a "
+                                     "config's shape (what train --compare-torch runs)")
+    h.add_argument("--config", default="default")
+    h.add_argument("--batch", type=int, default=None)
+    h.add_argument("--seq", type=int, default=None)
+    h.add_argument("--steps", type=int, default=10)
+    h.add_argument("overrides", nargs="*", metavar="section.key=value")
     d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
     d.add_argument("--config", default="default")
     d.add_argument("--batch-sizes", default="1,64")
@@ -198,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
     g.add_argument("--seq", type=int, default=2048)
     g.add_argument("--batch", type=int, default=8)
-    for q in (a, t, d, g):
+    for q in (a, t, h, d, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -215,15 +293,18 @@ def main(argv: list[str] | None = None) -> int:
             out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
                                   args.repeats)
         elif args.what == "train":
+            torch_out = _torch_in_subprocess(args) if args.compare_torch else None
             out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
-                              args.steps)
-            if args.compare_torch:
-                from gptjax import config
-
-                m = config.load_config(args.config, args.overrides).model
-                m = dataclasses.replace(m, context_length=out["seq"], remat=out["remat"])
-                out.update(bench_torch(m, out["batch"], args.steps))
+                              args.steps, {"auto": None, "yes": True, "no": False}[args.peak])
+            if torch_out is not None:
+                out.update(torch_out)
                 out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
+        elif args.what == "torch":
+            m = load_config(args.config, args.overrides).model
+            if args.seq:
+                m = dataclasses.replace(m, context_length=args.seq)
+            out = bench_torch(m, args.batch or load_config(args.config, args.overrides
+                                                           ).train.batch_size, args.steps)
         elif args.what == "decode":
             from gptjax import config, sampling
 

@@ -22,3 +22,39 @@ def test_train_bench_runs_a_tiny_step(capsys) -> None:
     assert out["seq"] == 32 and out["batch"] == 8 and out["tokens_per_s"] > 0
     assert out["mfu"] is None  # unknown peak on CPU: n/a, not a made-up number
     assert 4.5 < out["loss"] < 6.5  # ~ln(257) at init
+
+
+def test_remat_auto_keeps_the_first_policy_that_fits(capsys) -> None:
+    assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
+                       "1", "--remat", "auto", "model.n_layer=2", "model.d_model=32",
+                       "model.n_head=2", "model.d_ff=64", "model.local_window=16",
+                       "train.xla_flags=none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # No allocator limit on CPU: the first policy, with what it needs by XLA's analysis.
+    assert out["remat"] == "none" and list(out["memory_needed_gib"]) == ["none"]
+    assert out["memory_needed_gib"]["none"] > 0
+
+
+def test_fits_reads_xla_memory_analysis() -> None:
+    class Analysis:
+        argument_size_in_bytes, output_size_in_bytes = 4 << 30, 4 << 30
+        temp_size_in_bytes, alias_size_in_bytes = 10 << 30, 4 << 30
+
+    class Compiled:
+        def memory_analysis(self):
+            return Analysis()
+
+    assert bench._fits(Compiled(), limit=14 << 30) == (True, 14.0)
+    assert bench._fits(Compiled(), limit=13 << 30) == (False, 14.0)
+    assert bench._fits(Compiled(), limit=None) == (True, 14.0)
+
+
+def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
+    # Same shape on both sides; on CPU torch.compile builds C++ (tens of seconds).
+    assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
+                       "2", "--compare-torch", "model.n_layer=2", "model.d_model=32",
+                       "model.n_head=2", "model.d_ff=64", "model.local_window=16",
+                       "train.xla_flags=none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["torch_device"] == "cpu" and out["torch_tokens_per_s"] > 0
+    assert out["speedup_vs_torch"] == out["tokens_per_s"] / out["torch_tokens_per_s"]
