@@ -1,25 +1,66 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go, for one device call of under 8 minutes on one H100/H200:
-# train-step MFU for gpt3-small/medium/xl, the same-shape Hugging Face GPT-2 + torch.compile
-# comparison, and decode latency/throughput. Results go to $OUT/gpu-results.jsonl (one JSON
-# object per line) and the log to $OUT/gpu-bench.log.
-#   run on the device machine from the repo root:  bash bench/gpu.sh
+# Every GPU measurement in one go, for one device call of under 8 minutes on one H100/H200.
+# Results: $OUT/gpu-results.jsonl (one JSON object per run, {"failed": ...} for a run that did
+# not finish), the full log in $OUT/gpu-bench.log, a summary table at the end of stdout.
+#   on the device machine, from the repo root:  bash bench/gpu.sh
 # JAX, flax, optax, orbax, torch and transformers are on that machine; TensorFlow is not (the
-# benchmarks use synthetic batches).
+# benchmarks use synthetic batches). Runs go most important first; once BUDGET seconds have
+# passed the rest are skipped (and listed), so the call ends inside its limit.
 set -uo pipefail
 OUT="${OUT:-bench-out}"
+BUDGET="${BUDGET:-450}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-RES="$OUT/gpu-results.jsonl"
+RES="$OUT/gpu-results.jsonl" LOG="$OUT/gpu-bench.log"
 : > "$RES"
-py() { timeout "$1" python3 -m gptjax.bench "${@:2}" --json >> "$RES" 2>> "$OUT/gpu-bench.log" \
-       || echo "{\"failed\": \"${*:2}\"}" >> "$RES"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/gpu-bench.log"
-# gpt3-small at 2048: GPT-3's pattern, then all-dense against torch like for like.
-py 150 train --config gpt3-small --batch 16 --steps 10
+START=$SECONDS
+# SMOKE=1 runs the same script on a tiny model (CPU, tests): the plumbing, not the figures.
+TINY=(model.n_layer=2 model.d_model=32 model.n_head=2 model.d_ff=64 model.context_length=64
+      model.local_window=16 model.vocab_size=512 mesh.data=1 mesh.fsdp=1)
+py() {  # py TIMEOUT ARGS...: one benchmark process, its JSON line appended to $RES
+  local left=$((BUDGET - (SECONDS - START)))
+  local args=("${@:2}")
+  if [[ -n "${SMOKE:-}" ]]; then args+=("${TINY[@]}"); fi
+  if (( left < 30 )); then echo "{\"skipped\": \"${args[*]}\"}" >> "$RES"; return; fi
+  local t=$(( $1 < left ? $1 : left ))
+  echo "== $(date +%T) [${t}s] ${args[*]}" >> "$LOG"
+  timeout "$t" python3 -m gptjax.bench "${args[@]}" --json > "$OUT/last.json" 2>> "$LOG"
+  local rc=$?
+  if (( rc == 0 )); then tail -n 1 "$OUT/last.json" >> "$RES"
+  else echo "{\"failed\": \"${args[*]}\", \"rc\": $rc}" >> "$RES"; fi
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} >> "$LOG" 2>&1
+
+# 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
+py 120 train --config gpt3-small --batch 16 --steps 10
+# 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128, cache of 2048.
+py 100 decode --config gpt3-small --batch-sizes 1,64
+# 3. like for like with Hugging Face GPT-2 + torch.compile: all-dense attention on both sides.
 py 200 train --config gpt3-small --batch 16 --steps 10 --compare-torch model.attention_pattern=dense
-py 120 train --config gpt3-medium --batch 8 --steps 8
-py 150 train --config gpt3-xl --batch 8 --steps 6 --remat full
-py 90 decode --config gpt3-small --batch-sizes 1,64
-cat "$RES"
+# 4. larger models; xl keeps the least recomputation that fits the card.
+py 100 train --config gpt3-medium --batch 16 --steps 8 --remat auto
+py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
+# 5. the XLA flags' effect: run 1 again without them.
+py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
+
+python3 - "$RES" <<'EOF' | tee -a "$LOG"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows:
+    if "failed" in r or "skipped" in r:
+        print(r); continue
+    if "tokens_per_s" in r:
+        f = lambda k, s="{:.1%}": "n/a" if r.get(k) is None else s.format(r[k])
+        print(f"{r['config']:12} {r['pattern']:12} B{r['batch']}x{r['seq']} remat={r['remat']:4} "
+              f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {f('mfu')} (vs measured "
+              f"{f('mfu_vs_measured')} of {f('matmul_tflops_measured', '{:.0f}')} TFLOP/s)  "
+              f"step {r['step_ms_median']:.1f} ms  compile {r['compile_s']:.0f} s  "
+              f"mem {f('peak_memory_gib', '{:.1f}')} GiB  torch x{f('speedup_vs_torch', '{:.2f}')}  "
+              f"flags '{r.get('xla_flags', '')}'")
+    else:
+        print(f"decode {r['device']}: b1 {r['decode_ms_per_token_b1']:.3f} ms/token, prefill "
+              f"{r['prefill_ms_b1']:.1f} ms; b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
+EOF

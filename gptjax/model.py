@@ -280,6 +280,7 @@ def chunked_cross_entropy(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.A
     B, T, D = x_BTD.shape
     if mask_BT is None:
         mask_BT = jnp.ones((B, T), jnp.float32)
+    chunk = min(chunk, T)
     n = -(-T // chunk)
     pad = n * chunk - T
     if pad:  # padded positions carry mask 0

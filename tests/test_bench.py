@@ -58,3 +58,27 @@ def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["torch_device"] == "cpu" and out["torch_tokens_per_s"] > 0
     assert out["speedup_vs_torch"] == out["tokens_per_s"] / out["torch_tokens_per_s"]
+
+
+def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
+    """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(SMOKE="1", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    r = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu-results.jsonl").read_text().splitlines()]
+    assert not [x for x in rows if "failed" in x or "skipped" in x], rows
+    train = [x for x in rows if "tokens_per_s" in x]
+    assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",
+                                            "gpt3-small"]
+    assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_torch"] > 0
+    assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
+    assert any("tokens_per_s_b64" in x for x in rows)
+    assert r.stdout.count("tok/s") == 5 and "decode" in r.stdout
