@@ -8,6 +8,7 @@ compiles in the time of one period.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -273,13 +274,18 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
 def chunked_cross_entropy(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array,
                           mask_BT: jax.Array | None, cfg: ModelConfig, chunk: int
                           ) -> tuple[jax.Array, jax.Array]:
-    """Like cross_entropy(logits_from_hidden(x), ...) but `chunk` positions at a time, each chunk
-    rematerialized in the backward pass, so the [B, T, V] fp32 logits never exist at once.
+    """Like cross_entropy(logits_from_hidden(x), ...) but `chunk` positions at a time, so the
+    [B, T, V] fp32 logits never exist at once, and fused with its own gradient: under
+    differentiation each chunk's forward pass also forms d loss / d logits (softmax − one-hot)
+    and contracts it straight into the gradients of x and of the tied embedding, so the backward
+    pass has nothing to recompute (3 vocabulary matmuls per chunk, as unchunked autodiff does,
+    where rematerializing a chunk would take 4).
 
     Returns (sum of token losses, number of tokens counted)."""
     B, T, D = x_BTD.shape
     if mask_BT is None:
         mask_BT = jnp.ones((B, T), jnp.float32)
+    mask_BT = mask_BT.astype(jnp.float32)
     chunk = min(chunk, T)
     n = -(-T // chunk)
     pad = n * chunk - T
@@ -291,17 +297,68 @@ def chunked_cross_entropy(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.A
     def split(a: jax.Array) -> jax.Array:  # [B, n·c, ...] -> [n, B, c, ...]
         return jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def one(x_BcD: jax.Array, t_Bc: jax.Array, m_Bc: jax.Array) -> jax.Array:
-        mean, count = cross_entropy(logits_from_hidden(x_BcD, wte_VD, cfg), t_Bc, m_Bc)
-        return mean * count
+    total = _fused_ce(split(x_BTD), wte_VD, split(targets_BT), split(mask_BT),
+                      cfg.vocab_size, cfg.dtype)
+    return total, mask_BT.sum()
+
+
+def _chunk_nll(x_BcD: jax.Array, w_VD: jax.Array, t_Bc: jax.Array, vocab: int, dtype: str
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(token losses [B, c], logits [B, c, V] fp32, their logsumexp [B, c]) of one chunk. The
+    embedding's padding rows get a logit of -huge, so they carry no probability."""
+    dt = jnp.dtype(dtype)
+    logits = jnp.einsum("BcD,VD->BcV", x_BcD.astype(dt), w_VD.astype(dt),
+                        preferred_element_type=jnp.float32)
+    if vocab < w_VD.shape[0]:
+        logits = jnp.where(jnp.arange(w_VD.shape[0]) < vocab, logits, attention._NEG)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+    return lse - picked, logits, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(x_NBcD: jax.Array, w_VD: jax.Array, t_NBc: jax.Array, m_NBc: jax.Array,
+              vocab: int, dtype: str) -> jax.Array:
+    """Σ mask · nll over chunks [N, B, c]; without differentiation, the loss alone."""
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        return total + one(*xs), None
+        x, t, m = xs
+        return total + (_chunk_nll(x, w_VD, t, vocab, dtype)[0] * m).sum(), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (split(x_BTD), split(targets_BT), split(mask_BT.astype(jnp.float32))))
-    return total, mask_BT.astype(jnp.float32).sum()
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_NBcD, t_NBc, m_NBc))[0]
+
+
+def _fused_ce_fwd(x_NBcD: jax.Array, w_VD: jax.Array, t_NBc: jax.Array, m_NBc: jax.Array,
+                  vocab: int, dtype: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    dt = jnp.dtype(dtype)
+    w = w_VD.astype(dt)
+
+    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]
+             ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        total, dw_VD = carry
+        x, t, m = xs
+        nll, logits, lse = _chunk_nll(x, w, t, vocab, dtype)
+        # d(Σ m·nll)/d logits = m · (softmax − one-hot), in the compute dtype for the matmuls.
+        g = jnp.exp(logits - lse[..., None])
+        g = g - jax.nn.one_hot(t, logits.shape[-1], dtype=g.dtype)
+        g = (g * m[..., None]).astype(dt)
+        dx = jnp.einsum("BcV,VD->BcD", g, w, preferred_element_type=jnp.float32)
+        dw_VD = dw_VD + jnp.einsum("BcV,BcD->VD", g, x.astype(dt),
+                                   preferred_element_type=jnp.float32)
+        return (total + (nll * m).sum(), dw_VD), dx.astype(x.dtype)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(w_VD.shape, jnp.float32))
+    (total, dw), dx = jax.lax.scan(body, init, (x_NBcD, t_NBc, m_NBc))
+    return total, (dx, dw.astype(w_VD.dtype))
+
+
+def _fused_ce_bwd(vocab: int, dtype: str, res: tuple[jax.Array, jax.Array], ct: jax.Array
+                  ) -> tuple[jax.Array | None, ...]:
+    dx, dw = res
+    return (ct * dx).astype(dx.dtype), (ct * dw).astype(dw.dtype), None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 1) -> Any:

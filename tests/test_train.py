@@ -139,8 +139,10 @@ def test_accumulated_microbatches_equal_one_big_batch() -> None:
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_sharded_step_equals_unsharded() -> None:
-    cfg = small_cfg()
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_sharded_step_equals_unsharded(loss_chunk: int) -> None:
+    # loss_chunk 16: the fused chunked loss, its embedding gradient sharded like wte.
+    cfg = small_cfg(loss_chunk=loss_chunk)
     batch = synthetic_batch(cfg, 2, 8, seed=5)
     ref_state, ref_step = make_step(cfg, one_device_mesh())
     mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, tensor=2))
