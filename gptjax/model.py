@@ -213,15 +213,27 @@ def logits_from_hidden(x_BTD: jax.Array, wte_VD: jax.Array, cfg: ModelConfig) ->
     return _constrain(logits[..., : cfg.vocab_size], ("batch", "length", "vocab"))
 
 
-def compute_params(params: Any, cfg: ModelConfig) -> Any:
+def compute_params(params: Any, cfg: ModelConfig, *, embeddings: bool = True) -> Any:
     """Floating parameters cast to the compute dtype, once per step or per decode call rather
     than at every use: under bf16 the matmuls (and FSDP gathers) read half the bytes. Gradients
-    flow back through the cast to the fp32 master weights."""
+    flow back through the cast to the fp32 master weights.
+
+    embeddings=False leaves wte and wpe in the master dtype (training): the lookup then gathers
+    fp32 rows, so its gradient, a scatter-add of one row per token, sums in fp32. In bf16 that
+    sum stalls once it is 256 times the increment: a token seen 8,192 times in a batch got 20% of
+    its true gradient. The tied output projection casts wte where it multiplies."""
     dt = jnp.dtype(cfg.dtype)
     if dt == jnp.dtype(cfg.param_dtype):
         return params
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        params)
+    keep = () if embeddings else ("wte", "wpe")
+
+    def cast(path: tuple[Any, ...], a: jax.Array) -> jax.Array:
+        name = getattr(path[0], "key", None) if len(path) == 1 else None
+        if name in keep or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:

@@ -53,7 +53,7 @@ class TrainState:
 
 def _sum_loss(params: Any, model_cfg: ModelConfig, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, tokens counted) of one microbatch."""
-    params = compute_params(params, model_cfg)
+    params = compute_params(params, model_cfg, embeddings=False)
     chunk = model_cfg.loss_chunk
     if chunk and chunk < mb["inputs"].shape[-1]:
         x = GPT(model_cfg).apply({"params": params}, mb["inputs"], return_hidden=True)
