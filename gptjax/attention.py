@@ -123,14 +123,17 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
 
 def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
                      cache: dict[str, jax.Array], index_B: jax.Array,
-                     num_valid_B: jax.Array, window: int | None
+                     num_valid_B: jax.Array, window: int | None, *,
+                     attend_len: int | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Attention for tokens at positions index_B + 0..T-1 against a KV cache, which it updates.
 
     Dense layers (window None) keep every position: cache k/v are [B, max_len, H, K]. Local
     layers keep a ring buffer of R = cache length slots, slot = position mod R, so their memory
     does not grow with the context. Only the first num_valid_B tokens of each row are committed
-    (ragged prompts); the rest are padding whose outputs the caller ignores.
+    (ragged prompts); the rest are padding whose outputs the caller ignores. attend_len: dense
+    layers read only cache positions [0, attend_len), which the caller guarantees cover
+    index_B + T (the sampler picks it from a few buckets).
     """
     B, T = q_BTHK.shape[:2]
     q_pos_BT = index_B[:, None] + jnp.arange(T)[None, :]
@@ -139,9 +142,11 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
         # Writing padding too is harmless: those positions are rewritten before any query sees them.
         write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0)))
         ck, cv = write(ck, k_BTHK, index_B), write(cv, v_BTHK, index_B)
-        k_pos_BS = jnp.broadcast_to(jnp.arange(ck.shape[1]), (B, ck.shape[1]))
+        S = min(attend_len or ck.shape[1], ck.shape[1])
+        k_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         mask = causal_mask(q_pos_BT, k_pos_BS, None)
-        out = masked_attention(q_BTHK, ck.astype(q_BTHK.dtype), cv.astype(q_BTHK.dtype), mask)
+        out = masked_attention(q_BTHK, ck[:, :S].astype(q_BTHK.dtype),
+                               cv[:, :S].astype(q_BTHK.dtype), mask)
         return out, {"k": ck, "v": cv}
 
     R = ck.shape[1]

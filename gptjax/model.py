@@ -55,6 +55,7 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     cfg: ModelConfig
     kind: str  # "dense" | "local"
+    attend_len: int | None = None  # see GPT
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, cache: Cache | None, index_B: jax.Array | None,
@@ -77,7 +78,8 @@ class Attention(nn.Module):
         if cache is None:
             o_BTHK = attention.causal_attention(q, k, v, window=window, impl=cfg.attention_impl)
         else:
-            o_BTHK, cache = attention.cached_attention(q, k, v, cache, index_B, num_valid_B, window)
+            o_BTHK, cache = attention.cached_attention(q, k, v, cache, index_B, num_valid_B, window,
+                                                       attend_len=self.attend_len)
         o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "kv"))
         y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt)) + b_out.astype(dt)
         return _constrain(y, ("batch", "length", "embed")), cache
@@ -106,11 +108,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     cfg: ModelConfig
     kind: str
+    attend_len: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: Cache | None, index_B: jax.Array | None,
                  num_valid_B: jax.Array | None) -> tuple[jax.Array, Cache | None]:
-        a, cache = Attention(self.cfg, self.kind, name="attn")(
+        a, cache = Attention(self.cfg, self.kind, self.attend_len, name="attn")(
             LayerNorm(self.cfg, name="ln1")(x), cache, index_B, num_valid_B
         )
         x = x + a
@@ -122,13 +125,14 @@ class Period(nn.Module):
     """One period of the attention pattern: a Block per entry of `attention_pattern`."""
 
     cfg: ModelConfig
+    attend_len: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, caches: tuple[Cache, ...] | None, index_B: jax.Array | None,
                  num_valid_B: jax.Array | None) -> tuple[jax.Array, tuple[Cache, ...] | None]:
         new = []
         for j, kind in enumerate(self.cfg.attention_pattern):
-            x, c = Block(self.cfg, kind, name=f"block{j}")(
+            x, c = Block(self.cfg, kind, self.attend_len, name=f"block{j}")(
                 x, None if caches is None else caches[j], index_B, num_valid_B
             )
             new.append(c)
@@ -141,9 +145,14 @@ class GPT(nn.Module):
     With `cache=` (see `init_cache`) it runs incrementally: tokens [B, T] sit at positions
     cache["index"] + 0..T-1, the first `num_valid` [B] of each row are committed to the cache,
     and it returns (logits, new_cache).
+
+    attend_len (decoding): dense layers read only the first attend_len cache positions, which
+    must hold every position the call attends (index + T <= attend_len), so a step costs what
+    the sequence so far needs rather than the whole cache.
     """
 
     cfg: ModelConfig
+    attend_len: int | None = None
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None,
@@ -182,14 +191,16 @@ class GPT(nn.Module):
                 length=n_period,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, layer_caches = stack(cfg, name="layers")(x, layer_caches, index_B, num_valid_B)
+            x, layer_caches = stack(cfg, self.attend_len, name="layers")(
+                x, layer_caches, index_B, num_valid_B)
         else:
             # Unrolled: one cache entry per period (init_cache's layout for scan_layers=False),
             # so the decoder updates each layer's buffer in place instead of slicing a stack.
             outs = []
             for i in range(n_period):
                 c = None if layer_caches is None else layer_caches[i]
-                x, c = period_cls(cfg, name=f"layers_{i}")(x, c, index_B, num_valid_B)
+                x, c = period_cls(cfg, self.attend_len, name=f"layers_{i}")(
+                    x, c, index_B, num_valid_B)
                 outs.append(c)
             if layer_caches is not None:
                 layer_caches = tuple(outs)

@@ -220,9 +220,30 @@ def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int
 # --- the GPT behind the loop -------------------------------------------------------------------
 
 
-def _model_logits_fn(cfg: ModelConfig, params: Any) -> LogitsFn:
+def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
+    """The cache prefixes a decode call's dense layers may read: powers of two from `smallest`
+    below max_len, then max_len."""
+    out = []
+    L = smallest
+    while L < max_len:
+        out.append(L)
+        L *= 2
+    return [*out, max_len]
+
+
+def decode_segment(step: int, end: int, longest: int, max_len: int) -> tuple[int, int]:
+    """(segment end, attend_len) for decoding from `step` towards `end` when the longest row's
+    prompt has `longest` tokens: the step at `s` attends positions < longest + s, so the
+    segment stops where that outgrows the smallest bucket that covers its first step. A long
+    generation thus crosses a few buckets (a few calls), each step reading only the cache
+    prefix the text so far needs."""
+    L = next(b for b in attend_buckets(max_len) if b >= longest + step)
+    return min(end, L - longest + 1), L
+
+
+def _model_logits_fn(cfg: ModelConfig, params: Any, attend_len: int | None = None) -> LogitsFn:
     def fn(tokens_B1: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        logits_B1V, cache = GPT(cfg).apply({"params": params}, tokens_B1, cache=cache)
+        logits_B1V, cache = GPT(cfg, attend_len).apply({"params": params}, tokens_B1, cache=cache)
         return logits_B1V[:, 0], cache
 
     return fn
@@ -259,12 +280,14 @@ def _programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable
         return init_state(logits_BV, cache, keys_B, max_new_tokens=max_new, sampling=sampling,
                           active_B=active_B)
 
-    def decode(params: Any, state: SamplerState, limit: jax.Array) -> SamplerState:
+    def decode(params: Any, state: SamplerState, limit: jax.Array,
+               attend_len: int | None = None) -> SamplerState:
         params = layer_params(params)
-        return sample_loop(_model_logits_fn(cfg, params), state, limit, sampling=sampling)
+        return sample_loop(_model_logits_fn(cfg, params, attend_len), state, limit,
+                           sampling=sampling)
 
     return (jax.jit(prefill, static_argnames=("max_len", "max_new")),
-            jax.jit(decode, donate_argnames=("state",)))
+            jax.jit(decode, donate_argnames=("state",), static_argnames=("attend_len",)))
 
 
 def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -366,20 +389,25 @@ def _stream(params: Any, cfg: ModelConfig, sampling: Sampling, mesh: Any, tokens
         tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
         lengths, keys, active = put(lengths), put(keys), put(active)
 
+    max_len, longest = T + max_new_tokens, int(lengths.max())
     with scope():
-        state = prefill(params, tokens, lengths, keys, active, max_len=T + max_new_tokens,
+        state = prefill(params, tokens, lengths, keys, active, max_len=max_len,
                         max_new=max_new_tokens)
     seen = np.zeros((B,), np.int64)
+    want = 0
     while True:
         # The whole buffer (small): slicing on the device would compile a program per size.
         num, done, step, buf = jax.device_get(
             (state.num_B, state.done_B, state.step, state.tokens_BN))
-        yield [buf[b, seen[b] : num[b]].tolist() for b in range(n_rows)]
-        seen = num.astype(np.int64)
-        if done.all() or step >= max_new_tokens:
-            return
+        if step >= want or done.all():
+            yield [buf[b, seen[b] : num[b]].tolist() for b in range(n_rows)]
+            seen = num.astype(np.int64)
+            if done.all() or step >= max_new_tokens:
+                return
+            want = min(int(step) + chunk_size, max_new_tokens)
+        end, attend_len = decode_segment(int(step), want, longest, max_len)
         with scope():
-            state = decode(params, state, jnp.int32(min(int(step) + chunk_size, max_new_tokens)))
+            state = decode(params, state, jnp.int32(end), attend_len=attend_len)
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
@@ -446,8 +474,8 @@ def benchmark(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
       new_tokens: tokens decoded per row (no end-of-text: every step runs); None means
         min(128, max_len - prompt_len).
       dtype: compute dtype; None means bfloat16 on GPU/TPU and cfg.dtype on CPU.
-      max_len: KV cache length; None means the model's context length, so every dense-layer
-        step attends over a full-context cache, as at the end of a long generation.
+      max_len: KV cache length; None means the model's context length (dense layers still
+        read only the bucket of it the text needs: see `decode_segment`).
       repeats: timed runs per figure (after one untimed compile run); medians are reported.
     Returns:
       {"prefill_ms_b1", "decode_ms_per_token_b1", "tokens_per_s_b<largest>", "per_batch": {B:
@@ -477,10 +505,16 @@ def benchmark(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
             return prefill(params, tokens, lengths, keys, active, max_len=max_len,
                            max_new=new_tokens)
 
-        limit = jnp.int32(new_tokens)
-        jax.block_until_ready(decode(params, run_prefill(), limit))  # compile both
+        def run_decode(s: SamplerState) -> SamplerState:
+            step = 1  # the prefill samples the first token
+            while step < new_tokens:  # one call unless the text crosses a bucket
+                step, L = decode_segment(step, new_tokens, prompt_len, max_len)
+                s = decode(params, s, jnp.int32(step), attend_len=L)
+            return s
+
+        jax.block_until_ready(run_decode(run_prefill()))  # compile both
         prefill_s = _median_time(run_prefill, None, repeats)
-        decode_s = _median_time(lambda s: decode(params, s, limit), run_prefill, repeats)
+        decode_s = _median_time(run_decode, run_prefill, repeats)
         steps = new_tokens - 1  # the prefill samples the first token
         per_batch[B] = {
             "prefill_ms": 1e3 * prefill_s,

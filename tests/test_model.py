@@ -159,6 +159,24 @@ def test_prefill_then_decode_equals_full_forward(pattern, scan) -> None:
     np.testing.assert_array_equal(cache["index"], [30, 30])
 
 
+def test_decode_reading_a_cache_prefix() -> None:
+    """attend_len = exactly the positions a step needs gives the whole-cache logits; one short
+    drops the newest key (the control)."""
+    cfg = tiny(n_layer=2, context_length=40)
+    params = model.init_params(cfg, jax.random.key(0))
+    toks = tokens_for(cfg, B=2, T=40)
+    cache = model.init_cache(cfg, 2, 40)
+    _, cache = apply(cfg, params, toks[:, :20], cache=cache)
+    step = toks[:, 20:21]  # position 20: attends positions 0..20
+
+    def logits(attend_len):
+        out, _ = model.GPT(cfg, attend_len).apply({"params": params}, step, cache=cache)
+        return out
+
+    np.testing.assert_allclose(logits(21), logits(None), atol=1e-6)
+    assert float(jnp.abs(logits(20) - logits(None)).max()) > 1e-3
+
+
 def test_ragged_prefill_commits_only_valid_tokens() -> None:
     cfg = tiny(n_layer=2, local_window=4, context_length=24)
     params = model.init_params(cfg, jax.random.key(0))

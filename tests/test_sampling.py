@@ -44,6 +44,45 @@ def test_greedy_equals_argmax_over_full_recomputation() -> None:
     assert len(set(greedy()[1])) > 2, "degenerate model output would make this test weak"
 
 
+def test_bucketed_cache_reads_equal_whole_cache_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps read only the cache prefix the longest row needs (buckets of 4, 8, 16, 32
+    here, crossed as rows grow); the text is that of steps reading the whole cache."""
+    real, seen = sampling.attend_buckets, []
+
+    def run(smallest: int) -> list[list[int]]:
+        def buckets(max_len: int) -> list[int]:
+            seen.append(real(max_len, smallest))
+            return seen[-1]
+
+        monkeypatch.setattr(sampling, "attend_buckets", buckets)
+        sampling._programs.cache_clear()
+        return sampling.generate(params(), CFG, PROMPTS, max_new_tokens=30, temperature=0.0)
+
+    whole = run(10**6)
+    assert len(seen[-1]) == 1
+    bucketed = run(4)
+    assert len(seen[-1]) >= 4, seen
+    sampling._programs.cache_clear()
+    assert bucketed == whole
+    assert [row[:NEW] for row in whole] == greedy()
+
+
+def test_decode_segments_cover_what_each_step_attends() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        max_len = int(rng.integers(2, 3000))
+        longest = int(rng.integers(1, max_len))
+        step = int(rng.integers(1, max_len - longest + 1))
+        want = int(rng.integers(step + 1, max_len - longest + 2))
+        end, L = sampling.decode_segment(step, want, longest, max_len)
+        assert step < end <= want and L in sampling.attend_buckets(max_len)
+        # The step entered at s feeds position longest + s - 1: it reads positions < longest + s.
+        assert longest + end - 1 <= L  # the segment's last step fits its bucket...
+        smaller = [b for b in sampling.attend_buckets(max_len) if b < L]
+        assert not smaller or longest + step > smaller[-1]  # ...and its first needs this one
+        assert end == want or longest + end > L  # it stops early only at the bucket's edge
+
+
 def test_top_k_1_equals_greedy() -> None:
     out = sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=1.3, top_k=1,
                             seed=7)
