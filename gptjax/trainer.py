@@ -79,8 +79,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, *,
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
         return (g_acc, nll_acc + nll, n_acc + n), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+        # One microbatch: no accumulator to zero and add into, no loop around the step.
+        (nll, count), grads = grad_fn(state.params, model_cfg, jax.tree.map(lambda a: a[0], batch))
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
     count = jnp.maximum(count, 1.0)
     # Sum of per-token gradients / tokens: k microbatches equal one batch k times as large.
     grads = jax.tree.map(lambda g: g / count, grads)
