@@ -18,6 +18,8 @@ START=$SECONDS
 # SMOKE=1 runs the same script on a tiny model (CPU, tests): the plumbing, not the figures.
 TINY=(model.n_layer=2 model.d_model=32 model.n_head=2 model.d_ff=64 model.context_length=64
       model.local_window=16 model.vocab_size=512 mesh.data=1 mesh.fsdp=1)
+LONG_PROMPT=1536 LONG_NEW=512
+if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16; fi
 py() {  # py TIMEOUT ARGS...: one benchmark process, its JSON line appended to $RES
   local left=$((BUDGET - (SECONDS - START)))
   local args=("${@:2}")
@@ -36,14 +38,17 @@ py() {  # py TIMEOUT ARGS...: one benchmark process, its JSON line appended to $
 
 # 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
 py 120 train --config gpt3-small --batch 16 --steps 10
-# 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128, cache of 2048.
+# 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128 (a cache of 2048 of
+#    which each step reads the 256-position bucket the text needs).
 py 100 decode --config gpt3-small --batch-sizes 1,64
 # 3. like for like with Hugging Face GPT-2 + torch.compile: all-dense attention on both sides.
 py 200 train --config gpt3-small --batch 16 --steps 10 --compare-torch model.attention_pattern=dense
 # 4. larger models; xl keeps the least recomputation that fits the card.
 py 100 train --config gpt3-medium --batch 16 --steps 8 --remat auto
 py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
-# 5. the XLA flags' effect: run 1 again without them.
+# 5. decode deep into the context: prompt 1536 + 512, every step reading the 2048 cache.
+py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW"
+# 6. the XLA flags' effect: run 1 again without them.
 py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
 
 python3 - "$RES" <<'EOF' | tee -a "$LOG"
@@ -61,6 +66,7 @@ for r in rows:
               f"mem {f('peak_memory_gib', '{:.1f}')} GiB  torch x{f('speedup_vs_torch', '{:.2f}')}  "
               f"flags '{r.get('xla_flags', '')}'")
     else:
-        print(f"decode {r['device']}: b1 {r['decode_ms_per_token_b1']:.3f} ms/token, prefill "
-              f"{r['prefill_ms_b1']:.1f} ms; b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
+        print(f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}: b1 "
+              f"{r['decode_ms_per_token_b1']:.3f} ms/token, prefill {r['prefill_ms_b1']:.1f} ms; "
+              f"b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
 EOF

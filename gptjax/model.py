@@ -368,6 +368,8 @@ def _fused_ce_fwd(x_NBcD: jax.Array, w_VD: jax.Array, t_NBc: jax.Array, m_NBc: j
         dx = jnp.einsum("BcV,VD->BcD", g, w, preferred_element_type=jnp.float32)
         dw_VD = dw_VD + jnp.einsum("BcV,BcD->VD", g, x.astype(dt),
                                    preferred_element_type=jnp.float32)
+        # Sharded like wte, so a mesh reduces each chunk's share, not a replicated [V, D].
+        dw_VD = _constrain(dw_VD, ("vocab", "embed"))
         return (total + (nll * m).sum(), dw_VD), dx.astype(x.dtype)
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w_VD.shape, jnp.float32))

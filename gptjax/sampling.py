@@ -379,6 +379,7 @@ def _stream(params: Any, cfg: ModelConfig, sampling: Sampling, mesh: Any, tokens
             lengths: np.ndarray, keys: jax.Array, active: np.ndarray, n_rows: int,
             max_new_tokens: int, chunk_size: int) -> Iterator[list[list[int]]]:
     B, T = tokens.shape
+    max_len, longest = T + max_new_tokens, int(np.max(lengths))  # host values, before any put
     prefill, decode = _programs(cfg, sampling, mesh)
     scope: Callable[[], Any] = contextlib.nullcontext
     if mesh is not None:
@@ -389,7 +390,6 @@ def _stream(params: Any, cfg: ModelConfig, sampling: Sampling, mesh: Any, tokens
         tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
         lengths, keys, active = put(lengths), put(keys), put(active)
 
-    max_len, longest = T + max_new_tokens, int(lengths.max())
     with scope():
         state = prefill(params, tokens, lengths, keys, active, max_len=max_len,
                         max_new=max_new_tokens)

@@ -44,8 +44,10 @@ def test_fits_reads_xla_memory_analysis() -> None:
         def memory_analysis(self):
             return Analysis()
 
-    assert bench._fits(Compiled(), limit=14 << 30) == (True, 14.0)
-    assert bench._fits(Compiled(), limit=13 << 30) == (False, 14.0)
+    # 14 GiB needed; 10% of the device is kept for what the analysis leaves out.
+    assert bench._fits(Compiled(), limit=16 << 30) == (True, 14.0)
+    assert bench._fits(Compiled(), limit=15 << 30) == (False, 14.0)
+    assert bench._fits(Compiled(), limit=15 << 30, margin=1.0) == (True, 14.0)
     assert bench._fits(Compiled(), limit=None) == (True, 14.0)
 
 
@@ -69,7 +71,8 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
 
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(SMOKE="1", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    # A generous budget: the script's own (450 s) is sized for a GPU, not a loaded 2-core CPU.
+    env.update(SMOKE="1", BUDGET="3000", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     r = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -80,5 +83,6 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
                                             "gpt3-small"]
     assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_torch"] > 0
     assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
-    assert any("tokens_per_s_b64" in x for x in rows)
+    decode = [x for x in rows if "tokens_per_s_b64" in x]
+    assert [x["prompt_len"] for x in decode] == [32, 48]  # short text; deep into the context
     assert r.stdout.count("tok/s") == 5 and "decode" in r.stdout
