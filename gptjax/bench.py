@@ -308,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 out.update(torch_out)
                 out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
         elif args.what == "torch":
-            m = load_config(args.config, args.overrides).model
+            cfg = load_config(args.config, args.overrides)
+            m = cfg.model
             if args.seq:
                 m = dataclasses.replace(m, context_length=args.seq)
-            out = bench_torch(m, args.batch or load_config(args.config, args.overrides
-                                                           ).train.batch_size, args.steps)
+            out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
         elif args.what == "decode":
             from gptjax import config, sampling
 
