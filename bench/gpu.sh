@@ -38,6 +38,9 @@ py() {  # py TIMEOUT ARGS...: one benchmark process, its JSON line appended to $
 
 # 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
 py 120 train --config gpt3-small --batch 16 --steps 10
+# A first run that fails is plumbing (an API the GPU image's JAX changed, say): stop and show it,
+# so the rest of the device time is not spent failing the same way.
+if grep -q '"failed"' "$RES"; then tail -n 60 "$LOG"; exit 1; fi
 # 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128 (a cache of 2048 of
 #    which each step reads the 256-position bucket the text needs).
 py 100 decode --config gpt3-small --batch-sizes 1,64
@@ -70,3 +73,4 @@ for r in rows:
               f"{r['decode_ms_per_token_b1']:.3f} ms/token, prefill {r['prefill_ms_b1']:.1f} ms; "
               f"b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
 EOF
+if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; fi

@@ -103,6 +103,16 @@ def supported(flags: list[str]) -> dict[str, bool]:
     return {f: known[f] for f in flags}
 
 
+def _backends_started() -> bool:
+    """Whether JAX has started a backend (a private API: assume not where it has moved)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
+
+
 def apply(setting: str, *, env: dict[str, str] | None = None) -> list[str]:
     """Adds the flags `setting` names to XLA_FLAGS (of `env`, default os.environ).
 
@@ -115,11 +125,8 @@ def apply(setting: str, *, env: dict[str, str] | None = None) -> list[str]:
     wanted = [f for f in wanted if flag_name(f) not in present]
     if not wanted:
         return []
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            raise RuntimeError("xla_flags.apply must run before JAX initializes its backends")
+    if "jax" in sys.modules and _backends_started():
+        raise RuntimeError("xla_flags.apply must run before JAX initializes its backends")
     ok = supported(wanted)
     added = []
     for f in wanted:
