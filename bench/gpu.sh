@@ -20,18 +20,7 @@ TINY=(model.n_layer=2 model.d_model=32 model.n_head=2 model.d_ff=64 model.contex
       model.local_window=16 model.vocab_size=512 mesh.data=1 mesh.fsdp=1)
 LONG_PROMPT=1536 LONG_NEW=512
 if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16; fi
-py() {  # py TIMEOUT ARGS...: one benchmark process, its JSON line appended to $RES
-  local left=$((BUDGET - (SECONDS - START)))
-  local args=("${@:2}")
-  if [[ -n "${SMOKE:-}" ]]; then args+=("${TINY[@]}"); fi
-  if (( left < 30 )); then echo "{\"skipped\": \"${args[*]}\"}" >> "$RES"; return; fi
-  local t=$(( $1 < left ? $1 : left ))
-  echo "== $(date +%T) [${t}s] ${args[*]}" >> "$LOG"
-  timeout "$t" python3 -m gptjax.bench "${args[@]}" --json > "$OUT/last.json" 2>> "$LOG"
-  local rc=$?
-  if (( rc == 0 )); then tail -n 1 "$OUT/last.json" >> "$RES"
-  else echo "{\"failed\": \"${args[*]}\", \"rc\": $rc}" >> "$RES"; fi
-}
+source "$(dirname "$0")/gpu_lib.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } >> "$LOG" 2>&1
@@ -54,23 +43,5 @@ py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT"
 # 6. the XLA flags' effect: run 1 again without them.
 py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
 
-python3 - "$RES" <<'EOF' | tee -a "$LOG"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-for r in rows:
-    if "failed" in r or "skipped" in r:
-        print(r); continue
-    if "tokens_per_s" in r:
-        f = lambda k, s="{:.1%}": "n/a" if r.get(k) is None else s.format(r[k])
-        print(f"{r['config']:12} {r['pattern']:12} B{r['batch']}x{r['seq']} remat={r['remat']:4} "
-              f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {f('mfu')} (vs measured "
-              f"{f('mfu_vs_measured')} of {f('matmul_tflops_measured', '{:.0f}')} TFLOP/s)  "
-              f"step {r['step_ms_median']:.1f} ms  compile {r['compile_s']:.0f} s  "
-              f"mem {f('peak_memory_gib', '{:.1f}')} GiB  torch x{f('speedup_vs_torch', '{:.2f}')}  "
-              f"flags '{r.get('xla_flags', '')}'")
-    else:
-        print(f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}: b1 "
-              f"{r['decode_ms_per_token_b1']:.3f} ms/token, prefill {r['prefill_ms_b1']:.1f} ms; "
-              f"b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
-EOF
+summary | tee -a "$LOG"
 if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; fi

@@ -56,9 +56,11 @@ def bench_attention(seqs: list[int], window: int, heads: int, head_dim: int, bat
     }
 
 
-def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-    """bf16 [n, n] @ [n, n] rate on the default device, random operands (zeros run faster),
-    median of `repeats` after a warm-up: the ceiling MFU is read against."""
+def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20) -> float:
+    """bf16 [n, n] @ [n, n] rate on the default device, random operands (zeros run faster): the
+    median over `repeats` samples of `per_sample` products queued back to back, after a warm-up.
+    One product takes about 1.4 ms on an H100, so timing each alone would count its dispatch
+    and synchronization too (that read 586-658 TFLOP/s where the chip does about 790)."""
     import jax
     import jax.numpy as jnp
 
@@ -66,7 +68,8 @@ def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype))
-    return 2 * n**3 / _median_time(lambda: mm(a, b), repeats) / 1e12
+    sample = _median_time(lambda: [mm(a, b) for _ in range(per_sample)], repeats)
+    return 2 * n**3 * per_sample / sample / 1e12
 
 
 def _fits(compiled: Any, limit: int | None = -1, margin: float = 0.9) -> tuple[bool, float | None]:
@@ -87,12 +90,14 @@ def _fits(compiled: Any, limit: int | None = -1, margin: float = 0.9) -> tuple[b
 
 
 def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
-                remat: str | None, steps: int, peak: bool | None = None) -> dict[str, Any]:
+                remat: str | None, steps: int, peak: bool | None = None,
+                profile: str | None = None) -> dict[str, Any]:
     """Train-step throughput with synthetic batches (no TensorFlow needed).
 
     remat "auto" compiles none, dots, full in that order and keeps the first whose memory (XLA's
     analysis) fits the device. peak: also measure the bf16 matmul rate and report MFU against it
-    (None: on GPU/TPU only)."""
+    (None: on GPU/TPU only). profile: a folder to write a profiler trace of 3 more steps into
+    (TensorBoard/XProf's layout; `bench/xplane_summary.py` totals its device time by op)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -146,6 +151,13 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
             state, metrics = compiled(state, batch_g, lr)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t)
+        if profile:
+            with jax.profiler.trace(profile):
+                for _ in range(3):
+                    state, metrics = compiled(state, batch_g, lr)
+                jax.block_until_ready(metrics["loss"])
+            with open(os.path.join(profile, "step.hlo.txt"), "w") as f:
+                f.write(compiled.as_text())
     med = statistics.median(times)
     tps = B * T / med
     spec = trainer.device_peak_flops(cfg.train.peak_tflops)
@@ -260,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--peak", choices=("auto", "yes", "no"), default="auto",
                    help="measure the bf16 matmul rate and report MFU against it (auto: GPU/TPU)")
     t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--profile", metavar="DIR", default=None,
+                   help="also write a profiler trace of 3 steps and the compiled HLO into DIR")
     t.add_argument("--compare-torch", action="store_true",
                    help="also time Hugging Face GPT-2 + torch.compile at the same shape")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -303,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "train":
             torch_out = _torch_in_subprocess(args) if args.compare_torch else None
             out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
-                              args.steps, {"auto": None, "yes": True, "no": False}[args.peak])
+                              args.steps, {"auto": None, "yes": True, "no": False}[args.peak],
+                              args.profile)
             if torch_out is not None:
                 out.update(torch_out)
                 out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
@@ -333,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("train", "decode"):
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["xla_flags_added"] = out_flags
+        out["overrides"] = args.overrides
     if args.json:
         print(json.dumps(out))
     else:

@@ -1,0 +1,30 @@
+"""The summary table of a gpu-results.jsonl (bench/gpu.sh, bench/gpu_profile.sh): one line per
+run; failed and skipped runs as they were recorded."""
+
+import json
+import sys
+
+
+def line(r: dict) -> str:
+    if "failed" in r or "skipped" in r:
+        return str(r)
+    if "tokens_per_s" not in r:
+        return (f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}: b1 "
+                f"{r['decode_ms_per_token_b1']:.3f} ms/token, prefill {r['prefill_ms_b1']:.1f} ms; "
+                f"b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
+
+    def f(k: str, s: str = "{:.1%}") -> str:
+        return "n/a" if r.get(k) is None else s.format(r[k])
+
+    return (f"{r['config']:12} {r['pattern']:12} B{r['batch']}x{r['seq']} remat={r['remat']:4} "
+            f"chunk={r.get('loss_chunk')} {r['tokens_per_s']:>10,.0f} tok/s  MFU {f('mfu')} "
+            f"(vs measured {f('mfu_vs_measured')} of {f('matmul_tflops_measured', '{:.0f}')} "
+            f"TFLOP/s)  step {r['step_ms_median']:.1f} ms  compile {r['compile_s']:.0f} s  "
+            f"mem {f('peak_memory_gib', '{:.1f}')} GiB  torch x{f('speedup_vs_torch', '{:.2f}')}  "
+            f"{' '.join(r.get('overrides', []))} flags '{r.get('xla_flags', '')}'")
+
+
+if __name__ == "__main__":
+    for row in open(sys.argv[1]):
+        if row.strip():
+            print(line(json.loads(row)))
