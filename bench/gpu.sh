@@ -25,6 +25,7 @@ source "$(dirname "$0")/gpu_lib.sh"
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } >> "$LOG" 2>&1
 
+# TRAIN_ONLY=1 runs the train-step rows alone (1, 3, 4).
 # 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
 py 120 train --config gpt3-small --batch 16 --steps 10
 # A first run that fails is plumbing (an API the GPU image's JAX changed, say): stop and show it,
@@ -32,16 +33,16 @@ py 120 train --config gpt3-small --batch 16 --steps 10
 if grep -q '"failed"' "$RES"; then tail -n 60 "$LOG"; exit 1; fi
 # 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128 (a cache of 2048 of
 #    which each step reads the 256-position bucket the text needs).
-py 100 decode --config gpt3-small --batch-sizes 1,64
+[[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64
 # 3. like for like with Hugging Face GPT-2 + torch.compile: all-dense attention on both sides.
 py 200 train --config gpt3-small --batch 16 --steps 10 --compare-torch model.attention_pattern=dense
 # 4. larger models; xl keeps the least recomputation that fits the card.
 py 100 train --config gpt3-medium --batch 16 --steps 8 --remat auto
 py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
 # 5. decode deep into the context: prompt 1536 + 512, every step reading the 2048 cache.
-py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW"
+[[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW"
 # 6. the XLA flags' effect: run 1 again without them.
-py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
+[[ -z "${TRAIN_ONLY:-}" ]] && py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
 
 summary | tee -a "$LOG"
 if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; fi

@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax.config import UserError, load_config
 
     try:
-        if args.what in ("train", "decode"):
+        if args.what == "train":
             # Before JAX starts a backend: the flags train.py would set, unless overridden
-            # (train.xla_flags=none measures without them).
+            # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
             setting = load_config(args.config, args.overrides).train.xla_flags
             try:
                 out_flags = xla_flags.apply(setting)
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.what in ("train", "decode"):
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-        out["xla_flags_added"] = out_flags
         out["overrides"] = args.overrides
+    if args.what == "train":
+        out["xla_flags_added"] = out_flags
     if args.json:
         print(json.dumps(out))
     else:

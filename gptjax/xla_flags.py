@@ -27,6 +27,9 @@ DEFAULT: dict[str, str] = {
     # data-parallel gradient reductions on several GPUs). NVIDIA's JAX containers set it too.
     "--xla_gpu_enable_latency_hiding_scheduler=true":
         "overlap collectives and copies with compute",
+    # cuBLAS for every matmul instead of XLA's own Triton GEMMs, which it chose for some of the
+    # step's products: gpt3-small B16 x 2048 went from 96.1 to 92.0 ms per step on an H200.
+    "--xla_gpu_enable_triton_gemm=false": "cuBLAS for all matmuls (faster than Triton GEMMs)",
 }
 
 
