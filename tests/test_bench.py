@@ -86,3 +86,54 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     decode = [x for x in rows if "tokens_per_s_b64" in x]
     assert [x["prompt_len"] for x in decode] == [32, 48]  # short text; deep into the context
     assert r.stdout.count("tok/s") == 5 and "decode" in r.stdout
+
+
+def _xplane_summary():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "xplane_summary.py"
+    spec = importlib.util.spec_from_file_location("xplane_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_trace_is_summarized_by_op_class(tmp_path, capsys) -> None:
+    prof = tmp_path / "prof"
+    assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
+                       "1", "--profile", str(prof), "model.n_layer=2", "model.d_model=32",
+                       "model.n_head=2", "model.d_ff=64", "model.local_window=16",
+                       "train.xla_flags=none", "--json"]) == 0
+    capsys.readouterr()
+    traces = list(prof.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and (prof / "step.hlo.txt").read_text().startswith("HloModule")
+    _xplane_summary().main([str(traces[0]), str(prof / "step.hlo.txt"), "--top", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("CPU op time")
+    per_class = {ln.split()[0]: float(ln.split()[1]) for ln in
+                 out.split("by class:\n")[1].split("top 5")[0].splitlines()}
+    assert per_class.get("matmul", 0) > 0 and "?" not in per_class, out  # every op classed
+
+
+def test_xplane_summary_classes_gpu_ops() -> None:
+    mod = _xplane_summary()
+    hlo = """
+%fused_computation.9 (p0: f32[8,8], p1: f32[8,8]) -> f32[8,8] {
+  ROOT %dot.1 = f32[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[8,8]) -> f32[8] {
+  %ynn_fusion.2 = f32[8,8]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_computation.9
+  %custom-call.3 = (bf16[2,4]{1,0}, u8[0]{0}) custom-call(%a), custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm_fusion_dot.27 = bf16[8,8]{1,0} fusion(%x, %y), kind=kCustom, calls=%f, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  ROOT %loop_add_fusion.1 = f32[8]{0} fusion(%p), kind=kLoop, calls=%g
+  %dot.4 = f32[8,8]{1,0} dot(%x, %y), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+"""
+    c = mod.op_classes(hlo)
+    assert c["custom-call.3"] == "attention" and c["gemm_fusion_dot_27"] == "matmul"
+    assert c["loop_add_fusion_1"] == "fusion:kLoop" and c["dot.4"] == "matmul"
+    assert c["ynn_fusion.2"] == "matmul"  # a fusion whose computation holds a product
+    assert mod._kernel_class("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "matmul"
+    assert mod._kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert mod._kernel_class("memcpy128") == "copy" and mod._kernel_class("loop_fusion") is None
