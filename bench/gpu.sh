@@ -7,20 +7,10 @@
 # benchmarks use synthetic batches). Runs go most important first; once BUDGET seconds have
 # passed the rest are skipped (and listed), so the call ends inside its limit.
 set -uo pipefail
-OUT="${OUT:-bench-out}"
 BUDGET="${BUDGET:-450}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-RES="$OUT/gpu-results.jsonl" LOG="$OUT/gpu-bench.log"
-: > "$RES"
-START=$SECONDS
-# SMOKE=1 runs the same script on a tiny model (CPU, tests): the plumbing, not the figures.
-TINY=(model.n_layer=2 model.d_model=32 model.n_head=2 model.d_ff=64 model.context_length=64
-      model.local_window=16 model.vocab_size=512 mesh.data=1 mesh.fsdp=1)
+source "$(dirname "$0")/gpu_lib.sh"
 LONG_PROMPT=1536 LONG_NEW=512
 if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16; fi
-source "$(dirname "$0")/gpu_lib.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } >> "$LOG" 2>&1

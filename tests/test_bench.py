@@ -137,3 +137,25 @@ ENTRY %main (a: f32[8,8]) -> f32[8] {
     assert mod._kernel_class("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "matmul"
     assert mod._kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
     assert mod._kernel_class("memcpy128") == "copy" and mod._kernel_class("loop_fusion") is None
+
+
+def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
+    """bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(SMOKE="1", BUDGET="3000", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    r = subprocess.run(["bash", "bench/gpu_profile.sh"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu-results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and not [x for x in rows if "failed" in x or "skipped" in x], rows
+    assert [x["remat"] for x in rows[-2:]] == ["none", "dots"]
+    for name in ("small", "medium"):  # what bench/xplane_summary.py reads back here
+        assert (tmp_path / f"prof-{name}.xplane.pb.gz").stat().st_size > 0
+        assert (tmp_path / f"prof-{name}.hlo.txt.gz").stat().st_size > 0
+    assert r.stdout.count("tok/s") == 8
