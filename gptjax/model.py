@@ -45,11 +45,74 @@ class LayerNorm(nn.Module):
         D = self.cfg.d_model
         scale = _param(self, "scale", ("embed",), (D,), nn.initializers.ones)
         bias = _param(self, "bias", ("embed",), (D,), nn.initializers.zeros)
-        x = x_BTD.astype(jnp.float32)  # statistics in fp32 even under bf16 compute
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
-        return (y * scale + bias).astype(self.cfg.dtype)
+        return layer_norm(x_BTD, scale, bias, self.cfg.layer_norm_eps, self.cfg.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: str
+               ) -> jax.Array:
+    """LayerNorm over the last axis, statistics in fp32 whatever x's dtype, output in `dtype`.
+
+    Its gradient keeps only x and the per-row mean and 1/std: autodiff of the same formula
+    would keep three fp32 copies of the normalized activations per LayerNorm, memory traffic
+    that a bf16 train step spends most of its non-matmul time on (README, Performance)."""
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _ln_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+    return (x - mean) * rstd, mean, rstd
+
+
+def _layer_norm_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: str
+                    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    xhat, mean, rstd = _ln_stats(x, eps)
+    y = (xhat * scale + bias).astype(dtype)
+    return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps: float, dtype: str, res: tuple[jax.Array, ...], dy: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, mean, rstd, scale, bias = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dy = dy.astype(jnp.float32)
+    rows = tuple(range(dy.ndim - 1))
+    dscale, dbias = (dy * xhat).sum(rows), dy.sum(rows)
+    g = dy * scale
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(h: jax.Array) -> jax.Array:
+    """GPT-2's tanh approximation of GELU (as `nn.gelu(approximate=True)`), computed in fp32.
+
+    Its gradient keeps only h and recomputes the tanh: autodiff would keep five more tensors of
+    h's [B, T, d_ff] shape (tanh, its square's complement, products), written by the forward
+    pass and read back by the backward."""
+    hf = h.astype(jnp.float32)
+    return (0.5 * hf * (1 + jnp.tanh(_GELU_C * (hf + 0.044715 * hf**3)))).astype(h.dtype)
+
+
+def _gelu_fwd(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu_tanh(h), h
+
+
+def _gelu_bwd(h: jax.Array, dy: jax.Array) -> tuple[jax.Array]:
+    hf = h.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (hf + 0.044715 * hf**3))
+    d = 0.5 * (1 + t) + 0.5 * hf * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * hf * hf)
+    return ((dy.astype(jnp.float32) * d).astype(h.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Attention(nn.Module):
@@ -100,7 +163,7 @@ class Mlp(nn.Module):
         b_proj = _param(self, "proj_bias", ("embed",), (D,), nn.initializers.zeros)
         h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD.astype(dt), w_fc.astype(dt)) + b_fc.astype(dt)
         # GPT-2's tanh approximation, so imported GPT-2 weights give GPT-2's outputs.
-        h_BTF = _constrain(nn.gelu(h_BTF, approximate=True), ("batch", "length", "mlp"))
+        h_BTF = _constrain(gelu_tanh(h_BTF), ("batch", "length", "mlp"))
         y = jnp.einsum("BTF,FD->BTD", h_BTF, w_proj.astype(dt)) + b_proj.astype(dt)
         return _constrain(y, ("batch", "length", "embed"))
 
