@@ -97,8 +97,8 @@ def gelu_tanh(h: jax.Array) -> jax.Array:
     Its gradient keeps only h and recomputes the tanh: autodiff would keep five more tensors of
     h's [B, T, d_ff] shape (tanh, its square's complement, products), written by the forward
     pass and read back by the backward."""
-    hf = h.astype(jnp.float32)
-    return (0.5 * hf * (1 + jnp.tanh(_GELU_C * (hf + 0.044715 * hf**3)))).astype(h.dtype)
+    hf = h.astype(jnp.float32)  # the operations in jax.nn.gelu's order: the same fp32 values
+    return (hf * (0.5 * (1 + jnp.tanh(_GELU_C * (hf + 0.044715 * hf**3))))).astype(h.dtype)
 
 
 def _gelu_fwd(h: jax.Array) -> tuple[jax.Array, jax.Array]:
