@@ -11,9 +11,6 @@ BUDGET="${BUDGET:-450}"
 source "$(dirname "$0")/gpu_lib.sh"
 LONG_PROMPT=1536 LONG_NEW=512
 if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16; fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-} >> "$LOG" 2>&1
 
 # TRAIN_ONLY=1 runs the train-step rows alone (1, 3, 4).
 # 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
@@ -34,5 +31,4 @@ py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
 # 6. the XLA flags' effect: run 1 again without them.
 [[ -z "${TRAIN_ONLY:-}" ]] && py 90 train --config gpt3-small --batch 16 --steps 10 train.xla_flags=none
 
-summary | tee -a "$LOG"
-if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; fi
+finish

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Where a train step's time goes on one GPU: profiler traces of gpt3-small and gpt3-medium (for
 # bench/xplane_summary.py, here afterwards) and A/B variants against the presets, one change
-# each (scan, the whole-logits loss, Triton GEMMs, batch, xl's remat), in one device call. Results as bench/gpu.sh's: $OUT/gpu-results.jsonl, $OUT/gpu-bench.log, and
+# each (scan, the whole-logits loss, Triton GEMMs, batch, xl's remat), in one device call.
+# Results as bench/gpu.sh's ($OUT/gpu-results.jsonl, $OUT/gpu-bench.log) and
 # $OUT/prof-<name>.xplane.pb.gz + .hlo.txt.gz per trace.
 set -uo pipefail
 BUDGET="${BUDGET:-270}"
 source "$(dirname "$0")/gpu_lib.sh"
-PROF=$(mktemp -d)
+PROF=$(mktemp -d) || exit 1
+trap 'rm -rf "$PROF"' EXIT
 keep_trace() {  # keep_trace NAME: the trace and HLO that `--profile $PROF/NAME` wrote
   local pb; pb=$(find "$PROF/$1" -name '*.xplane.pb' | head -n 1)
   [[ -n "$pb" ]] && gzip -c "$pb" > "$OUT/prof-$1.xplane.pb.gz"
@@ -22,5 +24,4 @@ py 60 "${SMALL[@]}" --peak no train.xla_flags=--xla_gpu_enable_latency_hiding_sc
 py 60 train --config gpt3-small --batch 32 --steps 6 --peak no
 py 90 train --config gpt3-xl --batch 8 --steps 6 --peak no --remat none
 py 90 train --config gpt3-xl --batch 8 --steps 6 --peak no --remat dots
-summary | tee -a "$LOG"
-if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; fi
+finish

@@ -59,7 +59,7 @@ def bench_attention(seqs: list[int], window: int, heads: int, head_dim: int, bat
 def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20) -> float:
     """bf16 [n, n] @ [n, n] → bf16 rate on the default device, random operands (zeros run
     faster): the median over `repeats` samples of `per_sample` products queued back to back,
-    after a warm-up. Through XLA on an H200 this read 636-658 TFLOP/s (fp32 output converted to
+    after a warm-up. Through XLA on an H200 this read 586-658 TFLOP/s (fp32 output converted to
     bf16, one product timed at a time, or 20 queued), where PyTorch's product reads about 790."""
     import jax
     import jax.numpy as jnp
@@ -174,13 +174,14 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
         "memory_needed_gib": tried,
         "loss": float(metrics["loss"]),
     }
+    # The step's peak, read before the matmul probe below allocates its own operands.
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if stats and \
+        "peak_bytes_in_use" in stats else None
     if peak if peak is not None else jax.default_backend() in ("gpu", "tpu"):
         rate = measure_matmul_tflops()
         out["matmul_tflops_measured"] = rate
         out["mfu_vs_measured"] = fpt * tps / (rate * 1e12 * jax.device_count())
-    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
-    out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if stats and \
-        "peak_bytes_in_use" in stats else None
     return out
 
 

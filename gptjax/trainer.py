@@ -33,6 +33,8 @@ from gptjax.model import (
     cross_entropy,
     flops_per_token,
     init_params,
+    stack_layers,
+    unstack_layers,
 )
 
 # Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins).
@@ -259,8 +261,11 @@ def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
     if hf.is_hf_dir(source):
         return hf.init_params_for(source, cfg.model, abstract_params)
     _, meta = checkpoint.read_meta(source)
-    theirs = jax.eval_shape(lambda k: init_params(
-        checkpoint.config_from_dict(meta["config"]).model, k), jax.random.key(0))
+    their_model = checkpoint.config_from_dict(meta["config"]).model
+    # The same weights in the other layout (scanned stacks vs unrolled layers_i) convert.
+    relayout = their_model.scan_layers != cfg.model.scan_layers
+    as_mine = dataclasses.replace(their_model, scan_layers=cfg.model.scan_layers)
+    theirs = jax.eval_shape(lambda k: init_params(as_mine, k), jax.random.key(0))
     mine = jax.tree_util.tree_leaves_with_path(abstract_params)
     their_shapes = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(theirs)}
     for path, a in mine:
@@ -269,6 +274,11 @@ def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
             raise UserError(f"train.init_from={source}: parameter {key} has shape "
                             f"{their_shapes.get(key)} there but {a.shape} in this config")
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    if relayout:  # read onto one device in their layout, then restack and place
+        params = checkpoint.load_params(source)[0]
+        params = (unstack_layers(params, their_model) if their_model.scan_layers
+                  else stack_layers(params, their_model))
+        return jax.device_put(params, shardings)
     params, _, _, _ = checkpoint.load_params(source, shardings=shardings)
     return params
 

@@ -107,12 +107,15 @@ def supported(flags: list[str]) -> dict[str, bool]:
 
 
 def _backends_started() -> bool:
-    """Whether JAX has started a backend (a private API: assume not where it has moved)."""
+    """Whether JAX has started a backend (a private API: where it has moved, warn and assume
+    not, so the flags may be set too late to act)."""
     try:
         from jax._src import xla_bridge
 
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):
+        print("warning: cannot tell whether JAX has started; train.xla_flags set regardless",
+              file=sys.stderr)
         return False
 
 

@@ -281,3 +281,14 @@ def test_block_keeps_no_fp32_or_extra_mlp_activations_for_backward(capsys) -> No
     saved = capsys.readouterr().out.splitlines()
     assert not [s for s in saved if s.startswith("f32[2,8,16]")], saved
     assert len([s for s in saved if s.startswith("bf16[2,8,64]")]) <= 2, saved
+
+
+def test_stack_layers_inverts_unstack_layers() -> None:
+    cfg = tiny(n_layer=4)
+    params = model.init_params(cfg, jax.random.key(3))
+    unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+    flat = model.unstack_layers(params, cfg)
+    assert "layers" not in flat and "layers_1" in flat
+    back = model.stack_layers(flat, unrolled_cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
