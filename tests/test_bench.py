@@ -1,6 +1,10 @@
 """The benchmarks must keep running (their figures are in the README); no timing is asserted."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from gptjax import bench
 
@@ -62,21 +66,22 @@ def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
     assert out["speedup_vs_torch"] == out["tokens_per_s"] / out["torch_tokens_per_s"]
 
 
-def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
-    """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Runs a bench/ GPU script with SMOKE=1 (a tiny model, on CPU) into `out`: (the finished
+    process, the rows of its gpu-results.jsonl)."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # A generous budget: the script's own (450 s) is sized for a GPU, not a loaded 2-core CPU.
-    env.update(SMOKE="1", BUDGET="3000", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    r = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
+    # A generous budget: the scripts' own are sized for a GPU, not a loaded 2-core CPU.
+    env.update(SMOKE="1", BUDGET="3000", OUT=str(out), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    r = subprocess.run(["bash", script], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "gpu-results.jsonl").read_text().splitlines()]
+    return r, [json.loads(line) for line in (out / "gpu-results.jsonl").read_text().splitlines()]
+
+
+def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
+    """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
+    r, rows = _smoke("bench/gpu.sh", tmp_path)
     assert not [x for x in rows if "failed" in x or "skipped" in x], rows
     train = [x for x in rows if "tokens_per_s" in x]
     assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",
@@ -90,7 +95,6 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
 
 def _xplane_summary():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "bench" / "xplane_summary.py"
     spec = importlib.util.spec_from_file_location("xplane_summary", path)
@@ -141,18 +145,7 @@ ENTRY %main (a: f32[8,8]) -> f32[8] {
 
 def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     """bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked here."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(SMOKE="1", BUDGET="3000", OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    r = subprocess.run(["bash", "bench/gpu_profile.sh"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "gpu-results.jsonl").read_text().splitlines()]
+    r, rows = _smoke("bench/gpu_profile.sh", tmp_path)
     assert len(rows) == 8 and not [x for x in rows if "failed" in x or "skipped" in x], rows
     assert [x["remat"] for x in rows[-2:]] == ["none", "dots"]
     for name in ("small", "medium"):  # what bench/xplane_summary.py reads back here
