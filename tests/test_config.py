@@ -54,11 +54,11 @@ def test_presets_follow_table_and_appendix_b() -> None:
 def test_overrides_are_typed() -> None:
     cfg = config.load_config("default", ["model.n_layer=3", "optim.learning_rate=1e-3",
                                          "model.attention_pattern=dense,local,local",
-                                         "model.scan_layers=false", "optim.warmup_tokens=1e6"])
+                                         "model.scan_layers=true", "optim.warmup_tokens=1e6"])
     assert cfg.model.n_layer == 3
     assert cfg.optim.learning_rate == 1e-3
     assert cfg.model.attention_pattern == ("dense", "local", "local")
-    assert cfg.model.scan_layers is False
+    assert cfg.model.scan_layers is True  # the default config is unrolled
     assert cfg.optim.warmup_tokens == 1_000_000
 
 
