@@ -72,32 +72,16 @@ def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20)
     return 2 * n**3 * per_sample / sample / 1e12
 
 
-def _fits(compiled: Any, limit: int | None = -1, margin: float = 0.9) -> tuple[bool, float | None]:
-    """Whether a compiled step fits in margin × `limit` bytes (-1: the device's allocator limit;
-    None or no limit known: it fits), by XLA's memory analysis, which leaves out fragmentation
-    and library workspaces (hence the margin): (fits, GiB it needs)."""
-    import jax
-
-    try:
-        ma = compiled.memory_analysis()
-        need = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                - ma.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - some backends give no analysis
-        return True, None
-    if limit == -1:
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    return (limit is None or need <= margin * limit), need / 2**30
-
-
 def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
                 remat: str | None, steps: int, peak: bool | None = None,
                 profile: str | None = None) -> dict[str, Any]:
     """Train-step throughput with synthetic batches (no TensorFlow needed).
 
-    remat "auto" compiles none, dots, full in that order and keeps the first whose memory (XLA's
-    analysis) fits the device. peak: also measure the bf16 matmul rate and report MFU against it
-    (None: on GPU/TPU only). profile: a folder to write a profiler trace of 3 more steps into
-    (TensorBoard/XProf's layout; `bench/xplane_summary.py` totals its device time by op)."""
+    remat "auto" (or the config's model.remat=auto) compiles none, dots, full in that order and
+    keeps the first whose memory (XLA's analysis) fits the device (trainer.choose_remat). peak:
+    also measure the bf16 matmul rate and report MFU against it (None: on GPU/TPU only).
+    profile: a folder to write a profiler trace of 3 more steps into (TensorBoard/XProf's
+    layout; `bench/xplane_summary.py` totals its device time by op)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -122,27 +106,24 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     rng = np.random.default_rng(0)
     toks = rng.integers(0, m.vocab_size, size=(1, B, T + 1), dtype=np.int32)
     local = {"inputs": toks[..., :-1], "targets": toks[..., 1:], "mask": np.ones((1, B, T), np.float32)}
-    candidates = ["none", "dots", "full"] if remat == "auto" else [remat or m.remat]
-    tried = {}
+    compile_times: list[float] = []
+
+    def compile_for(mc: config.ModelConfig) -> Any:
+        t0 = time.perf_counter()
+        compiled = trainer.compile_train_step(mc, tx, mesh, sh, state, batch_g)
+        compile_times.append(time.perf_counter() - t0)
+        return compiled
+
     with sharding.activate(mesh):
         batch_g = trainer.to_global(local, mesh, stacked=True)
         lr = jnp.float32(1e-4)
-        compile_s = compile_total = 0.0
-        for policy in candidates:
-            m = dataclasses.replace(cfg.model, remat=policy)
-            step = jax.jit(functools.partial(trainer.train_step, model_cfg=m, tx=tx),
-                           in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
-                           out_shardings=(sh, None), donate_argnums=(0,))
-            t0 = time.perf_counter()
-            compiled = step.lower(state, batch_g, lr).compile()
-            compile_s = time.perf_counter() - t0
-            compile_total += compile_s
-            fits, need = _fits(compiled)
-            tried[policy] = need
-            if fits:
-                break
+        if (remat or m.remat) == "auto":
+            m, compiled, tried = trainer.choose_remat(cfg.model, compile_for)
         else:
-            raise config.UserError(f"no remat policy fits the device: {tried} GiB needed")
+            m = dataclasses.replace(cfg.model, remat=remat or m.remat)
+            compiled = compile_for(m)
+            tried = {m.remat: trainer.memory_need_gib(compiled)}
+        compile_s, compile_total = compile_times[-1], sum(compile_times)
         state, metrics = compiled(state, batch_g, lr)
         jax.block_until_ready(metrics)
         times = []

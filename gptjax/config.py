@@ -18,7 +18,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
 ATTENTION_KINDS = ("dense", "local")
-REMAT_POLICIES = ("none", "dots", "full")
+REMAT_POLICIES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,7 +49,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Embedding rows are padded to a multiple of this (speed); padded ids get no probability.
     vocab_multiple: int = 128
-    remat: str = "none"  # none | dots | full
+    remat: str = "none"  # none | dots | full | auto (train.py picks by memory; elsewhere none)
     scan_layers: bool = True
     attention_impl: str = "auto"  # auto | cudnn | xla | reference
     layer_norm_eps: float = 1e-5

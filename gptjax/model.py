@@ -249,7 +249,9 @@ class GPT(nn.Module):
 
         n_period = cfg.n_layer // cfg.period
         period_cls = Period
-        if cfg.remat != "none":
+        # "auto" is resolved by train.py and the benchmark before they build a step; anywhere
+        # else (inference, the Python API) it means none.
+        if cfg.remat not in ("none", "auto"):
             period_cls = nn.remat(period_cls, policy=REMAT_POLICIES[cfg.remat],
                                   prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:

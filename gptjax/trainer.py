@@ -122,6 +122,65 @@ def batch_shardings(mesh: Mesh, stacked: bool) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def batch_abstract(mesh: Mesh, n_micro: int, micro: int, T: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and shardings of a train batch of n_micro microbatches (for compiling ahead)."""
+    return {k: jax.ShapeDtypeStruct((n_micro, micro, T), dt, sharding=batch_shardings(mesh, True))
+            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32))}
+
+
+def compile_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                       state_sh: TrainState, state: Any, batch: Any) -> Any:
+    """train_step jitted as the loop runs it, compiled ahead of time for these (abstract or
+    concrete) arguments. Call it inside sharding.activate(mesh)."""
+    return jax.jit(
+        functools.partial(train_step, model_cfg=model_cfg, tx=tx),
+        in_shardings=(state_sh, batch_shardings(mesh, True), None),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    ).lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+
+
+def memory_need_gib(compiled: Any) -> float | None:
+    """What a compiled program needs on each device by XLA's memory analysis (arguments,
+    outputs and temporaries, less donated buffers), GiB; None where the backend gives none."""
+    try:
+        ma = compiled.memory_analysis()
+        need = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                - ma.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - some backends give no analysis
+        return None
+    return need / 2**30
+
+
+REMAT_ORDER = ("none", "dots", "full")  # least recomputation first
+
+
+def choose_remat(model_cfg: ModelConfig, compile_fn: Any, limit_gib: float | None = -1,
+                 margin: float = 0.9) -> tuple[ModelConfig, Any, dict[str, float | None]]:
+    """model.remat=auto: compiles the step (compile_fn(model_cfg)) with remat none, dots, full
+    in that order and keeps the first whose memory need, by XLA's analysis, fits in margin ×
+    limit_gib (-1: the device allocator's limit; None, or a device that reports none such as
+    the CPU: the first fits). The margin covers what the analysis leaves out: fragmentation,
+    cuBLAS/cuDNN workspaces. Returns (config with the policy, its compiled step, GiB needed
+    per policy tried)."""
+    if limit_gib == -1:
+        dev = jax.local_devices()[0]
+        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        limit = (stats or {}).get("bytes_limit")
+        limit_gib = limit / 2**30 if limit else None
+    tried: dict[str, float | None] = {}
+    for policy in REMAT_ORDER:
+        m = dataclasses.replace(model_cfg, remat=policy)
+        compiled = compile_fn(m)
+        need = tried[policy] = memory_need_gib(compiled)
+        if limit_gib is None or need is None or need <= margin * limit_gib:
+            return m, compiled, tried
+    needs = ", ".join(f"{k} {v:.1f}" for k, v in tried.items())
+    raise UserError(f"model.remat=auto: no remat policy fits {margin:.0%} of the device's "
+                    f"{limit_gib:.1f} GiB (XLA's need per policy, GiB: {needs}); use more "
+                    f"train.microbatches, more devices, or mesh.fsdp")
+
+
 def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
                    ) -> tuple[TrainState, TrainState]:
     """(abstract state with shardings, state shardings), allocating nothing."""
@@ -283,9 +342,13 @@ def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
     return params
 
 
+# Model fields that change how a step runs, not the parameters: a run resumes under new values.
+_RUN_ONLY_FIELDS = ("remat", "attention_impl", "loss_chunk")
+
+
 def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     for k in sorted(set(saved) | set(current)):
-        if saved.get(k) != current.get(k):
+        if k not in _RUN_ONLY_FIELDS and saved.get(k) != current.get(k):
             return f"model.{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now"
     return None
 
@@ -386,6 +449,16 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
     say(f"model: {n_params / 1e6:.2f}M parameters, {m_cfg.n_layer} layers, d_model "
         f"{m_cfg.d_model}, pattern {'/'.join(m_cfg.attention_pattern)}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+    if m_cfg.remat == "auto":
+        b_abs = batch_abstract(mesh, schedule.num_microbatches(tokens), schedule.micro_size,
+                               m_cfg.context_length)
+        with sharding.activate(mesh):
+            m_cfg, _, tried = choose_remat(
+                m_cfg, lambda m: compile_train_step(m, tx, mesh, state_sh, abs_state, b_abs))
+        say(f"model.remat=auto: {m_cfg.remat} (XLA's memory need per device: "
+            + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f} GiB'}" for k, v in tried.items())
+            + ")")
 
     step_fn = jax.jit(
         functools.partial(train_step, model_cfg=m_cfg, tx=tx),
@@ -585,7 +658,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         f"mesh: {dict(mesh.shape)} ({mesh.devices.size} devices, {jax.devices()[0].platform})",
         f"per device: params {per_device(abs_state.params) / 2**30:.2f} GiB, optimizer state "
         f"{per_device(abs_state.opt_state) / 2**30:.2f} GiB, activations ~{act / 2**30:.2f} GiB "
-        f"(microbatch {b_dev} sequences per device, remat {m.remat})",
+        f"(microbatch {b_dev} sequences per device, remat {m.remat}"
+        f"{', estimated as none' if m.remat == 'auto' else ''})",
         f"FLOPs per step: {flops_step:.3e} ({cfg.train.batch_size} x {T} tokens, "
         f"{flops_per_token(m):.3e} per token)",
         f"training budget: {budget:.3e} tokens -> {train_flops:.3e} FLOPs = "
@@ -601,17 +675,19 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
     if compile_step is None:
         compile_step = n_params < 3e9
     if compile_step:
-        b_abs = {
-            k: jax.ShapeDtypeStruct((1, micro, T), dt, sharding=batch_shardings(mesh, True))
-            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32))
-        }
+        b_abs = batch_abstract(mesh, 1, micro, T)
+
+        def compile_for(mc: ModelConfig) -> Any:
+            return compile_train_step(mc, tx, mesh, state_sh, abs_state, b_abs)
+
         with sharding.activate(mesh):
-            compiled = jax.jit(
-                functools.partial(train_step, model_cfg=m, tx=tx),
-                in_shardings=(state_sh, batch_shardings(mesh, True), None),
-                out_shardings=(state_sh, None),
-                donate_argnums=(0,),
-            ).lower(abs_state, b_abs, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+            if m.remat == "auto":
+                chosen, compiled, tried = choose_remat(m, compile_for)
+                lines.append(f"model.remat=auto: {chosen.remat} on this device (XLA's need, GiB: "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in tried.items() if v is not None)
+                             + ")")
+            else:
+                compiled = compile_for(m)
         ma = compiled.memory_analysis()
         if ma is not None:
             lines.append(

@@ -39,22 +39,6 @@ def test_remat_auto_keeps_the_first_policy_that_fits(capsys) -> None:
     assert out["memory_needed_gib"]["none"] > 0
 
 
-def test_fits_reads_xla_memory_analysis() -> None:
-    class Analysis:
-        argument_size_in_bytes, output_size_in_bytes = 4 << 30, 4 << 30
-        temp_size_in_bytes, alias_size_in_bytes = 10 << 30, 4 << 30
-
-    class Compiled:
-        def memory_analysis(self):
-            return Analysis()
-
-    # 14 GiB needed; 10% of the device is kept for what the analysis leaves out.
-    assert bench._fits(Compiled(), limit=16 << 30) == (True, 14.0)
-    assert bench._fits(Compiled(), limit=15 << 30) == (False, 14.0)
-    assert bench._fits(Compiled(), limit=15 << 30, margin=1.0) == (True, 14.0)
-    assert bench._fits(Compiled(), limit=None) == (True, 14.0)
-
-
 def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
     # Same shape on both sides; on CPU torch.compile builds C++ (tens of seconds).
     assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",

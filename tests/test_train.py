@@ -341,6 +341,48 @@ def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_
     r = run_train(loop_overrides(corpus, tmp_path / "x", **{"train.steps": 4, "model.d_ff": 128,
                                                              "train.init_from": run_dir}))
     assert r.returncode == 2 and "has shape" in r.stderr and "Traceback" not in r.stderr
+    # A run resumes under another remat policy (it changes how the step runs, not the weights);
+    # auto picks by XLA's memory analysis: on the CPU, which reports no limit, none.
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 26, "model.remat": "auto"}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed" in r.stdout and "model.remat=auto: none (XLA's memory need" in r.stdout
+    assert sorted(losses(run_dir))[-1] == 26
+
+
+class _Analysis:
+    def __init__(self, gib: float) -> None:
+        self.argument_size_in_bytes = self.output_size_in_bytes = 4 << 30
+        self.alias_size_in_bytes = 4 << 30  # the donated state: counted once
+        self.temp_size_in_bytes = int((gib - 4) * 2**30)
+
+
+class _Compiled:
+    def __init__(self, gib: float) -> None:
+        self.gib = gib
+
+    def memory_analysis(self) -> _Analysis:
+        return _Analysis(self.gib)
+
+
+def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
+    needs = {"none": 30.0, "dots": 14.0, "full": 9.0}  # GiB per device, by "XLA's analysis"
+    compiled = []
+
+    def compile_fn(m):
+        compiled.append(m.remat)
+        return _Compiled(needs[m.remat])
+
+    cfg = tiny(remat="auto")
+    for limit, want in ((100, "none"), (16, "dots"), (15, "full"), (None, "none")):
+        compiled.clear()
+        m, c, tried = trainer.choose_remat(cfg, compile_fn, limit_gib=limit)
+        assert m.remat == want and c.gib == needs[want] and compiled == list(tried)
+        assert compiled == list(needs)[: list(needs).index(want) + 1]  # stops at the first fit
+        assert tried[want] == pytest.approx(needs[want])
+    # 10% of the device is kept for what the analysis leaves out (workspaces, fragmentation).
+    assert trainer.choose_remat(cfg, compile_fn, limit_gib=15.5, margin=1.0)[0].remat == "dots"
+    with pytest.raises(config.UserError, match="no remat policy fits"):
+        trainer.choose_remat(cfg, compile_fn, limit_gib=9.5)
 
 
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
