@@ -118,7 +118,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
         batch_g = trainer.to_global(local, mesh, stacked=True)
         lr = jnp.float32(1e-4)
         if (remat or m.remat) == "auto":
-            m, compiled, tried = trainer.choose_remat(cfg.model, compile_for)
+            m, (compiled,), tried = trainer.choose_remat(cfg.model, lambda mc: [compile_for(mc)])
         else:
             m = dataclasses.replace(cfg.model, remat=remat or m.remat)
             compiled = compile_for(m)

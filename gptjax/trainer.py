@@ -155,29 +155,52 @@ def memory_need_gib(compiled: Any) -> float | None:
 REMAT_ORDER = ("none", "dots", "full")  # least recomputation first
 
 
+def device_memory_limit_gib() -> float | None:
+    """What JAX may allocate on each device (XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU's memory,
+    75% by JAX's default), the least over all processes; None where no device reports one
+    (the CPU)."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    limit = float((stats or {}).get("bytes_limit") or -1)
+    if jax.process_count() > 1:  # every process must compile the same program
+        from jax.experimental import multihost_utils
+
+        limits = np.asarray(multihost_utils.process_allgather(np.float64(limit)))
+        known = limits[limits > 0]
+        limit = float(known.min()) if known.size else -1.0
+    return limit / 2**30 if limit > 0 else None
+
+
 def choose_remat(model_cfg: ModelConfig, compile_fn: Any, limit_gib: float | None = -1,
-                 margin: float = 0.9) -> tuple[ModelConfig, Any, dict[str, float | None]]:
-    """model.remat=auto: compiles the step (compile_fn(model_cfg)) with remat none, dots, full
-    in that order and keeps the first whose memory need, by XLA's analysis, fits in margin ×
-    limit_gib (-1: the device allocator's limit; None, or a device that reports none such as
-    the CPU: the first fits). The margin covers what the analysis leaves out: fragmentation,
-    cuBLAS/cuDNN workspaces. Returns (config with the policy, its compiled step, GiB needed
-    per policy tried)."""
+                 margin: float = 0.9) -> tuple[ModelConfig, list[Any], dict[str, float | None]]:
+    """model.remat=auto: compiles the step with remat none, dots, full in that order and keeps
+    the first whose memory need, by XLA's analysis, fits in margin × limit_gib (-1:
+    device_memory_limit_gib(); None: the first fits). compile_fn(model_cfg) returns the compiled
+    programs the run will use (one per batch shape); the largest need counts. The margin covers
+    what the analysis leaves out: fragmentation, cuBLAS/cuDNN workspaces. A compile that runs
+    out of memory (TPU compilers refuse a program that cannot fit) counts as not fitting.
+    Returns (config with the policy, its compiled programs, GiB needed per policy tried)."""
     if limit_gib == -1:
-        dev = jax.local_devices()[0]
-        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-        limit = (stats or {}).get("bytes_limit")
-        limit_gib = limit / 2**30 if limit else None
+        limit_gib = device_memory_limit_gib()
     tried: dict[str, float | None] = {}
     for policy in REMAT_ORDER:
         m = dataclasses.replace(model_cfg, remat=policy)
-        compiled = compile_fn(m)
-        need = tried[policy] = memory_need_gib(compiled)
+        try:
+            compiled = compile_fn(m)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            tried[policy] = None
+            continue
+        needs = [memory_need_gib(c) for c in compiled]
+        need = tried[policy] = None if None in needs else max(needs)
         if limit_gib is None or need is None or need <= margin * limit_gib:
             return m, compiled, tried
-    needs = ", ".join(f"{k} {v:.1f}" for k, v in tried.items())
-    raise UserError(f"model.remat=auto: no remat policy fits {margin:.0%} of the device's "
-                    f"{limit_gib:.1f} GiB (XLA's need per policy, GiB: {needs}); use more "
+    shown = ", ".join(f"{k} {'(compile ran out of memory)' if v is None else f'{v:.1f}'}"
+                      for k, v in tried.items())
+    limit = "" if limit_gib is None else f"{limit_gib:.1f} "
+    raise UserError(f"model.remat=auto: no remat policy fits {margin:.0%} of the {limit}GiB JAX "
+                    f"may allocate per device (XLA's need per policy, GiB: {shown}); use more "
                     f"train.microbatches, more devices, or mesh.fsdp")
 
 
@@ -451,11 +474,13 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
     if m_cfg.remat == "auto":
-        b_abs = batch_abstract(mesh, schedule.num_microbatches(tokens), schedule.micro_size,
-                               m_cfg.context_length)
+        # Every program the run will compile: one microbatch (no accumulation loop) and the
+        # most the batch ramp reaches (the loop and its fp32 gradient accumulator).
+        shapes = [batch_abstract(mesh, n, schedule.micro_size, m_cfg.context_length)
+                  for n in sorted({schedule.num_microbatches(tokens), schedule.microbatches})]
         with sharding.activate(mesh):
-            m_cfg, _, tried = choose_remat(
-                m_cfg, lambda m: compile_train_step(m, tx, mesh, state_sh, abs_state, b_abs))
+            m_cfg, _, tried = choose_remat(m_cfg, lambda m: [
+                compile_train_step(m, tx, mesh, state_sh, abs_state, b) for b in shapes])
         say(f"model.remat=auto: {m_cfg.remat} (XLA's memory need per device: "
             + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f} GiB'}" for k, v in tried.items())
             + ")")
@@ -658,8 +683,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         f"mesh: {dict(mesh.shape)} ({mesh.devices.size} devices, {jax.devices()[0].platform})",
         f"per device: params {per_device(abs_state.params) / 2**30:.2f} GiB, optimizer state "
         f"{per_device(abs_state.opt_state) / 2**30:.2f} GiB, activations ~{act / 2**30:.2f} GiB "
-        f"(microbatch {b_dev} sequences per device, remat {m.remat}"
-        f"{', estimated as none' if m.remat == 'auto' else ''})",
+        f"(microbatch {b_dev} sequences per device, remat "
+        f"{'auto, estimated for none' if m.remat == 'auto' else m.remat})",
         f"FLOPs per step: {flops_step:.3e} ({cfg.train.batch_size} x {T} tokens, "
         f"{flops_per_token(m):.3e} per token)",
         f"training budget: {budget:.3e} tokens -> {train_flops:.3e} FLOPs = "
@@ -682,13 +707,17 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
 
         with sharding.activate(mesh):
             if m.remat == "auto":
-                chosen, compiled, tried = choose_remat(m, compile_for)
-                lines.append(f"model.remat=auto: {chosen.remat} on this device (XLA's need, GiB: "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in tried.items() if v is not None)
-                             + ")")
+                try:
+                    chosen, (compiled,), tried = choose_remat(m, lambda mc: [compile_for(mc)])
+                    lines.append(f"model.remat=auto: {chosen.remat} on this device (XLA's need, "
+                                 "GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in tried.items()
+                                                     if v is not None) + ")")
+                except UserError as e:
+                    compiled = None
+                    lines.append(str(e))
             else:
                 compiled = compile_for(m)
-        ma = compiled.memory_analysis()
+        ma = compiled.memory_analysis() if compiled is not None else None
         if ma is not None:
             lines.append(
                 f"XLA memory analysis per device: arguments {ma.argument_size_in_bytes / 2**30:.2f} "

@@ -368,15 +368,15 @@ def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
     needs = {"none": 30.0, "dots": 14.0, "full": 9.0}  # GiB per device, by "XLA's analysis"
     compiled = []
 
-    def compile_fn(m):
+    def compile_fn(m):  # two batch shapes; the larger need counts
         compiled.append(m.remat)
-        return _Compiled(needs[m.remat])
+        return [_Compiled(needs[m.remat] - 1), _Compiled(needs[m.remat])]
 
     cfg = tiny(remat="auto")
     for limit, want in ((100, "none"), (16, "dots"), (15, "full"), (None, "none")):
         compiled.clear()
         m, c, tried = trainer.choose_remat(cfg, compile_fn, limit_gib=limit)
-        assert m.remat == want and c.gib == needs[want] and compiled == list(tried)
+        assert m.remat == want and c[1].gib == needs[want] and compiled == list(tried)
         assert compiled == list(needs)[: list(needs).index(want) + 1]  # stops at the first fit
         assert tried[want] == pytest.approx(needs[want])
     # 10% of the device is kept for what the analysis leaves out (workspaces, fragmentation).
@@ -384,11 +384,26 @@ def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
     with pytest.raises(config.UserError, match="no remat policy fits"):
         trainer.choose_remat(cfg, compile_fn, limit_gib=9.5)
 
+    def refusing(m):  # a compiler that rejects a program too large for the device (TPU)
+        if m.remat == "none":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+        return compile_fn(m)
+
+    m, _, tried = trainer.choose_remat(cfg, refusing, limit_gib=100)
+    assert m.remat == "dots" and tried["none"] is None
+
+    def broken(m):
+        raise RuntimeError("INVALID_ARGUMENT: something else")
+
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        trainer.choose_remat(cfg, broken, limit_gib=100)
+
 
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
+    # Scanned layers (the demo config unrolls) and remat chosen by the processes together.
     common = {"train.steps": 8, "train.eval_every": 100, "train.checkpoint_every": 100,
-              "mesh.data": -1}
+              "mesh.data": -1, "model.scan_layers": "true", "model.remat": "auto"}
     r = run_train(loop_overrides(corpus, one, **common), devices=4)
     assert r.returncode == 0, r.stderr[-2000:]
     two = tmp_path / "two"
@@ -408,6 +423,7 @@ def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert "8 cpu device" not in outs[0][0]
+    assert "model.remat=auto: none" in outs[0][0]  # process 0 logs
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a:
