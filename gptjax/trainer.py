@@ -196,12 +196,16 @@ def choose_remat(model_cfg: ModelConfig, compile_fn: Any, limit_gib: float | Non
         need = tried[policy] = None if None in needs else max(needs)
         if limit_gib is None or need is None or need <= margin * limit_gib:
             return m, compiled, tried
-    shown = ", ".join(f"{k} {'(compile ran out of memory)' if v is None else f'{v:.1f}'}"
-                      for k, v in tried.items())
     limit = "" if limit_gib is None else f"{limit_gib:.1f} "
     raise UserError(f"model.remat=auto: no remat policy fits {margin:.0%} of the {limit}GiB JAX "
-                    f"may allocate per device (XLA's need per policy, GiB: {shown}); use more "
-                    f"train.microbatches, more devices, or mesh.fsdp")
+                    f"may allocate per device ({remat_needs_text(tried)}; n/a: the compile ran "
+                    f"out of memory); use more train.microbatches, more devices, or mesh.fsdp")
+
+
+def remat_needs_text(tried: dict[str, float | None]) -> str:
+    """choose_remat's GiB per policy tried, for a log line."""
+    return "XLA's memory need per device: " + ", ".join(
+        f"{k} {'n/a' if v is None else f'{v:.2f} GiB'}" for k, v in tried.items())
 
 
 def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
@@ -481,9 +485,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         with sharding.activate(mesh):
             m_cfg, _, tried = choose_remat(m_cfg, lambda m: [
                 compile_train_step(m, tx, mesh, state_sh, abs_state, b) for b in shapes])
-        say(f"model.remat=auto: {m_cfg.remat} (XLA's memory need per device: "
-            + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f} GiB'}" for k, v in tried.items())
-            + ")")
+        say(f"model.remat=auto: {m_cfg.remat} ({remat_needs_text(tried)})")
 
     step_fn = jax.jit(
         functools.partial(train_step, model_cfg=m_cfg, tx=tx),
@@ -709,9 +711,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
             if m.remat == "auto":
                 try:
                     chosen, (compiled,), tried = choose_remat(m, lambda mc: [compile_for(mc)])
-                    lines.append(f"model.remat=auto: {chosen.remat} on this device (XLA's need, "
-                                 "GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in tried.items()
-                                                     if v is not None) + ")")
+                    lines.append(f"model.remat=auto: {chosen.remat} on this device "
+                                 f"({remat_needs_text(tried)})")
                 except UserError as e:
                     compiled = None
                     lines.append(str(e))
