@@ -17,9 +17,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from gptjax import config, model, optim, sharding, trainer
+from gptjax import checkpoint, config, model, optim, sharding, trainer
 from gptjax.config import OptimConfig, TrainConfig
 from helpers import tiny
 
@@ -232,8 +233,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def final_params(run_dir: Path):
-    from gptjax import checkpoint
-
     params, _, _, step = checkpoint.load_params(run_dir)
     return step, jax.device_get(params)
 
@@ -252,14 +251,20 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) ->
                              *loop_overrides(corpus, run_dir, **big)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
+    # Kill at the first log line after a checkpoint is committed (saves are async: on a slow
+    # machine the step-8 save can still be in flight at step 12, and then there is nothing to
+    # resume from). The kill may land while a later save is half-written; resume must skip it.
+    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
     for line in proc.stdout:
-        if line.startswith("step 12/48"):  # 36 steps left: the kill lands mid-run even on a slow machine
+        if (line.startswith("step ") and int(line.split()[1].split("/")[0]) > 8
+                and ckpt_dir.is_dir() and ocp.utils.checkpoint_steps(ckpt_dir)):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    committed = ocp.utils.checkpoint_steps(ckpt_dir)
     partial = losses(run_dir)
-    assert max(partial) < 48
+    assert max(partial) < 48 and max(committed) < 48
 
     r = run_train(loop_overrides(corpus, run_dir, **big))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -287,8 +292,6 @@ def test_sigterm_saves_current_step_and_exits_0(corpus: Path, tmp_path: Path) ->
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "checkpoint saved" in out
-    from gptjax import checkpoint
-
     steps = checkpoint.Checkpointer(run_dir).all_steps()
     assert len(steps) == 1 and 8 <= steps[0] < 100000
     assert max(losses(run_dir)) == steps[0]
@@ -307,8 +310,6 @@ def test_corrupt_latest_checkpoint_falls_back(corpus: Path, tmp_path: Path) -> N
     assert "step 16" in r.stderr and "unreadable" in r.stderr
     assert "resumed from" in r.stdout and "at step 8" in r.stdout
     # The unreadable step was deleted and written again: the run's latest checkpoint is good.
-    from gptjax import checkpoint
-
     _, _, _, step = checkpoint.load_params(run_dir)
     assert step == 16
 
