@@ -216,9 +216,10 @@ def loop_overrides(corpus: Path, run_dir: Path, steps: int = 24, **extra: object
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def run_train(args: list[str], *, devices: int = 1, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
+def run_train(args: list[str], *, devices: int = 1, timeout: float = 240,
+              env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
 
@@ -343,10 +344,13 @@ def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_
                                                              "train.init_from": run_dir}))
     assert r.returncode == 2 and "has shape" in r.stderr and "Traceback" not in r.stderr
     # A run resumes under another remat policy (it changes how the step runs, not the weights);
-    # auto picks by XLA's memory analysis: on the CPU, which reports no limit, none.
-    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 26, "model.remat": "auto"}))
+    # auto picks by XLA's memory analysis: on the CPU, which reports no limit, none. The loop
+    # runs the program auto compiled: the step is compiled once.
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 26, "model.remat": "auto"}),
+                  env={"JAX_LOG_COMPILES": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed" in r.stdout and "model.remat=auto: none (XLA's memory need" in r.stdout
+    assert r.stderr.count("Compiling jit(train_step)") == 1
     assert sorted(losses(run_dir))[-1] == 26
 
 
