@@ -500,8 +500,8 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
     def step_fn(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array) -> Any:
         # The programs remat=auto compiled run their batch shapes (the jit would compile them
         # again: ~20 s for gpt3-xl); the jit compiles the ramp's other shapes.
-        compiled = compiled_for.get(batch["inputs"].shape[0])
-        return (compiled or jitted_step)(state, batch, lr)
+        return compiled_for.get(batch["inputs"].shape[0], jitted_step)(state, batch, lr)
+
     eval_fn = jax.jit(
         functools.partial(eval_step, model_cfg=m_cfg),
         in_shardings=(state_sh.params, batch_shardings(mesh, False)),
