@@ -128,16 +128,24 @@ def batch_abstract(mesh: Mesh, n_micro: int, micro: int, T: int) -> dict[str, ja
             for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("mask", jnp.float32))}
 
 
-def compile_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                       state_sh: TrainState, state: Any, batch: Any) -> Any:
-    """train_step jitted as the loop runs it, compiled ahead of time for these (abstract or
-    concrete) arguments. Call it inside sharding.activate(mesh)."""
+def jit_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                   state_sh: TrainState) -> Any:
+    """train_step jitted as the loop runs it: (state, stacked batch, lr) -> (state, metrics),
+    the state donated and kept in its shardings."""
     return jax.jit(
         functools.partial(train_step, model_cfg=model_cfg, tx=tx),
         in_shardings=(state_sh, batch_shardings(mesh, True), None),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
-    ).lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    )
+
+
+def compile_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                       state_sh: TrainState, state: Any, batch: Any) -> Any:
+    """jit_train_step compiled ahead of time for these (abstract or concrete) arguments. Call it
+    inside sharding.activate(mesh)."""
+    return jit_train_step(model_cfg, tx, mesh, state_sh).lower(
+        state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
 
 
 def memory_need_gib(compiled: Any) -> float | None:
@@ -490,12 +498,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         compiled_for = dict(zip(n_micros, compiled))
         say(f"model.remat=auto: {m_cfg.remat} ({remat_needs_text(tried)})")
 
-    jitted_step = jax.jit(
-        functools.partial(train_step, model_cfg=m_cfg, tx=tx),
-        in_shardings=(state_sh, batch_shardings(mesh, True), None),
-        out_shardings=(state_sh, None),
-        donate_argnums=(0,),
-    )
+    jitted_step = jit_train_step(m_cfg, tx, mesh, state_sh)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array) -> Any:
         # The programs remat=auto compiled run their batch shapes (the jit would compile them
