@@ -15,21 +15,16 @@ from typing import Any
 
 import yaml
 
+# UserError and ConfigError are re-exported: `from gptjax.config import UserError` keeps working.
+from gptjax.errors import ConfigError, UserError  # noqa: F401
+from gptjax.xla_flags import expand as expand_xla_flags
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
 ATTENTION_KINDS = ("dense", "local")
 REMAT_POLICIES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UserError(ValueError):
-    """A mistake of the user's (bad input, missing file, ...). CLIs print its one-line message to
-    stderr and exit with code 2; library callers can catch it."""
-
-
-class ConfigError(UserError):
-    """A mistake in a config file or override; the message is one line naming the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,9 +287,7 @@ def _validate(cfg: Config) -> None:
             f"model.local_window={m.local_window} is larger than "
             f"model.context_length={m.context_length}"
         )
-    from gptjax.xla_flags import expand
-
-    expand(t.xla_flags)  # a malformed flag is a config error before anything starts
+    expand_xla_flags(t.xla_flags)  # a malformed flag is a config error before anything starts
     for key, value, allowed in (
         ("model.dtype", m.dtype, DTYPES),
         ("model.param_dtype", m.param_dtype, DTYPES),

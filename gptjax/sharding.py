@@ -113,8 +113,39 @@ def init_sharded_params(cfg: ModelConfig, mesh: Mesh, key: jax.Array) -> Any:
         return jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings)(key)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch splits: the product of the mesh's batch axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, stacked: bool = False) -> NamedSharding:
+    """Rows over the batch axes, other dims whole. stacked: dim 0 is the microbatch index of a
+    train batch [n_micro, B, T] and the rows are dim 1."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+    lead = (None,) if stacked else ()
+    return NamedSharding(mesh, P(*lead, axes, *([None] * (ndim - 1 - len(lead)))))
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, *, stacked: bool = False
+              ) -> dict[str, jax.Array]:
+    """This process's rows → global arrays split over the batch axes (see batch_sharding)."""
+    axis = 1 if stacked else 0
+    out = {}
+    for key, value in local.items():
+        shape = list(value.shape)
+        shape[axis] *= jax.process_count()
+        if shape[axis] % data_parallel_size(mesh):
+            raise UserError(f"a global batch of {shape[axis]} rows does not divide over the "
+                            f"{data_parallel_size(mesh)} data-parallel devices (mesh data×fsdp)")
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, value.ndim, stacked=stacked), value, tuple(shape))
+    return out
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """A tree of ShapeDtypeStructs (or arrays) given the matching tree of shardings."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -122,7 +153,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = data_parallel_size(mesh)
     if batch_size % n:
         raise UserError(f"{what}={batch_size} is not divisible by the {n} data-parallel devices "
                         f"(mesh data×fsdp)")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gptjax.config import UserError
+from gptjax.errors import UserError
 
 # flag -> why. Each applies to GPU backends only; on CPU and TPU they are parsed and ignored.
 DEFAULT: dict[str, str] = {
