@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gptjax import bench
+from gptjax.bench import cli as bench
 
 
 def test_attention_bench_reports_growth(capsys) -> None:

@@ -128,7 +128,7 @@ def test_readme_documents_every_config_key_and_flag() -> None:
     for section in config.SECTIONS:
         for f in dc.fields(getattr(config.Config(), section)):
             assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"
-    for script in ("train.py", "sample.py", "gptjax/hf.py", "gptjax/eval.py", "gptjax/bench.py"):
+    for script in ("train.py", "sample.py", "gptjax/hf.py", "gptjax/eval.py", "gptjax/bench/cli.py"):
         text = (Path(config.CONFIG_DIR).parent / script).read_text()
         flags = set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', text))
         assert flags, script

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from gptjax import data
+from gptjax.bench.data import bench_data
 from gptjax.config import config_from_dict
 from gptjax.data import DataError, TrainIterator, eval_batches, load_tokens, to_global
 from helpers import needs_bpe
@@ -614,7 +615,7 @@ def test_tfds_bad_input_fails_fast_offline(tmp_path, tfds_dir, no_network):
 
 def test_benchmark_smoke(tmp_path, corpus):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    out = data.benchmark(cfg, seq=32, batch=2, seconds=0.2, text_mb=0.05, workers=1)
+    out = bench_data(cfg, seq=32, batch=2, seconds=0.2, text_mb=0.05, workers=1)
     assert out["byte_mb_per_s"] > 0 and out["tokens_per_s"] > 0 and out["batches"] > 0
     assert out["cache_build_s"] is not None
     json.dumps(out)

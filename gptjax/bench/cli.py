@@ -1,0 +1,136 @@
+"""`python -m gptjax.bench`: the benchmarks' command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from gptjax import xla_flags
+from gptjax.bench.attention import bench_attention
+from gptjax.bench.data import bench_data
+from gptjax.bench.decode import bench_decode
+from gptjax.bench.torch_peer import bench_torch, torch_in_subprocess
+from gptjax.bench.train import bench_train
+from gptjax.config import load_config
+from gptjax.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench", description="Benchmarks (not tests); each prints a table, or one JSON object with --json.")
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("attention", help="banded vs dense attention time as T grows")
+    a.add_argument("--seqs", default="1024,2048,4096")
+    a.add_argument("--window", type=int, default=256)
+    a.add_argument("--heads", type=int, default=4)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--repeats", type=int, default=5)
+    t = sub.add_parser("train", help="train-step tokens/s and MFU on synthetic batches")
+    t.add_argument("--config", default="default")
+    t.add_argument("--batch", type=int, default=None)
+    t.add_argument("--seq", type=int, default=None)
+    t.add_argument("--remat", choices=("none", "dots", "full", "auto"), default=None,
+                   help="auto: the least recomputation whose memory fits the device")
+    t.add_argument("--peak", choices=("auto", "yes", "no"), default="auto",
+                   help="measure the bf16 matmul rate and report MFU against it (auto: GPU/TPU)")
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--profile", metavar="DIR", default=None,
+                   help="also write a profiler trace of 3 steps and the compiled HLO into DIR")
+    t.add_argument("--compare-torch", action="store_true",
+                   help="also time Hugging Face GPT-2 + torch.compile at the same shape")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    h = sub.add_parser("torch", help="Hugging Face GPT-2 + torch.compile train step at a "
+                                     "config's shape (what train --compare-torch runs)")
+    h.add_argument("--config", default="default")
+    h.add_argument("--batch", type=int, default=None)
+    h.add_argument("--seq", type=int, default=None)
+    h.add_argument("--steps", type=int, default=10)
+    h.add_argument("overrides", nargs="*", metavar="section.key=value")
+    d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
+    d.add_argument("--config", default="default")
+    d.add_argument("--batch-sizes", default="1,64")
+    d.add_argument("--prompt-len", type=int, default=None)
+    d.add_argument("--new-tokens", type=int, default=None)
+    d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
+    g.add_argument("--seq", type=int, default=2048)
+    g.add_argument("--batch", type=int, default=8)
+    for q in (a, t, h, d, g):
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    try:
+        if args.what == "train":
+            # Before JAX starts a backend: the flags train.py would set, unless overridden
+            # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
+            setting = load_config(args.config, args.overrides).train.xla_flags
+            try:
+                out_flags = xla_flags.apply(setting)
+            except RuntimeError:  # called in-process after JAX started (tests, notebooks)
+                print("warning: JAX has started; train.xla_flags not applied", file=sys.stderr)
+                out_flags = []
+        if args.what == "attention":
+            seqs = [int(s) for s in args.seqs.split(",")]
+            out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
+                                  args.repeats)
+        elif args.what == "train":
+            torch_out = torch_in_subprocess(args) if args.compare_torch else None
+            out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
+                              args.steps, {"auto": None, "yes": True, "no": False}[args.peak],
+                              args.profile)
+            if torch_out is not None:
+                out.update(torch_out)
+                out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
+        elif args.what == "torch":
+            cfg = load_config(args.config, args.overrides)
+            m = cfg.model
+            if args.seq:
+                m = dataclasses.replace(m, context_length=args.seq)
+            out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
+        elif args.what == "decode":
+            cfg = load_config(args.config, args.overrides).model
+            kw = {"batch_sizes": tuple(int(b) for b in args.batch_sizes.split(","))}
+            if args.prompt_len:
+                kw["prompt_len"] = args.prompt_len
+            if args.new_tokens:
+                kw["new_tokens"] = args.new_tokens
+            out = bench_decode(cfg, **kw)
+        else:
+            out = bench_data(seq=args.seq, batch=args.batch)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.what in ("train", "decode"):
+        out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        out["overrides"] = args.overrides
+    if args.what == "train":
+        out["xla_flags_added"] = out_flags
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print(out)
+    return 0
+
+
+def _print(out: dict[str, Any], indent: str = "") -> None:
+    for k, v in out.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            print(f"{indent}{k}:")
+            for row in v:
+                print(indent + "  " + "  ".join(f"{rk}={_fmt(rv)}" for rk, rv in row.items()))
+        elif isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print(v, indent + "  ")
+        else:
+            print(f"{indent}{k}: {_fmt(v)}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+

@@ -1,0 +1,95 @@
+"""Prefill time and decode speed of the jitted sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import model, sampling
+from gptjax.bench.common import median_time
+from gptjax.config import ModelConfig
+from gptjax.errors import UserError
+
+
+def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
+              prompt_len: int | None = None, new_tokens: int | None = None,
+              dtype: str | None = None, max_len: int | None = None, repeats: int = 5,
+              seed: int = 0) -> dict[str, Any]:
+    """Prefill time and decode speed of the jitted sampler, random weights, greedy decoding.
+
+    Args:
+      cfg: the model (e.g. `gptjax.model_config("gpt3-small")`).
+      batch_sizes: the batches to time; the summary keys read batch 1 and the largest.
+      prompt_len: prompt tokens per row; None means min(128, max_len // 2).
+      new_tokens: tokens decoded per row (no end-of-text: every step runs); None means
+        min(128, max_len - prompt_len).
+      dtype: compute dtype; None means bfloat16 on GPU/TPU and cfg.dtype on CPU.
+      max_len: KV cache length; None means the model's context length (dense layers still
+        read only the bucket of it the text needs: see `decode_segment`).
+      repeats: timed runs per figure (after one untimed compile run); medians are reported.
+    Returns:
+      {"prefill_ms_b1", "decode_ms_per_token_b1", "tokens_per_s_b<largest>", "per_batch": {B:
+      {"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"}}, plus the settings}.
+    """
+    if dtype is None:
+        dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else cfg.dtype
+    # Inference weights stored in the compute dtype, as a serving setup would hold them.
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    max_len = max_len or cfg.context_length
+    prompt_len = prompt_len or min(128, max_len // 2)
+    new_tokens = new_tokens or min(128, max_len - prompt_len)
+    if new_tokens < 2 or prompt_len + new_tokens > max_len or max_len > cfg.context_length:
+        raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
+                        f"max_len={max_len} <= context_length={cfg.context_length}")
+    params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
+    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
+    per_batch: dict[int, dict[str, float]] = {}
+    for B in batch_sizes:
+        rng = np.random.default_rng(seed)
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt_len)), jnp.int32)
+        lengths = jnp.full((B,), prompt_len, jnp.int32)
+        keys = jax.random.split(jax.random.key(seed), B)
+        active = jnp.ones((B,), bool)
+
+        def run_prefill() -> sampling.SamplerState:
+            return prefill(params, tokens, lengths, keys, active, max_len=max_len,
+                           max_new=new_tokens)
+
+        def run_decode(s: sampling.SamplerState) -> sampling.SamplerState:
+            step = 1  # the prefill samples the first token
+            while step < new_tokens:  # one call unless the text crosses a bucket
+                step, L = sampling.decode_segment(step, new_tokens, prompt_len, max_len)
+                s = decode(params, s, jnp.int32(step), attend_len=L)
+            return s
+
+        jax.block_until_ready(run_decode(run_prefill()))  # compile both
+        prefill_s = median_time(run_prefill, repeats, warmup=False)
+        decode_s = median_time(run_decode, repeats, setup=run_prefill, warmup=False)
+        steps = new_tokens - 1  # the prefill samples the first token
+        per_batch[B] = {
+            "prefill_ms": 1e3 * prefill_s,
+            "decode_ms_per_token": 1e3 * decode_s / steps,
+            "decode_tokens_per_s": B * steps / decode_s,
+        }
+    result: dict[str, Any] = {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "dtype": dtype,
+        "n_params": model.count_params(cfg),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "max_len": max_len,
+        "repeats": repeats,
+        "per_batch": per_batch,
+    }
+    if 1 in per_batch:
+        result["prefill_ms_b1"] = per_batch[1]["prefill_ms"]
+        result["decode_ms_per_token_b1"] = per_batch[1]["decode_ms_per_token"]
+    big = max(batch_sizes)
+    result[f"tokens_per_s_b{big}"] = per_batch[big]["decode_tokens_per_s"]
+    return result
