@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from gptjax.config import (
@@ -26,7 +27,8 @@ from gptjax.config import (
     load_config,
     model_config,
 )
-from gptjax.model import GPT, count_params, cross_entropy, init_cache, init_params, param_shapes
+from gptjax.losses import cross_entropy
+from gptjax.model import GPT, count_params, init_cache, init_params, param_shapes
 
 __version__ = "0.1.0"
 
@@ -40,8 +42,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'gptjax' has no attribute {name!r}")

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_NEG = float(np.finfo(np.float32).min)
+# The most negative fp32 rather than -inf: a row with every key masked then gets finite
+# (uniform) weights instead of NaN, and padded vocabulary rows get no probability.
+NEG_INF = float(np.finfo(np.float32).min)
 
 
 def masked_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
@@ -23,7 +25,7 @@ def masked_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
     logits_BHTS = jnp.einsum(
         "BTHK,BSHK->BHTS", q_BTHK, k_BSHK, preferred_element_type=jnp.float32
     ) * scale
-    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, _NEG)
+    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, NEG_INF)
     probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
     return jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK)
 
@@ -83,13 +85,13 @@ def banded_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, wi
     logits = jnp.einsum(
         "BNtHK,BNsHK->BNHts", q_BNtHK, k_BNsHK, preferred_element_type=jnp.float32
     ) * scale
-    logits = jnp.where(jnp.asarray(mask_Nts)[None, :, None], logits, _NEG)
+    logits = jnp.where(jnp.asarray(mask_Nts)[None, :, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BTHK.dtype)
     o_BNtHK = jnp.einsum("BNHts,BNsHK->BNtHK", probs, v_BNsHK)
     return o_BNtHK.reshape(B, n * b, H, K)[:, :T]
 
 
-def _use_cudnn(impl: str, dtype: jnp.dtype) -> bool:
+def use_cudnn(impl: str, dtype: jnp.dtype) -> bool:
     if impl == "cudnn":
         return True
     return (
@@ -111,7 +113,7 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
         window = None  # the band covers the whole causal triangle
     if impl == "reference":
         return reference_attention(q_BTHK, k_BTHK, v_BTHK, window)
-    if _use_cudnn(impl, q_BTHK.dtype):
+    if use_cudnn(impl, q_BTHK.dtype):
         return jax.nn.dot_product_attention(
             q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn",
             local_window_size=None if window is None else (window - 1, 0),

@@ -37,9 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from gptjax.cli import OneLineParser
+from gptjax import checkpoint, data, tokenizer
+from gptjax.cli import OneLineParser, run_cli
 from gptjax.config import Config, ModelConfig, UserError
+from gptjax.losses import token_nll
 from gptjax.model import GPT
 
 DEFAULT_BATCH = 8
@@ -86,8 +89,8 @@ def plan_windows(n_tokens: int, context_length: int, stride: int) -> Windows:
 def _score(params: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array, cfg: ModelConfig
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per row: (summed NLL over masked positions, their count, whether each was the argmax)."""
-    logits = GPT(cfg).apply({"params": params}, inputs).astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    logits = GPT(cfg).apply({"params": params}, inputs)
+    nll = token_nll(logits, targets)
     hit = (jnp.argmax(logits, -1) == targets) | (mask == 0)
     return (nll * mask).sum(-1), mask.sum(-1), hit.all(-1)
 
@@ -243,8 +246,6 @@ def load_eval_tokens(cfg: Config, source: str | None, split: str | None,
                      ) -> tuple[np.ndarray, np.ndarray | None, str, str]:
     """(token stream, its loss weights or None, source, split) to score: the run's validation
     split by default; with `source`, the whole of a file/stdlib source ("all") or a split."""
-    from gptjax import data
-
     d = cfg.data
     if source is not None:
         d = dataclasses.replace(d, source=source)
@@ -263,8 +264,6 @@ def load_eval_tokens(cfg: Config, source: str | None, split: str | None,
 
 
 def _bar(total: int, unit: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
     # None: tqdm shows the bar only when stderr is a terminal.
     return tqdm(total=total, unit=f" {unit}", file=sys.stderr, disable=None if enabled else True,
                 dynamic_ncols=True, leave=False)
@@ -299,8 +298,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.max_tokens is not None and a.max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2, got {a.max_tokens}")
     examples = read_last_word(a.last_word) if a.last_word else None
-    from gptjax import checkpoint, tokenizer
-
     params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
     tok_name = meta.get("tokenizer", cfg.data.tokenizer)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_name))
@@ -354,13 +351,12 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
+
+    def body() -> None:
         result = run(a)
-    except UserError as e:
-        print(f"gptjax.eval: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if a.json else report(result), flush=True)
-    return 0
+        print(json.dumps(result) if a.json else report(result), flush=True)
+
+    return run_cli("gptjax.eval", body)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from gptjax import attention
 from gptjax.config import ModelConfig
 
 Cache = dict[str, Any]
-REMAT_POLICIES = {
+REMAT_POLICY_FNS = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
@@ -33,7 +33,7 @@ def _param(module: nn.Module, name: str, names: tuple[str | None, ...], shape: t
                         jnp.dtype(cfg.param_dtype))
 
 
-def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
@@ -55,7 +55,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtyp
 
     Its gradient keeps only x and the per-row mean and 1/std: autodiff of the same formula
     would keep three fp32 copies of the normalized activations per LayerNorm, memory traffic
-    that a bf16 train step spends most of its non-matmul time on (README, Performance)."""
+    that a bf16 train step spends most of its non-matmul time on (docs/performance.md)."""
     return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
@@ -111,7 +111,7 @@ def _gelu_fwd(h: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _gelu_bwd(h: jax.Array, dy: jax.Array) -> tuple[jax.Array]:
     # The barrier stops XLA from merging this tanh with the forward pass's (common-subexpression
     # elimination across unrolled layers), which kept the fp32 tanh of every layer alive from
-    # the forward to the backward: 4 bytes per d_ff element (the H200 trace showed it).
+    # the forward to the backward: 4 bytes per d_ff element (docs/performance.md).
     h, dy = jax.lax.optimization_barrier((h, dy))
     hf = h.astype(jnp.float32)
     t = jnp.tanh(_GELU_C * (hf + 0.044715 * hf**3))
@@ -143,16 +143,16 @@ class Attention(nn.Module):
 
         qkv = jnp.einsum("BTD,DCHK->CBTHK", x_BTD.astype(dt), w_qkv.astype(dt))
         qkv = qkv + b_qkv.astype(dt)[:, None, None]
-        q, k, v = (_constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
+        q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
         window = cfg.local_window if self.kind == "local" else None
         if cache is None:
             o_BTHK = attention.causal_attention(q, k, v, window=window, impl=cfg.attention_impl)
         else:
             o_BTHK, cache = attention.cached_attention(q, k, v, cache, index_B, num_valid_B, window,
                                                        attend_len=self.attend_len)
-        o_BTHK = _constrain(o_BTHK, ("batch", "length", "heads", "kv"))
+        o_BTHK = constrain(o_BTHK, ("batch", "length", "heads", "kv"))
         y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt)) + b_out.astype(dt)
-        return _constrain(y, ("batch", "length", "embed")), cache
+        return constrain(y, ("batch", "length", "embed")), cache
 
 
 class Mlp(nn.Module):
@@ -170,9 +170,9 @@ class Mlp(nn.Module):
         b_proj = _param(self, "proj_bias", ("embed",), (D,), nn.initializers.zeros)
         h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD.astype(dt), w_fc.astype(dt)) + b_fc.astype(dt)
         # GPT-2's tanh approximation, so imported GPT-2 weights give GPT-2's outputs.
-        h_BTF = _constrain(gelu_tanh(h_BTF), ("batch", "length", "mlp"))
+        h_BTF = constrain(gelu_tanh(h_BTF), ("batch", "length", "mlp"))
         y = jnp.einsum("BTF,FD->BTD", h_BTF, w_proj.astype(dt)) + b_proj.astype(dt)
-        return _constrain(y, ("batch", "length", "embed"))
+        return constrain(y, ("batch", "length", "embed"))
 
 
 class Block(nn.Module):
@@ -191,7 +191,7 @@ class Block(nn.Module):
         return x, cache
 
 
-class Period(nn.Module):
+class BlockGroup(nn.Module):
     """One period of the attention pattern: a Block per entry of `attention_pattern`."""
 
     cfg: ModelConfig
@@ -245,14 +245,14 @@ class GPT(nn.Module):
             layer_caches = cache["layers"]
         # "clip": padding rows may point past the table; their outputs are discarded.
         x = jnp.take(wte, tokens_BT, axis=0, mode="clip") + jnp.take(wpe, pos_BT, axis=0, mode="clip")
-        x = _constrain(x.astype(dt), ("batch", "length", "embed"))
+        x = constrain(x.astype(dt), ("batch", "length", "embed"))
 
         n_period = cfg.n_layer // cfg.period
-        period_cls = Period
+        period_cls = BlockGroup
         # "auto" is resolved by train.py and the benchmark before they build a step; anywhere
         # else (inference, the Python API) it means none.
         if cfg.remat not in ("none", "auto"):
-            period_cls = nn.remat(period_cls, policy=REMAT_POLICIES[cfg.remat],
+            period_cls = nn.remat(period_cls, policy=REMAT_POLICY_FNS[cfg.remat],
                                   prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(
@@ -293,18 +293,18 @@ def logits_from_hidden(x_BTD: jax.Array, wte_VD: jax.Array, cfg: ModelConfig) ->
     dt = jnp.dtype(cfg.dtype)
     logits = jnp.einsum("BTD,VD->BTV", x_BTD.astype(dt), wte_VD.astype(dt),
                         preferred_element_type=jnp.float32)
-    return _constrain(logits[..., : cfg.vocab_size], ("batch", "length", "vocab"))
+    return constrain(logits[..., : cfg.vocab_size], ("batch", "length", "vocab"))
 
 
-def compute_params(params: Any, cfg: ModelConfig, *, embeddings: bool = True) -> Any:
+def cast_to_compute_dtype(params: Any, cfg: ModelConfig, *, embeddings: bool = True) -> Any:
     """Floating parameters cast to the compute dtype, once per step or per decode call rather
     than at every use: under bf16 the matmuls (and FSDP gathers) read half the bytes. Gradients
     flow back through the cast to the fp32 master weights.
 
     embeddings=False leaves wte and wpe in the master dtype (training): the lookup then gathers
     fp32 rows, so its gradient, a scatter-add of one row per token, sums in fp32. In bf16 that
-    sum stalls once it is 256 times the increment: a token seen 8,192 times in a batch got 20% of
-    its true gradient. The tied output projection casts wte where it multiplies."""
+    sum stalls once it is 256 times the increment, so a frequent token loses most of its
+    gradient (a test measures it). The tied output projection casts wte where it multiplies."""
     dt = jnp.dtype(cfg.dtype)
     if dt == jnp.dtype(cfg.param_dtype):
         return params
@@ -357,114 +357,6 @@ def stack_layers(params: Any, cfg: ModelConfig) -> Any:
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
     out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"layers_{i}"] for i in range(n)])
     return out
-
-
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
-                  mask_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy in fp32 over the tokens where mask is nonzero.
-
-    Returns (mean loss, number of tokens counted)."""
-    logits = logits_BTV.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    nll = logz - picked
-    if mask_BT is None:
-        mask_BT = jnp.ones_like(nll)
-    mask_BT = mask_BT.astype(jnp.float32)
-    count = mask_BT.sum()
-    return (nll * mask_BT).sum() / jnp.maximum(count, 1.0), count
-
-
-def chunked_cross_entropy(x_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array,
-                          mask_BT: jax.Array | None, cfg: ModelConfig, chunk: int
-                          ) -> tuple[jax.Array, jax.Array]:
-    """Like cross_entropy(logits_from_hidden(x), ...) but `chunk` positions at a time, so the
-    [B, T, V] fp32 logits never exist at once, and fused with its own gradient: under
-    differentiation each chunk's forward pass also forms d loss / d logits (softmax − one-hot)
-    and contracts it straight into the gradients of x and of the tied embedding, so the backward
-    pass has nothing to recompute (3 vocabulary matmuls per chunk, as unchunked autodiff does,
-    where rematerializing a chunk would take 4).
-
-    Returns (sum of token losses, number of tokens counted)."""
-    B, T, D = x_BTD.shape
-    if mask_BT is None:
-        mask_BT = jnp.ones((B, T), jnp.float32)
-    mask_BT = mask_BT.astype(jnp.float32)
-    chunk = min(chunk, T)
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    if pad:  # padded positions carry mask 0
-        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-
-    def split(a: jax.Array) -> jax.Array:  # [B, n·c, ...] -> [n, B, c, ...]
-        return jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
-
-    total = _fused_ce(split(x_BTD), wte_VD, split(targets_BT), split(mask_BT),
-                      cfg.vocab_size, cfg.dtype)
-    return total, mask_BT.sum()
-
-
-def _chunk_nll(x_BcD: jax.Array, w_VD: jax.Array, t_Bc: jax.Array, vocab: int, dtype: str
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(token losses [B, c], logits [B, c, V] fp32, their logsumexp [B, c]) of one chunk. The
-    embedding's padding rows get a logit of -huge, so they carry no probability."""
-    dt = jnp.dtype(dtype)
-    logits = jnp.einsum("BcD,VD->BcV", x_BcD.astype(dt), w_VD.astype(dt),
-                        preferred_element_type=jnp.float32)
-    if vocab < w_VD.shape[0]:
-        logits = jnp.where(jnp.arange(w_VD.shape[0]) < vocab, logits, attention._NEG)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
-    return lse - picked, logits, lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(x_NBcD: jax.Array, w_VD: jax.Array, t_NBc: jax.Array, m_NBc: jax.Array,
-              vocab: int, dtype: str) -> jax.Array:
-    """Σ mask · nll over chunks [N, B, c]; without differentiation, the loss alone."""
-
-    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        x, t, m = xs
-        return total + (_chunk_nll(x, w_VD, t, vocab, dtype)[0] * m).sum(), None
-
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_NBcD, t_NBc, m_NBc))[0]
-
-
-def _fused_ce_fwd(x_NBcD: jax.Array, w_VD: jax.Array, t_NBc: jax.Array, m_NBc: jax.Array,
-                  vocab: int, dtype: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    dt = jnp.dtype(dtype)
-    w = w_VD.astype(dt)
-
-    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]
-             ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-        total, dw_VD = carry
-        x, t, m = xs
-        nll, logits, lse = _chunk_nll(x, w, t, vocab, dtype)
-        # d(Σ m·nll)/d logits = m · (softmax − one-hot), in the compute dtype for the matmuls.
-        g = jnp.exp(logits - lse[..., None])
-        g = g - jax.nn.one_hot(t, logits.shape[-1], dtype=g.dtype)
-        g = (g * m[..., None]).astype(dt)
-        dx = jnp.einsum("BcV,VD->BcD", g, w, preferred_element_type=jnp.float32)
-        dw_VD = dw_VD + jnp.einsum("BcV,BcD->VD", g, x.astype(dt),
-                                   preferred_element_type=jnp.float32)
-        # Sharded like wte, so a mesh reduces each chunk's share, not a replicated [V, D].
-        dw_VD = _constrain(dw_VD, ("vocab", "embed"))
-        return (total + (nll * m).sum(), dw_VD), dx.astype(x.dtype)
-
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w_VD.shape, jnp.float32))
-    (total, dw), dx = jax.lax.scan(body, init, (x_NBcD, t_NBc, m_NBc))
-    return total, (dx, dw.astype(w_VD.dtype))
-
-
-def _fused_ce_bwd(vocab: int, dtype: str, res: tuple[jax.Array, jax.Array], ct: jax.Array
-                  ) -> tuple[jax.Array | None, ...]:
-    dx, dw = res
-    return (ct * dx).astype(dx.dtype), (ct * dw).astype(dw.dtype), None, None
-
-
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 1) -> Any:

@@ -14,7 +14,8 @@ from helpers import needs_bpe, tiny
 from gptjax import data
 from gptjax.config import config_from_dict
 from gptjax.data import DataError, TrainIterator, eval_batches, load_mask, load_tokens
-from gptjax.model import GPT, cross_entropy, init_params
+from gptjax.losses import cross_entropy
+from gptjax.model import GPT, init_params
 
 T = 16
 

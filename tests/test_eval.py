@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, config, eval as ev, model, sampling
+from gptjax import checkpoint, config, eval as ev, losses, model, sampling
 from gptjax.config import UserError
 
 from helpers import tiny
@@ -60,7 +60,7 @@ def test_stride_equal_context_is_training_loss(params: dict) -> None:
     inputs = np.stack([x[i * T : (i + 1) * T] for i in range(k)])
     targets = np.stack([x[i * T + 1 : (i + 1) * T + 1] for i in range(k)])
     logits = model.GPT(CFG).apply({"params": params}, jnp.asarray(inputs))
-    want = np.mean([float(model.cross_entropy(logits[i : i + 1], targets[i : i + 1])[0])
+    want = np.mean([float(losses.cross_entropy(logits[i : i + 1], targets[i : i + 1])[0])
                     for i in range(k)])
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
     assert math.isclose(got["perplexity"], math.exp(got["loss"]))

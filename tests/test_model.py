@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model
+from gptjax import losses, model
 from gptjax.model import GPT
 from helpers import tiny
 
@@ -50,7 +50,7 @@ def test_initial_loss_is_log_vocab() -> None:
     cfg = tiny(vocab_size=257, vocab_multiple=128)
     params = model.init_params(cfg, jax.random.key(0))
     toks = tokens_for(cfg, B=4)
-    loss, count = model.cross_entropy(apply(cfg, params, toks)[:, :-1], toks[:, 1:])
+    loss, count = losses.cross_entropy(apply(cfg, params, toks)[:, :-1], toks[:, 1:])
     assert int(count) == 4 * (cfg.context_length - 1)
     assert abs(float(loss) - math.log(257)) < 0.1
 
@@ -105,7 +105,7 @@ def test_scan_unrolled_and_remat_agree(remat) -> None:
     np.testing.assert_allclose(apply(unrolled, model.unstack_layers(params, cfg), toks), ref, atol=1e-5)
     # Gradients agree too (remat changes what is recomputed, never the result).
     def loss(p, c):
-        return model.cross_entropy(apply(c, p, toks)[:, :-1], toks[:, 1:])[0]
+        return losses.cross_entropy(apply(c, p, toks)[:, :-1], toks[:, 1:])[0]
     g_ref = jax.grad(loss)(params, cfg)
     g = jax.grad(loss)(params, variant)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
@@ -206,12 +206,12 @@ def test_chunked_loss_equals_full_loss_and_gradient(dtype) -> None:
     mask = (jax.random.uniform(jax.random.key(4), (2, 40)) > 0.3).astype(jnp.float32)
 
     def full(p):
-        mean, count = model.cross_entropy(apply(cfg, p, toks), toks, mask)
+        mean, count = losses.cross_entropy(apply(cfg, p, toks), toks, mask)
         return mean * count
 
     def chunked(p):
         x = apply(cfg, p, toks, return_hidden=True)
-        total, count = model.chunked_cross_entropy(x, p["wte"], toks, mask, cfg, chunk=16)  # 40 = 16+16+8
+        total, count = losses.chunked_cross_entropy(x, p["wte"], toks, mask, cfg, chunk=16)  # 40 = 16+16+8
         assert float(count) == float(mask.sum())
         return total
 
