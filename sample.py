@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from gptjax.cli import OneLineParser
-from gptjax.config import UserError
+from gptjax import checkpoint, sampling, tokenizer
+from gptjax.cli import OneLineParser, run_cli
+from gptjax.config import check_sampling
+from gptjax.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,16 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check_args(a: argparse.Namespace) -> None:
     """Flags that are wrong whatever the checkpoint: fail before loading anything."""
-    if a.temperature is not None and a.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {a.temperature}")
-    if a.top_p is not None and not 0.0 < a.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], got {a.top_p}")
-    if a.top_k is not None and a.top_k < 0:
-        raise UserError(f"--top-k must be >= 0, got {a.top_k}")
-    if a.max_new_tokens is not None and a.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
-    if a.num_samples <= 0:
-        raise UserError(f"--num-samples must be positive, got {a.num_samples}")
+    check_sampling({k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                              "num_samples")},
+                   lambda field: "--" + field.replace("_", "-"))
 
 
 def read_prompt(a: argparse.Namespace) -> str:
@@ -120,8 +114,6 @@ def stream_text(chunks: Any, decode: Any, prompt: str, n: int) -> list[list[int]
 def run(a: argparse.Namespace) -> int:
     _check_args(a)
     prompt = read_prompt(a)
-    from gptjax import checkpoint, sampling, tokenizer
-
     params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     s = cfg.sample
@@ -166,17 +158,7 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        return run(a)
-    except UserError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130  # Ctrl-C while streaming: stop quietly
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`); keep Python from complaining at exit too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return run_cli("sample.py", lambda: run(a))
 
 
 if __name__ == "__main__":

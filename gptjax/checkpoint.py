@@ -12,19 +12,19 @@ truncated) is skipped with a warning in favour of the one before it.
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax.config import Config, UserError, config_from_dict, config_to_dict
+from gptjax.config import Config, config_from_dict, config_to_dict
+from gptjax.errors import UserError, describe, warn
+from gptjax.model import param_shapes
+from gptjax.sharding import with_shardings
 
 ITEMS = ("params", "opt", "data", "meta")
 FORMAT_VERSION = 1
-log = logging.getLogger("gptjax")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -43,7 +43,7 @@ def make_meta(cfg: Config, step: int, extra: dict[str, Any] | None = None) -> di
 
 
 class Checkpointer:
-    """Saves and restores train state; `save` returns at once (async), `wait` joins."""
+    """Saves and restores train state; `save` returns at once (async), `close` joins."""
 
     def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True) -> None:
         self.directory = checkpoint_dir(run_dir)
@@ -103,22 +103,20 @@ class Checkpointer:
             return step, r.params, r.opt, r.data, r.meta
         return None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def describe(e: BaseException) -> str:
-    """`Type: first line of the message` (some exceptions have an empty message)."""
-    first = (str(e).splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+def check_param_shapes(theirs: Any, mine: Any, what: str) -> None:
+    """A UserError naming the first parameter of `mine` (a tree of arrays or shape structs)
+    that `theirs` lacks or holds in another shape."""
+    shapes = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(theirs)}
+    for path, a in jax.tree_util.tree_leaves_with_path(mine):
+        key = jax.tree_util.keystr(path)
+        if shapes.get(key) != a.shape:
+            raise UserError(f"{what}: parameter {key} has shape {shapes.get(key)} there but "
+                            f"{a.shape} in this config")
 
 
 def _manager_for_reading(run_dir: str | Path) -> ocp.CheckpointManager:
@@ -162,8 +160,6 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
     `step`, of the newest checkpoint that reads cleanly.
 
     shardings: optional tree of NamedShardings to restore into (default: one device)."""
-    from gptjax.model import param_shapes
-
     manager = _manager_for_reading(run_dir)
     try:
         for s in _candidate_steps(manager, run_dir, step):
@@ -172,10 +168,7 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
                 cfg = config_from_dict(meta["config"])
                 abstract = param_shapes(cfg.model)
                 if shardings is not None:
-                    abstract = jax.tree.map(
-                        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        abstract, shardings,
-                    )
+                    abstract = with_shardings(abstract, shardings)
                 r = manager.restore(
                     s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
                 )

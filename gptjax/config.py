@@ -11,6 +11,7 @@ import dataclasses
 import math
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -22,9 +23,47 @@ from gptjax.xla_flags import expand as expand_xla_flags
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
 ATTENTION_KINDS = ("dense", "local")
-REMAT_POLICIES = ("none", "dots", "full", "auto")
+REMAT_CHOICES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(section: str, rule: str, values: dict[str, float]) -> None:
+    """values: field -> value; rule "positive" or "nonneg". NaN fails either rule."""
+    for name, value in values.items():
+        ok = value > 0 if rule == "positive" else value >= 0
+        if not ok:
+            need = "must be positive" if rule == "positive" else "must be >= 0"
+            raise ConfigError(f"{section}.{name} {need}, got {value}")
+
+
+def _require_finite(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _require_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def check_sampling(values: dict[str, Any], name: Callable[[str], str] = str,
+                   error: type[UserError] = UserError) -> None:
+    """Checks sampling settings (any of max_new_tokens, temperature, top_k, top_p,
+    num_samples; None means unset) for config, sample.py and generate alike; a bad one is a
+    UserError naming it as name(field) says (`sample.top_p`, `--top-p`, `top_p`)."""
+    rules = {
+        "max_new_tokens": (lambda v: v > 0, "must be positive"),
+        "temperature": (lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
+        "top_k": (lambda v: v >= 0, "must be >= 0"),
+        "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        "num_samples": (lambda v: v > 0, "must be positive"),
+    }
+    for field, value in values.items():
+        if value is not None and field in rules and not rules[field][0](value):
+            raise error(f"{name(field)} {rules[field][1]}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +108,32 @@ class ModelConfig:
     def layer_kinds(self) -> tuple[str, ...]:
         return tuple(self.attention_pattern[i % self.period] for i in range(self.n_layer))
 
+    def check(self) -> None:
+        _require_finite("model", self)
+        _require("model", "positive", {k: getattr(self, k) for k in (
+            "vocab_size", "context_length", "n_layer", "d_model", "n_head", "d_ff",
+            "local_window", "vocab_multiple", "layer_norm_eps", "init_std")})
+        _require("model", "nonneg", {"loss_chunk": self.loss_chunk})
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} does not divide "
+                              f"model.d_model={self.d_model}")
+        if not self.attention_pattern:
+            raise ConfigError("model.attention_pattern must name at least one layer kind")
+        for kind in self.attention_pattern:
+            if kind not in ATTENTION_KINDS:
+                raise ConfigError(f"model.attention_pattern: unknown kind {kind!r} "
+                                  f"(use {' or '.join(ATTENTION_KINDS)})")
+        if self.n_layer % self.period:
+            raise ConfigError(f"model.n_layer={self.n_layer} is not a multiple of the "
+                              f"attention_pattern length {self.period}")
+        if "local" in self.attention_pattern and self.local_window > self.context_length:
+            raise ConfigError(f"model.local_window={self.local_window} is larger than "
+                              f"model.context_length={self.context_length}")
+        _require_choice("model.dtype", self.dtype, DTYPES)
+        _require_choice("model.param_dtype", self.param_dtype, DTYPES)
+        _require_choice("model.remat", self.remat, REMAT_CHOICES)
+        _require_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -87,6 +152,14 @@ class DataConfig:
     num_workers: int = 0  # tokenizer processes; 0 means one per core
     prefetch: int = 2
 
+    def check(self) -> None:
+        _require_finite("data", self)
+        _require("data", "nonneg", {"stride": self.stride, "num_workers": self.num_workers,
+                                    "prefetch": self.prefetch})
+        _require_choice("data.tokenizer", self.tokenizer, ("byte", "gpt2"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -103,6 +176,18 @@ class OptimConfig:
     # Batch-size ramp: from ramp_start_tokens per step up to the full batch over ramp_tokens.
     ramp_start_tokens: int = 32_768
     ramp_tokens: int = 0  # 0 disables the ramp
+
+    def check(self) -> None:
+        _require_finite("optim", self)
+        _require("optim", "positive", {"learning_rate": self.learning_rate, "eps": self.eps})
+        _require("optim", "nonneg", {k: getattr(self, k) for k in (
+            "warmup_tokens", "decay_tokens", "ramp_tokens", "ramp_start_tokens",
+            "weight_decay", "clip_norm")})
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for key, value in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +209,18 @@ class TrainConfig:
     # XLA flags train.py and the benchmarks set: auto | none | flags ("auto" = gptjax.xla_flags.DEFAULT)
     xla_flags: str = "auto"
 
+    def check(self) -> None:
+        _require_finite("train", self)
+        _require("train", "positive", {k: getattr(self, k) for k in (
+            "batch_size", "microbatches", "log_every", "eval_every", "checkpoint_every",
+            "keep_checkpoints", "max_bad_steps")})
+        _require("train", "nonneg", {k: getattr(self, k) for k in (
+            "steps", "total_tokens", "eval_batches", "peak_tflops")})
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"train.microbatches={self.microbatches} does not divide "
+                              f"train.batch_size={self.batch_size}")
+        expand_xla_flags(self.xla_flags)  # a malformed flag is a config error before anything starts
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -131,6 +228,14 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def check(self) -> None:
+        sizes = dataclasses.asdict(self)
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for key, value in sizes.items():
+            if value == 0 or value < -1:
+                raise ConfigError(f"mesh.{key} must be positive or -1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +245,10 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def check(self) -> None:
+        check_sampling({k: v for k, v in dataclasses.asdict(self).items() if k != "seed"},
+                       lambda field: f"sample.{field}", ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,19 +260,21 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     sample: SampleConfig = SampleConfig()
 
+    def check(self) -> None:
+        """Each section's own rules, then those that span sections."""
+        for name in SECTIONS:
+            getattr(self, name).check()
+        if self.data.stride > self.model.context_length:
+            raise ConfigError(f"data.stride={self.data.stride} is larger than "
+                              f"model.context_length={self.model.context_length}")
+        if self.optim.ramp_tokens > 0 and self.train.microbatches == 1:
+            raise ConfigError("optim.ramp_tokens > 0 needs train.microbatches > 1: the batch "
+                              "ramp grows the number of accumulated microbatches")
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
-
-def _section_class(name: str) -> type:
-    return {
-        "model": ModelConfig,
-        "data": DataConfig,
-        "optim": OptimConfig,
-        "train": TrainConfig,
-        "mesh": MeshConfig,
-        "sample": SampleConfig,
-    }[name]
+# section name -> its dataclass
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name]
+                             for f in dataclasses.fields(Config)}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -228,111 +339,6 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    m, t, d, o, mesh = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.mesh
-    positive = {
-        "model.vocab_size": m.vocab_size,
-        "model.context_length": m.context_length,
-        "model.n_layer": m.n_layer,
-        "model.d_model": m.d_model,
-        "model.n_head": m.n_head,
-        "model.d_ff": m.d_ff,
-        "model.local_window": m.local_window,
-        "model.vocab_multiple": m.vocab_multiple,
-        "train.batch_size": t.batch_size,
-        "train.microbatches": t.microbatches,
-        "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.max_bad_steps": t.max_bad_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    nonneg = {
-        "model.loss_chunk": m.loss_chunk,
-        "train.steps": t.steps,
-        "train.total_tokens": t.total_tokens,
-        "train.eval_batches": t.eval_batches,
-        "data.stride": d.stride,
-        "data.num_workers": d.num_workers,
-        "data.prefetch": d.prefetch,
-        "optim.warmup_tokens": o.warmup_tokens,
-        "optim.decay_tokens": o.decay_tokens,
-        "optim.ramp_tokens": o.ramp_tokens,
-        "optim.ramp_start_tokens": o.ramp_start_tokens,
-        "optim.weight_decay": o.weight_decay,
-        "optim.clip_norm": o.clip_norm,
-        "train.peak_tflops": t.peak_tflops,
-    }
-    for key, value in nonneg.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}")
-    if not m.attention_pattern:
-        raise ConfigError("model.attention_pattern must name at least one layer kind")
-    for kind in m.attention_pattern:
-        if kind not in ATTENTION_KINDS:
-            raise ConfigError(
-                f"model.attention_pattern: unknown kind {kind!r} (use {' or '.join(ATTENTION_KINDS)})"
-            )
-    if m.n_layer % m.period:
-        raise ConfigError(
-            f"model.n_layer={m.n_layer} is not a multiple of the attention_pattern length {m.period}"
-        )
-    if "local" in m.attention_pattern and m.local_window > m.context_length:
-        raise ConfigError(
-            f"model.local_window={m.local_window} is larger than "
-            f"model.context_length={m.context_length}"
-        )
-    expand_xla_flags(t.xla_flags)  # a malformed flag is a config error before anything starts
-    for key, value, allowed in (
-        ("model.dtype", m.dtype, DTYPES),
-        ("model.param_dtype", m.param_dtype, DTYPES),
-        ("model.remat", m.remat, REMAT_POLICIES),
-        ("model.attention_impl", m.attention_impl, ATTENTION_IMPLS),
-    ):
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    if d.tokenizer not in ("byte", "gpt2"):
-        raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not one of byte, gpt2")
-    if d.stride > m.context_length:
-        raise ConfigError(
-            f"data.stride={d.stride} is larger than model.context_length={m.context_length}"
-        )
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if t.batch_size % t.microbatches:
-        raise ConfigError(
-            f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}"
-        )
-    if o.ramp_tokens > 0 and t.microbatches == 1:
-        raise ConfigError("optim.ramp_tokens > 0 needs train.microbatches > 1: the batch ramp "
-                          "grows the number of accumulated microbatches")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    if o.learning_rate <= 0 or o.eps <= 0:
-        raise ConfigError("optim.learning_rate and optim.eps must be positive")
-    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
-    if sum(v == -1 for v in sizes.values()) > 1:
-        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    for key, value in sizes.items():
-        if value == 0 or value < -1:
-            raise ConfigError(f"{key} must be positive or -1, got {value}")
-    s = cfg.sample
-    if s.temperature < 0:
-        raise ConfigError(f"sample.temperature must be >= 0, got {s.temperature}")
-    if not 0.0 < s.top_p <= 1.0:
-        raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
-    if s.top_k < 0 or s.max_new_tokens <= 0:
-        raise ConfigError("sample.top_k must be >= 0 and sample.max_new_tokens positive")
-
-
 def resolve_config_path(name: str | Path) -> Path:
     """A path to a YAML file, or a preset name such as `gpt3-small`, `small` or `default`."""
     path = Path(name)
@@ -390,9 +396,9 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, dict[str, Any]] |
         merged[section] = dict(values)
     for section, values in (overrides or {}).items():
         merged.setdefault(section, {}).update(values)
-    parts = {name: _build(_section_class(name), name, merged.get(name, {})) for name in SECTIONS}
+    parts = {name: _build(SECTIONS[name], name, merged.get(name, {})) for name in SECTIONS}
     cfg = Config(**parts)
-    _validate(cfg)
+    cfg.check()
     return cfg
 
 
@@ -426,7 +432,7 @@ def override_help() -> str:
     """Every `section.key` with its type and default, for `--help`."""
     lines = []
     for section in SECTIONS:
-        cls = _section_class(section)
+        cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             ann = hints[f.name]
@@ -437,3 +443,9 @@ def override_help() -> str:
             lines.append(f"  {section}.{f.name}={default!s}  ({tname})")
     return "\n".join(lines)
 
+
+
+def replace_cfg(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """cfg with some fields of some sections replaced: replace_cfg(cfg, train={"steps": 3})."""
+    parts = {name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(cfg, **parts)

@@ -31,10 +31,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import yaml
 
-from gptjax.cli import OneLineParser
-from gptjax.config import Config, ModelConfig, UserError, config_from_dict, config_to_dict
+from gptjax import checkpoint, optim
+from gptjax.cli import OneLineParser, run_cli
+from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
+from gptjax.errors import UserError, warn
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -197,8 +201,7 @@ def read_hf_tensors(hf_dir: str | Path, cfg: ModelConfig) -> dict[str, np.ndarra
     d = Path(hf_dir)
     files = _weight_files(d)
     try:
-        import jax
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError, safe_open  # optional: the hf extra
     except ImportError:
         raise UserError("reading safetensors needs the `safetensors` package: "
                         "pip install -e '.[hf]'") from None
@@ -314,7 +317,7 @@ def params_to_hf(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 def _np_dtype(name: str) -> Any:
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # comes with jax; only bf16 exports need it
 
         return ml_dtypes.bfloat16
     return name
@@ -358,7 +361,7 @@ def save_gpt2(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer: str
     if not force and any((out / n).exists() for n in (CONFIG_FILE, WEIGHTS_FILE)):
         raise UserError(f"{out} already holds a model; pass --force to overwrite it")
     try:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save_file  # optional: the hf extra
     except ImportError:
         raise UserError("writing safetensors needs the `safetensors` package: "
                         "pip install -e '.[hf]'") from None
@@ -382,8 +385,6 @@ def init_params_for(hf_dir: str | Path, cfg: ModelConfig, abstract_params: Any,
     Raises:
         UserError: when the checkpoint's shapes differ from cfg's (one line naming the field).
     """
-    import jax
-
     theirs = model_config_from_hf(read_hf_config(hf_dir), str(Path(hf_dir) / CONFIG_FILE))
     if any(kind != "dense" for kind in cfg.attention_pattern):
         raise UserError(f"{what}={hf_dir} is a GPT-2 (dense attention in every layer) but "
@@ -397,13 +398,7 @@ def init_params_for(hf_dir: str | Path, cfg: ModelConfig, abstract_params: Any,
     target = dataclasses.replace(theirs, vocab_multiple=cfg.vocab_multiple,
                                  scan_layers=cfg.scan_layers, param_dtype=cfg.param_dtype)
     params = params_from_hf(read_hf_tensors(hf_dir, theirs), target)
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, a in jax.tree_util.tree_leaves_with_path(abstract_params):
-        got = flat.get(path)
-        if got is None or got.shape != a.shape:
-            raise UserError(f"{what}={hf_dir}: parameter {jax.tree_util.keystr(path)} has shape "
-                            f"{None if got is None else got.shape} there but {a.shape} in this "
-                            "config")
+    checkpoint.check_param_shapes(params, abstract_params, f"{what}={hf_dir}")
 
     def place(a: jax.ShapeDtypeStruct, x: np.ndarray) -> jax.Array:
         x = x.astype(a.dtype)
@@ -420,11 +415,6 @@ def import_run(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None
     could resume it in place, though fine-tuning is meant to go through `train.init_from`
     (fresh optimizer with the fine-tuning run's own settings, a new run directory).
     """
-    import jax
-    import yaml
-
-    from gptjax import checkpoint, optim
-
     out = Path(out)
     if checkpoint.checkpoint_dir(out).is_dir() and any(checkpoint.checkpoint_dir(out).iterdir()):
         raise UserError(f"{out} already holds checkpoints; choose another --out")
@@ -433,7 +423,7 @@ def import_run(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None
     tok_vocab = {"gpt2": 50257, "byte": 257}[tok]
     if tok_vocab > model_cfg.vocab_size:
         # Still imported (its weights may be wanted); sampling and training will refuse the ids.
-        checkpoint.warn(f"the {tok} tokenizer has {tok_vocab} ids but the model's vocabulary is "
+        warn(f"the {tok} tokenizer has {tok_vocab} ids but the model's vocabulary is "
                         f"{model_cfg.vocab_size}; no tokenizer of gptjax fits it")
     cfg = config_from_dict({
         "model": config_to_dict(Config(model=model_cfg))["model"],
@@ -464,8 +454,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None,
     Returns:
         (the directory, the step exported).
     """
-    from gptjax import checkpoint
-
     params, cfg, meta, step = checkpoint.load_params(run_dir, step)
     tok = meta.get("tokenizer", cfg.data.tokenizer)
     return save_gpt2(params, cfg.model, out, tokenizer=tok, force=force), step
@@ -492,7 +480,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         if a.command == "import":
             cfg = import_run(a.hf_dir, a.out, a.tokenizer)
             m = cfg.model
@@ -503,10 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out, step = export_run(a.run_dir, a.out, a.step, a.force)
             print(f"exported {a.run_dir} (step {step}) -> {out}")
-    except UserError as err:
-        print(f"gptjax.hf: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("gptjax.hf", body)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model
-from gptjax.config import ModelConfig, UserError
+from gptjax import model, sharding
+from gptjax.config import ModelConfig, check_sampling
+from gptjax.errors import UserError
 from gptjax.model import GPT, init_cache
 
 __all__ = [
@@ -259,7 +260,7 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
 
     def layer_params(params: Any) -> Any:
         # One pass: the compute-dtype cast and the unstacking fuse into per-layer copies.
-        return model.unstack_layers(model.compute_params(params, stacked), stacked)
+        return model.unstack_layers(model.cast_to_compute_dtype(params, stacked), stacked)
 
     def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, keys_B: jax.Array,
                 active_B: jax.Array, max_len: int, max_new: int) -> SamplerState:
@@ -267,9 +268,7 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
         B = tokens_BT.shape[0]
         cache = init_cache(cfg, B, max_len)
         if mesh is not None:
-            from gptjax.sharding import cache_shardings
-
-            cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+            cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, mesh))
         # Hidden states, not logits: [B, T, V] logits of a long batched prompt would not fit.
         x_BTD, cache = GPT(cfg).apply({"params": params}, tokens_BT, cache=cache,
                                       num_valid_B=lengths_B, return_hidden=True)
@@ -292,16 +291,8 @@ def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
            temperature: float, top_k: int, top_p: float, num_samples: int,
            truncate_prompt: bool) -> list[list[int]]:
     """Validates the request; returns the prompts, truncated where asked."""
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0, got {top_k}")
-    if num_samples <= 0:
-        raise UserError(f"num_samples must be positive, got {num_samples}")
+    check_sampling({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                    "top_p": top_p, "num_samples": num_samples})
     if not prompts:
         raise UserError("no prompts given")
     ctx = cfg.context_length
@@ -353,7 +344,7 @@ def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
     rows = [(p, s) for p in prompts for s in range(num_samples)]
     n_rows = len(rows)
     # Pad the batch to a multiple of the data-parallel devices with ended one-token rows.
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = 1 if mesh is None else sharding.data_parallel_size(mesh)
     B = -(-n_rows // shards) * shards
     rows += [([0], 0)] * (B - n_rows)
     # Prompt lengths rounded up to a multiple of PROMPT_BUCKET: one compile serves many lengths.
@@ -381,8 +372,6 @@ def _stream(params: Any, cfg: ModelConfig, sampling: Sampling, mesh: Any, tokens
     prefill, decode = programs(cfg, sampling, mesh)
     scope: Callable[[], Any] = contextlib.nullcontext
     if mesh is not None:
-        from gptjax import sharding
-
         scope = functools.partial(sharding.activate, mesh)
         put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh, 1))
         tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))

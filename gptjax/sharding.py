@@ -16,10 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gptjax.config import MeshConfig, ModelConfig, UserError
+from gptjax.config import MeshConfig, ModelConfig
+from gptjax.errors import UserError
+from gptjax.model import GPT, init_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -62,8 +65,6 @@ def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
@@ -84,8 +85,6 @@ def logical_to_sharding(logical: Any, mesh: Mesh) -> Any:
 
 def param_specs(cfg: ModelConfig) -> Any:
     """Logical PartitionSpecs of the parameter tree (through eval_shape: no memory)."""
-    from gptjax.model import GPT
-
     tokens = jax.ShapeDtypeStruct((1, min(cfg.context_length, 8)), np.int32)
     boxed = jax.eval_shape(lambda k: GPT(cfg).init(k, tokens), jax.random.key(0))
     return nn.get_partition_spec(boxed)["params"]
@@ -95,19 +94,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
     return logical_to_sharding(param_specs(cfg), mesh)
 
 
-def mesh_specs(cfg: ModelConfig) -> Any:
-    """Mesh-axis PartitionSpecs of the parameters (what each array is split over)."""
-    return jax.tree.map(
-        lambda s: nn.logical_to_mesh_axes(tuple(s), RULES),
-        param_specs(cfg),
-        is_leaf=lambda x: isinstance(x, P),
-    )
-
-
 def init_sharded_params(cfg: ModelConfig, mesh: Mesh, key: jax.Array) -> Any:
     """Parameters created directly in their shards: no device ever holds the whole model."""
-    from gptjax.model import init_params
-
     shardings = param_shardings(cfg, mesh)
     with activate(mesh):
         return jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings)(key)

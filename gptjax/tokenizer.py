@@ -42,9 +42,6 @@ class Tokenizer:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD and the EOT id `<|endoftext|>`."""
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
     def encode_array(self, text: str) -> np.ndarray:
         """Like `encode`, as a uint16/uint32 array (the token cache's fast path)."""
         return np.asarray(self.encode(text), dtype=self.dtype)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from importlib.metadata import version
 import sys
 from pathlib import Path
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, warn
 
 # flag -> why. Each applies to GPU backends only; on CPU and TPU they are parsed and ignored.
 DEFAULT: dict[str, str] = {
@@ -28,7 +29,7 @@ DEFAULT: dict[str, str] = {
     "--xla_gpu_enable_latency_hiding_scheduler=true":
         "overlap collectives and copies with compute",
     # cuBLAS for every matmul instead of XLA's own Triton GEMMs, which it chose for some of the
-    # step's products: gpt3-small B16 x 2048 went from 96.1 to 92.0 ms per step on an H200.
+    # step's products and ran slower (the A/B is in docs/performance.md).
     "--xla_gpu_enable_triton_gemm=false": "cuBLAS for all matmuls (faster than Triton GEMMs)",
 }
 
@@ -56,8 +57,6 @@ def expand(setting: str) -> list[str]:
 
 def _jaxlib_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("jaxlib")
     except Exception:  # noqa: BLE001 - an unusual install: cache under a neutral key
         return "unknown"
@@ -110,12 +109,11 @@ def _backends_started() -> bool:
     """Whether JAX has started a backend (a private API: where it has moved, warn and assume
     not, so the flags may be set too late to act)."""
     try:
-        from jax._src import xla_bridge
+        from jax._src import xla_bridge  # private: imported where its absence is handled
 
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):
-        print("warning: cannot tell whether JAX has started; train.xla_flags set regardless",
-              file=sys.stderr)
+        warn("cannot tell whether JAX has started; train.xla_flags set regardless")
         return False
 
 
@@ -139,8 +137,7 @@ def apply(setting: str, *, env: dict[str, str] | None = None) -> list[str]:
         if ok[f]:
             added.append(f)
         elif f in DEFAULT:
-            print(f"warning: jaxlib {_jaxlib_version()} does not know {flag_name(f)}; not set",
-                  file=sys.stderr)
+            warn(f"jaxlib {_jaxlib_version()} does not know {flag_name(f)}; not set")
         else:
             raise UserError(f"train.xla_flags: jaxlib {_jaxlib_version()} does not accept {f}")
     if added:

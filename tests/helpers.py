@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.linen as nn
+import jax
 import pytest
+from jax.sharding import PartitionSpec
 
+from gptjax import sharding
 from gptjax.config import ModelConfig
+from gptjax.tokenizer import Tokenizer
 
 
 def tiny(**kw: object) -> ModelConfig:
@@ -31,3 +36,16 @@ needs_bpe = pytest.mark.skipif(
     not os.environ.get("GPTJAX_GPT2_BPE"),
     reason="GPTJAX_GPT2_BPE is not set (.ci/run sets it to ../shared/data/r50k_base.tiktoken)",
 )
+
+
+def mesh_specs(cfg: ModelConfig) -> object:
+    """Mesh-axis PartitionSpecs of the parameters (what each array is split over)."""
+    return jax.tree.map(
+        lambda s: nn.logical_to_mesh_axes(tuple(s), sharding.RULES),
+        sharding.param_specs(cfg),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tok.encode(t) for t in texts]

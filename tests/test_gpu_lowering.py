@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny
 
-from gptjax import model, sampling, trainer
+from gptjax import model, sampling
+from gptjax import state as train_state
 
 
 @pytest.fixture
@@ -45,13 +46,13 @@ def _train_step_text(cfg, B: int) -> str:
 
     tx = optim.make_optimizer(OptimConfig())
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    state = jax.eval_shape(lambda p: trainer.TrainState(
+    state = jax.eval_shape(lambda p: train_state.TrainState(
         step=jnp.int32(0), params=p, opt_state=tx.init(p), bad_streak=jnp.int32(0)), params)
     T = cfg.context_length
     batch = {"inputs": jax.ShapeDtypeStruct((1, B, T), jnp.int32),
              "targets": jax.ShapeDtypeStruct((1, B, T), jnp.int32),
              "mask": jax.ShapeDtypeStruct((1, B, T), jnp.float32)}
-    step = functools.partial(trainer.train_step, model_cfg=cfg, tx=tx)
+    step = functools.partial(train_state.train_step, model_cfg=cfg, tx=tx)
     return _cuda_text(step, state, batch, jax.ShapeDtypeStruct((), jnp.float32))
 
 
@@ -90,7 +91,7 @@ def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
     """Exactly one loop (over tokens: the layers are unrolled), no conditional, no custom call
     (so no host callback), with and without a bucketed cache read."""
     cfg = tiny(dtype="bfloat16")
-    prefill, decode = sampling._programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
+    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     B = 4
     state = jax.eval_shape(

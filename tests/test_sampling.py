@@ -55,14 +55,14 @@ def test_bucketed_cache_reads_equal_whole_cache_reads(monkeypatch: pytest.Monkey
             return seen[-1]
 
         monkeypatch.setattr(sampling, "attend_buckets", buckets)
-        sampling._programs.cache_clear()
+        sampling.programs.cache_clear()
         return sampling.generate(params(), CFG, PROMPTS, max_new_tokens=30, temperature=0.0)
 
     whole = run(10**6)
     assert len(seen[-1]) == 1
     bucketed = run(4)
     assert len(seen[-1]) >= 4, seen
-    sampling._programs.cache_clear()
+    sampling.programs.cache_clear()
     assert bucketed == whole
     assert [row[:NEW] for row in whole] == greedy()
 

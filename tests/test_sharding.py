@@ -6,7 +6,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax import config, model, sharding
 from gptjax.config import MeshConfig, UserError
-from helpers import tiny
+from helpers import mesh_specs, tiny
 
 
 def test_mesh_fills_minus_one_and_rejects_bad_shapes() -> None:
@@ -25,7 +25,7 @@ def test_mesh_fills_minus_one_and_rejects_bad_shapes() -> None:
 
 def test_expected_partition_specs_of_a_full_size_preset() -> None:
     # Through eval_shape: the 175B model is never allocated.
-    specs = sharding.mesh_specs(config.model_config("gpt3-175b"))
+    specs = mesh_specs(config.model_config("gpt3-175b"))
     block = specs["layers"]["block0"]
     assert specs["wte"] == P("tensor", "fsdp")
     assert specs["wpe"] == P(None, "fsdp")
