@@ -11,11 +11,16 @@ import os
 import re
 import sys
 
+import jax
+from absl import logging as absl_logging
+
+from gptjax import budget, sharding, trainer, xla_flags
+from gptjax.cli import OneLineParser, run_cli
+from gptjax.config import Config, load_config, override_help
+from gptjax.errors import UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptjax.cli import OneLineParser
-    from gptjax.config import override_help
-
     p = OneLineParser(
         prog="train.py",
         description="Train GPT-3-style models in JAX on whatever devices are present.",
@@ -50,68 +55,59 @@ def _cluster_env() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from gptjax.cli import fail
-    from gptjax.config import UserError, load_config
+    return run_cli("train.py", lambda: run(args))
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except UserError as e:
-        fail(str(e))
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        m = cfg.mesh
-        sizes = (m.data, m.fsdp, m.tensor)
-        if -1 not in sizes:
-            # Emulate the configured mesh on CPU so a 175B config can be planned on a laptop.
-            # (jax is imported by now, but reads these only when its backends start.)
-            import jax
-
-            n = sizes[0] * sizes[1] * sizes[2]
-            jax.config.update("jax_platforms", "cpu")
-            flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                           os.environ.get("XLA_FLAGS", ""))
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        emulate_mesh_on_cpu(cfg)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from gptjax import xla_flags
-
-    try:
-        xla_flags.apply(cfg.train.xla_flags)  # before any backend starts
-    except UserError as e:
-        fail(str(e))
-
-    import jax
-    from absl import logging as absl_logging
-
+    xla_flags.apply(cfg.train.xla_flags)  # before any backend starts
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter
-
-    multi = args.coordinator is not None or args.num_processes is not None
-    try:
-        if multi or _cluster_env():
-            # CPU collectives across processes (CPU clusters, tests) go through gloo; it does not
-            # affect GPU or TPU collectives.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            kwargs = {}
-            if args.coordinator is not None:
-                kwargs = dict(coordinator_address=args.coordinator,
-                              num_processes=args.num_processes, process_id=args.process_id)
-            jax.distributed.initialize(**kwargs)
-    except (RuntimeError, ValueError) as e:
-        fail(f"jax.distributed.initialize failed: {(str(e).splitlines() or [repr(e)])[0]}")
-
-    from gptjax import sharding, trainer
-
-    try:
-        mesh = sharding.make_mesh(cfg.mesh)
-        if args.dry_run:
-            print(trainer.dry_run(cfg, mesh, compile_step=True if args.compile else None,
-                                  mfu=args.mfu))
-            return 0
-        summary = trainer.train(cfg, mesh=mesh)
-    except UserError as e:
-        fail(str(e))
+    start_distributed(args)
+    mesh = sharding.make_mesh(cfg.mesh)
+    if args.dry_run:
+        print(budget.dry_run(cfg, mesh, compile_step=True if args.compile else None,
+                             mfu=args.mfu))
+        return 0
+    summary = trainer.train(cfg, mesh=mesh)
     if jax.process_index() == 0:
         print(f"done: step {summary['step']}, {summary['tokens']:,} tokens in "
               f"{summary['seconds']:.0f} s; checkpoints in {cfg.train.run_dir}", flush=True)
     return 0
+
+
+def emulate_mesh_on_cpu(cfg: Config) -> None:
+    """A dry run of a mesh of explicit sizes emulates that many CPU devices, so a 175B config
+    can be planned on a laptop. JAX reads these settings only when its backends start."""
+    m = cfg.mesh
+    sizes = (m.data, m.fsdp, m.tensor)
+    if -1 in sizes:
+        return
+    jax.config.update("jax_platforms", "cpu")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    n = sizes[0] * sizes[1] * sizes[2]
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed for several processes: from the flags, or found by JAX in a cluster."""
+    if args.coordinator is None and args.num_processes is None and not _cluster_env():
+        return
+    # CPU collectives across processes (CPU clusters, tests) go through gloo; it does not
+    # affect GPU or TPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if args.coordinator is not None:
+        kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                      process_id=args.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise UserError("jax.distributed.initialize failed: "
+                        f"{(str(e).splitlines() or [repr(e)])[0]}") from None
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 from gptjax import xla_flags
@@ -16,7 +15,8 @@ from gptjax.bench.decode import bench_decode
 from gptjax.bench.torch_peer import bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
-from gptjax.errors import UserError
+from gptjax.cli import run_cli
+from gptjax.errors import warn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,48 +62,47 @@ def main(argv: list[str] | None = None) -> int:
     for q in (a, t, h, d, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    return run_cli("gptjax.bench", lambda: _run(args))
 
-    try:
-        if args.what == "train":
-            # Before JAX starts a backend: the flags train.py would set, unless overridden
-            # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
-            setting = load_config(args.config, args.overrides).train.xla_flags
-            try:
-                out_flags = xla_flags.apply(setting)
-            except RuntimeError:  # called in-process after JAX started (tests, notebooks)
-                print("warning: JAX has started; train.xla_flags not applied", file=sys.stderr)
-                out_flags = []
-        if args.what == "attention":
-            seqs = [int(s) for s in args.seqs.split(",")]
-            out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
-                                  args.repeats)
-        elif args.what == "train":
-            torch_out = torch_in_subprocess(args) if args.compare_torch else None
-            out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
-                              args.steps, {"auto": None, "yes": True, "no": False}[args.peak],
-                              args.profile)
-            if torch_out is not None:
-                out.update(torch_out)
-                out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
-        elif args.what == "torch":
-            cfg = load_config(args.config, args.overrides)
-            m = cfg.model
-            if args.seq:
-                m = dataclasses.replace(m, context_length=args.seq)
-            out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
-        elif args.what == "decode":
-            cfg = load_config(args.config, args.overrides).model
-            kw = {"batch_sizes": tuple(int(b) for b in args.batch_sizes.split(","))}
-            if args.prompt_len:
-                kw["prompt_len"] = args.prompt_len
-            if args.new_tokens:
-                kw["new_tokens"] = args.new_tokens
-            out = bench_decode(cfg, **kw)
-        else:
-            out = bench_data(seq=args.seq, batch=args.batch)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> None:
+    if args.what == "train":
+        # Before JAX starts a backend: the flags train.py would set, unless overridden
+        # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
+        setting = load_config(args.config, args.overrides).train.xla_flags
+        try:
+            out_flags = xla_flags.apply(setting)
+        except RuntimeError:  # called in-process after JAX started (tests, notebooks)
+            warn("JAX has started; train.xla_flags not applied")
+            out_flags = []
+    if args.what == "attention":
+        seqs = [int(s) for s in args.seqs.split(",")]
+        out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
+                              args.repeats)
+    elif args.what == "train":
+        torch_out = torch_in_subprocess(args) if args.compare_torch else None
+        out = bench_train(args.config, args.overrides, args.batch, args.seq, args.remat,
+                          args.steps, {"auto": None, "yes": True, "no": False}[args.peak],
+                          args.profile)
+        if torch_out is not None:
+            out.update(torch_out)
+            out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
+    elif args.what == "torch":
+        cfg = load_config(args.config, args.overrides)
+        m = cfg.model
+        if args.seq:
+            m = dataclasses.replace(m, context_length=args.seq)
+        out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
+    elif args.what == "decode":
+        cfg = load_config(args.config, args.overrides).model
+        kw = {"batch_sizes": tuple(int(b) for b in args.batch_sizes.split(","))}
+        if args.prompt_len:
+            kw["prompt_len"] = args.prompt_len
+        if args.new_tokens:
+            kw["new_tokens"] = args.new_tokens
+        out = bench_decode(cfg, **kw)
+    else:
+        out = bench_data(seq=args.seq, batch=args.batch)
     if args.what in ("train", "decode"):
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["overrides"] = args.overrides
@@ -113,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         _print(out)
-    return 0
 
 
 def _print(out: dict[str, Any], indent: str = "") -> None:

@@ -30,6 +30,28 @@ def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20)
     return 2 * n**3 * per_sample / sample / 1e12
 
 
+def _time_steps(compiled: Any, state: Any, batch: Any, lr: jax.Array, steps: int,
+                profile: str | None) -> tuple[Any, Any, list[float]]:
+    """(state, last metrics, seconds of each step) of `steps` timed steps after a warm-up one;
+    with `profile`, 3 more steps traced into that folder beside the step's HLO."""
+    state, metrics = compiled(state, batch, lr)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, lr)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t)
+    if profile:
+        with jax.profiler.trace(profile):
+            for _ in range(3):
+                state, metrics = compiled(state, batch, lr)
+            jax.block_until_ready(metrics["loss"])
+        with open(os.path.join(profile, "step.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+    return state, metrics, times
+
+
 def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
                 remat: str | None, steps: int, peak: bool | None = None,
                 profile: str | None = None) -> dict[str, Any]:
@@ -74,28 +96,15 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
             compiled = compile_for(m)
             tried = {m.remat: budget.memory_need_gib(compiled)}
         compile_s, compile_total = compile_times[-1], sum(compile_times)
-        state, metrics = compiled(state, batch_g, lr)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch_g, lr)
-            jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - t)
-        if profile:
-            with jax.profiler.trace(profile):
-                for _ in range(3):
-                    state, metrics = compiled(state, batch_g, lr)
-                jax.block_until_ready(metrics["loss"])
-            with open(os.path.join(profile, "step.hlo.txt"), "w") as f:
-                f.write(compiled.as_text())
+        state, metrics, times = _time_steps(compiled, state, batch_g, lr, steps, profile)
     med = statistics.median(times)
     tps = B * T / med
     spec = budget.device_peak_flops(cfg.train.peak_tflops)
     fpt = flops_per_token(m)
     out = {
         "config": cfg_name, "params": count_params(m), "batch": B, "seq": T, "remat": m.remat,
-        "dtype": m.dtype, "attention": "cudnn" if attention.use_cudnn(m.attention_impl, m.dtype) else "xla",
+        "dtype": m.dtype,
+        "attention": "cudnn" if attention.use_cudnn(m.attention_impl, m.dtype) else "xla",
         "loss_chunk": m.loss_chunk, "pattern": "/".join(m.attention_pattern),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
         "step_ms_median": 1e3 * med, "step_ms_spread": 1e3 * (max(times) - min(times)),
