@@ -1,4 +1,4 @@
-"""The public API as DESIGN.md and the README show it."""
+"""The public API as the README shows it."""
 
 import jax
 import jax.numpy as jnp

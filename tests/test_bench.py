@@ -1,4 +1,4 @@
-"""The benchmarks must keep running (their figures are in the README); no timing is asserted."""
+"""The benchmarks must keep running (their figures are in docs/performance.md); no timing is asserted."""
 
 import json
 import os

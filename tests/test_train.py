@@ -20,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gptjax import checkpoint, config, model, optim, sharding, trainer
+from gptjax import budget, checkpoint, config, model, optim, sharding
+from gptjax import state as train_state
 from gptjax.config import OptimConfig, TrainConfig
 from helpers import tiny
 
@@ -96,15 +97,15 @@ def synthetic_batch(cfg: config.Config, n: int, b: int, seed: int = 0) -> dict[s
 def make_step(cfg: config.Config, mesh):
     tx = optim.make_optimizer(cfg.optim)
     with sharding.activate(mesh):
-        _, sh = trainer.abstract_state(cfg, mesh, tx)
-        state = trainer.init_state(cfg, mesh, tx, sh)
-    fn = jax.jit(functools.partial(trainer.train_step, model_cfg=cfg.model, tx=tx),
-                 in_shardings=(sh, trainer.batch_shardings(mesh, True), None),
+        _, sh = train_state.abstract_state(cfg, mesh, tx)
+        state = train_state.init_state(cfg, mesh, tx, sh)
+    fn = jax.jit(functools.partial(train_state.train_step, model_cfg=cfg.model, tx=tx),
+                 in_shardings=(sh, sharding.batch_sharding(mesh, 3, stacked=True), None),
                  out_shardings=(sh, None))
 
     def step(state, batch, lr=1e-3):
         with sharding.activate(mesh):
-            return fn(state, trainer.to_global(batch, mesh, stacked=True), jnp.float32(lr))
+            return fn(state, sharding.to_global(batch, mesh, stacked=True), jnp.float32(lr))
 
     return state, step
 
@@ -156,8 +157,18 @@ def test_sharded_step_equals_unsharded(loss_chunk: int) -> None:
         ref_state, ref_m = ref_step(ref_state, batch)
         state, m = step(state, batch)
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
+    # Sharded sums run in another order (which differs between CPUs, too). Adam's moments are
+    # sums of gradients, so they differ only by that rounding; a lost or doubled reduction would
+    # move them by a whole gradient.
+    for x, y in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(ref_state.opt_state)):
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(y.dtype, np.floating) and y.size > 1:
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * np.abs(y).max())
+    # Adam divides by the gradient's size, so for a gradient near zero (|g| ~ eps) rounding in g
+    # becomes a visible part of the step: allow 5% of one step (lr 1e-3), far below any error
+    # that moves whole updates.
     for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=0, atol=0.05 * 1e-3)
     fc = state.params["layers"]["block0"]["mlp"]["fc_kernel"]
     spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert fc.sharding.spec == spec
@@ -181,7 +192,7 @@ def test_non_finite_step_is_skipped() -> None:
     assert int(m["bad_streak"]) == 2
     state, m = step(state, synthetic_batch(cfg, 1, 8, seed=2))
     assert not bool(m["skipped"]) and int(m["bad_streak"]) == 0
-    assert trainer.all_finite(state.params)
+    assert train_state.all_finite(state.params)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -380,28 +391,28 @@ def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
     cfg = tiny(remat="auto")
     for limit, want in ((100, "none"), (16, "dots"), (15, "full"), (None, "none")):
         compiled.clear()
-        m, c, tried = trainer.choose_remat(cfg, compile_fn, limit_gib=limit)
+        m, c, tried = budget.choose_remat(cfg, compile_fn, limit_gib=limit)
         assert m.remat == want and c[1].gib == needs[want] and compiled == list(tried)
         assert compiled == list(needs)[: list(needs).index(want) + 1]  # stops at the first fit
         assert tried[want] == pytest.approx(needs[want])
     # 10% of the device is kept for what the analysis leaves out (workspaces, fragmentation).
-    assert trainer.choose_remat(cfg, compile_fn, limit_gib=15.5, margin=1.0)[0].remat == "dots"
+    assert budget.choose_remat(cfg, compile_fn, limit_gib=15.5, margin=1.0)[0].remat == "dots"
     with pytest.raises(config.UserError, match="no remat policy fits"):
-        trainer.choose_remat(cfg, compile_fn, limit_gib=9.5)
+        budget.choose_remat(cfg, compile_fn, limit_gib=9.5)
 
     def refusing(m):  # a compiler that rejects a program too large for the device (TPU)
         if m.remat == "none":
             raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
         return compile_fn(m)
 
-    m, _, tried = trainer.choose_remat(cfg, refusing, limit_gib=100)
+    m, _, tried = budget.choose_remat(cfg, refusing, limit_gib=100)
     assert m.remat == "dots" and tried["none"] is None
 
     def broken(m):
         raise RuntimeError("INVALID_ARGUMENT: something else")
 
     with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
-        trainer.choose_remat(cfg, broken, limit_gib=100)
+        budget.choose_remat(cfg, broken, limit_gib=100)
 
 
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
@@ -479,13 +490,13 @@ def test_bad_input_exits_2_with_one_line(args: list[str], needle: str | None, tm
 def test_bf16_embedding_gradient_sums_in_fp32() -> None:
     """A token seen 8,192 times: its embedding row's gradient is a sum of 8,192 rows. Summed in
     bf16 it stalls (it came out at ~20% of the true value); the lookup gathers fp32 rows."""
-    from gptjax.trainer import _sum_loss
+    from gptjax.losses import sum_loss
 
     cfg = tiny(context_length=256, dtype="bfloat16", loss_chunk=64)
     params = model.init_params(cfg, jax.random.key(0))
     toks = jnp.full((32, 256), 7, jnp.int32)
     mb = {"inputs": toks, "targets": toks, "mask": jnp.ones((32, 256), jnp.float32)}
-    grad = jax.grad(lambda p, c: _sum_loss(p, c, mb)[0], argnums=0)
+    grad = jax.grad(lambda p, c: sum_loss(p, c, mb)[0], argnums=0)
     got = grad(params, cfg)["wte"][7]
     ref = grad(params, dataclasses.replace(cfg, dtype="float32"))["wte"][7]
     assert float(jnp.linalg.norm(got - ref)) < 0.05 * float(jnp.linalg.norm(ref))
