@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gptjax.config import Config
-from gptjax.data import (
+from gptjax.data.cache import (
     CHUNK_BYTES,
     TrainIterator,
     _decode,

@@ -1,0 +1,36 @@
+"""Sources → token cache → tf.data sliding windows → batches of this process's rows.
+
+The public names of the data pipeline, re-exported from the modules that define them.
+"""
+
+from gptjax.data.cache import (
+    SPLITS,
+    DataError,
+    TrainIterator,
+    ensure_cache,
+    eval_batches,
+    load_mask,
+    load_split,
+    load_tokens,
+    num_windows,
+    num_workers,
+    permute,
+    stdlib_files,
+    to_global,
+)
+
+__all__ = [
+    "SPLITS",
+    "DataError",
+    "TrainIterator",
+    "ensure_cache",
+    "eval_batches",
+    "load_mask",
+    "load_split",
+    "load_tokens",
+    "num_windows",
+    "num_workers",
+    "permute",
+    "stdlib_files",
+    "to_global",
+]
