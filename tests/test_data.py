@@ -21,7 +21,15 @@ import pytest
 from gptjax import data
 from gptjax.bench.data import bench_data
 from gptjax.config import config_from_dict
-from gptjax.data import DataError, TrainIterator, cache, eval_batches, load_tokens, to_global
+from gptjax.data import (
+    DataError,
+    TrainIterator,
+    cache,
+    eval_batches,
+    load_tokens,
+    sources,
+    to_global,
+)
 from gptjax.tokenizer import get_tokenizer
 from helpers import needs_bpe
 
@@ -475,9 +483,9 @@ def test_stdlib_files_are_listed_deterministically():
     assert keys == sorted(keys) and len(keys) > 500
     assert "os.py" in keys and "json/__init__.py" in keys
     assert not any("site-packages" in k for k in keys)
-    val = [k for k in keys if cache._in_validation(k, 0.01)]
+    val = [k for k in keys if sources.in_validation(k, 0.01)]
     assert 0.002 < len(val) / len(keys) < 0.03  # about 1%
-    assert val == [k for k in keys if cache._in_validation(k, 0.01)]
+    assert val == [k for k in keys if sources.in_validation(k, 0.01)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +556,7 @@ def test_import_without_tensorflow(tmp_path, corpus):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     """A tiny text dataset prepared locally in TFDS format (what `tfds build` would leave)."""
-    tf = cache._import_tf()
+    tf = sources.import_tf()
     import tensorflow_datasets as tfds
 
     root = tmp_path_factory.mktemp("tfds")

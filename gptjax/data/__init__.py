@@ -5,7 +5,6 @@ The public names of the data pipeline, re-exported from the modules that define 
 
 from gptjax.data.cache import (
     SPLITS,
-    DataError,
     TrainIterator,
     ensure_cache,
     eval_batches,
@@ -15,9 +14,9 @@ from gptjax.data.cache import (
     num_windows,
     num_workers,
     permute,
-    stdlib_files,
     to_global,
 )
+from gptjax.data.sources import DataError, stdlib_files
 
 __all__ = [
     "SPLITS",

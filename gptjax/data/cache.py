@@ -21,8 +21,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import glob
-import gzip
 import hashlib
 import json
 import multiprocessing
@@ -31,7 +29,6 @@ import re
 import shutil
 import socket
 import sys
-import sysconfig
 import time
 import uuid
 import weakref
@@ -41,7 +38,21 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.config import Config, UserError
+from gptjax.config import Config
+from gptjax.data.sources import (
+    DataError,
+    Doc,
+    FileUnit,
+    file_documents,
+    glob_units,
+    import_tf,
+    in_validation,
+    parse_tfds,
+    stat_units,
+    stdlib_files,
+    tfds_builder_dir,
+    tfds_documents,
+)
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
 SPLITS = ("train", "validation")
@@ -51,7 +62,6 @@ MANIFEST_FILE = "manifest.json"
 # Loss weights, one uint8 per token (the weight of predicting that token); only for sources with
 # prompt/completion records. Plain text has all-ones weights and stores none.
 MASK_FILE = "mask.bin"
-PROMPT_KEY, COMPLETION_KEY = "prompt", "completion"
 # Bumped when the rule that turns .jsonl records into tokens and weights changes. Only plans with
 # .jsonl files put it in their digest, so caches of other sources keep their names; caches built
 # before records could be prompt/completion pairs lack it and are never found.
@@ -63,183 +73,6 @@ CHUNK_BYTES = 4 << 20
 PARALLEL_MIN_BYTES = 32 << 20
 
 
-class DataError(UserError):
-    """Bad data input (unknown source, empty glob, too few tokens, ...); one-line message."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-@dataclasses.dataclass(frozen=True)
-class _FileUnit:
-    """One file of a stdlib/files source; `key` (a stable relative name) decides its split."""
-
-    key: str
-    path: str
-    size: int
-    mtime_ns: int
-
-    @property
-    def jsonl(self) -> bool:
-        return self.path.endswith((".jsonl", ".jsonl.gz"))
-
-
-def _in_validation(key: str, fraction: float) -> bool:
-    """Deterministic, seed-independent split: the first 8 bytes of sha256(key) as a uniform draw."""
-    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return draw < fraction * 2.0**64
-
-
-def stdlib_files() -> list[tuple[str, Path]]:
-    """Every `.py` file of the running interpreter's standard library (not site-packages), as
-    (path relative to the stdlib root, path), sorted by the relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip]
-        for name in filenames:
-            if name.endswith(".py"):
-                path = Path(dirpath) / name
-                out.append((path.relative_to(root).as_posix(), path))
-    out.sort()
-    return out
-
-
-def _stat_units(pairs: Iterable[tuple[str, Path | str]]) -> list[_FileUnit]:
-    units = []
-    for key, path in pairs:
-        st = os.stat(path)
-        units.append(_FileUnit(key, str(path), st.st_size, st.st_mtime_ns))
-    return units
-
-
-def _looks_like_path(pattern: str) -> bool:
-    return any(c in pattern for c in "/\\*?[~") or bool(re.search(r"\.\w+$", pattern))
-
-
-def _glob_units(source: str) -> list[_FileUnit]:
-    patterns = [p.strip() for p in source.split(",") if p.strip()]
-    if not patterns or not all(_looks_like_path(p) for p in patterns):
-        raise DataError(
-            f"unknown data.source={source!r} (use stdlib, tfds:NAME[/CONFIG][:VERSION], or "
-            "comma-separated globs of .txt/.jsonl files, .gz accepted)"
-        )
-    found: dict[str, str] = {}  # path -> key
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
-        if not matches:
-            raise DataError(f"data.source: {pattern!r} matches no files")
-        # Keys are relative to the pattern's fixed leading directories, so a file's split does
-        # not change when the corpus moves.
-        fixed = []
-        for part in Path(pattern).parts[:-1]:
-            if any(c in part for c in "*?["):
-                break
-            fixed.append(part)
-        base = os.path.join(*fixed) if fixed else "."
-        for m in matches:
-            found.setdefault(m, Path(os.path.relpath(m, base)).as_posix())
-    return sorted(
-        _stat_units((key, path) for path, key in found.items()), key=lambda u: (u.key, u.path)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _TfdsSpec:
-    name: str
-    config: str
-    version: str
-    data_dir: str
-
-    @property
-    def display(self) -> str:
-        return self.name + (f"/{self.config}" if self.config else "")
-
-
-def _parse_tfds(source: str, data_dir: str) -> _TfdsSpec:
-    body = source[len("tfds:") :]
-    name_config, _, version = body.partition(":")
-    name, _, config = name_config.partition("/")
-    if not re.fullmatch(r"[a-z0-9_]+", name) or (config and "/" in config):
-        raise DataError(f"data.source={source!r} is not of the form tfds:NAME[/CONFIG][:VERSION]")
-    if version and not re.fullmatch(r"\d+\.\d+\.\d+", version):
-        raise DataError(f"data.source={source!r}: the version must look like 1.2.3")
-    if not data_dir:
-        data_dir = os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
-    if "://" not in data_dir:
-        data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    return _TfdsSpec(name, config, version, data_dir)
-
-
-def _tfds_builder_dir(spec: _TfdsSpec) -> Any:
-    """The prepared dataset's directory (`DATA_DIR/NAME[/CONFIG]/VERSION`), found by listing only:
-    nothing here may touch the network, so an unprepared dataset fails at once."""
-    from etils import epath
-
-    def versions(d: Any) -> list[str]:
-        if not d.is_dir():
-            return []
-        found = [
-            p.name
-            for p in d.iterdir()
-            if re.fullmatch(r"\d+\.\d+\.\d+", p.name) and (p / "dataset_info.json").exists()
-        ]
-        return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
-
-    base = epath.Path(spec.data_dir) / spec.name
-    config = spec.config
-    if config:
-        base = base / config
-    elif not versions(base) and base.is_dir():
-        # NAME without CONFIG for a dataset with configs (c4 → c4/en/3.0.1): take the only one.
-        configs = sorted(p.name for p in base.iterdir() if p.is_dir() and versions(p))
-        if len(configs) > 1:
-            raise DataError(
-                f"tfds:{spec.name} has several prepared configs under {spec.data_dir} "
-                f"({', '.join(configs)}); name one, e.g. tfds:{spec.name}/{configs[0]}"
-            )
-        if configs:
-            config, base = configs[0], base / configs[0]
-    prepared = versions(base)
-    if spec.version:
-        if spec.version in prepared:
-            return base / spec.version
-        if prepared:
-            raise DataError(
-                f"tfds:{spec.display} version {spec.version} is not prepared under "
-                f"{spec.data_dir} (prepared: {', '.join(prepared)})"
-            )
-    elif prepared:
-        return base / prepared[-1]
-    raise DataError(_tfds_missing_message(spec))
-
-
-def _tfds_missing_message(spec: _TfdsSpec) -> str:
-    known = True
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        pass
-    else:
-        try:
-            tfds.builder_cls(spec.name)  # the local catalog; no network for a plain name
-        except tfds.core.registered.DatasetNotFoundError:
-            known = False
-    if not known:
-        return (
-            f"unknown TFDS dataset {spec.name!r}: not in the TFDS catalog and not prepared "
-            f"under data.tfds_data_dir={spec.data_dir}"
-        )
-    return (
-        f"TFDS dataset {spec.display} is not prepared under {spec.data_dir} and is never "
-        f"downloaded here; prepare it where there is network (tfds build {spec.display} "
-        f"--data_dir DIR) and set data.tfds_data_dir=DIR"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything needed to (re)build one split's cache, and the digest that names it."""
@@ -248,7 +81,7 @@ class _Plan:
     split: str
     tokenizer: Tokenizer
     kind: str  # stdlib | files | tfds
-    units: tuple[_FileUnit, ...] = ()
+    units: tuple[FileUnit, ...] = ()
     tfds_dir: str = ""
     tfds_split: str = ""
     text_key: str = "text"
@@ -288,8 +121,8 @@ def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
     d = cfg.data
     source = d.source.strip()
     if source.startswith("tfds:"):
-        spec = _parse_tfds(source, d.tfds_data_dir)
-        builder_dir = _tfds_builder_dir(spec)
+        spec = parse_tfds(source, d.tfds_data_dir)
+        builder_dir = tfds_builder_dir(spec)
         info = (builder_dir / "dataset_info.json").read_bytes()
         tfds_split = d.train_split if split == "train" else d.val_split
         try:
@@ -311,14 +144,14 @@ def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
     if split == "validation" and d.val_fraction == 0:
         raise DataError(f"data.val_fraction=0: data.source={source!r} has no validation split")
     if source == "stdlib":
-        units = _stat_units(stdlib_files())
+        units = stat_units(stdlib_files())
         kind = "stdlib"
     else:
-        units = _glob_units(source)
+        units = glob_units(source)
         kind = "files"
     # .txt files are split whole here; .jsonl files go to both splits and are split by line.
     want_val = split == "validation"
-    keep = [u for u in units if u.jsonl or _in_validation(u.key, d.val_fraction) == want_val]
+    keep = [u for u in units if u.jsonl or in_validation(u.key, d.val_fraction) == want_val]
     return _Plan(
         source=source,
         split=split,
@@ -348,11 +181,6 @@ class _Encoded:
     replaced_in: str = ""  # the first document with undecodable bytes
 
 
-# A document: (name, text, None) for plain text, (name, prompt, completion) for a record whose
-# prompt tokens get weight 0.
-_Doc = tuple[str, bytes, bytes | None]
-
-
 def _decode(data: bytes) -> tuple[str, int]:
     """UTF-8 text with undecodable bytes replaced by U+FFFD, and how many were replaced."""
     try:
@@ -362,7 +190,7 @@ def _decode(data: bytes) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
 
 
-def _join(tok: Tokenizer, docs: Iterable[_Doc]) -> _Encoded:
+def _join(tok: Tokenizer, docs: Iterable[Doc]) -> _Encoded:
     """Tokenizes documents, each followed by the end-of-text id; a prompt/completion document
     also gets loss weights: 0 on the prompt, 1 on the completion and its end-of-text."""
     parts, out = [], _Encoded(np.zeros(0, tok.dtype))
@@ -396,57 +224,10 @@ def _join(tok: Tokenizer, docs: Iterable[_Doc]) -> _Encoded:
     return out
 
 
-def _read(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read()
-
-
-def _utf8(text: str) -> bytes:
-    # JSON may hold lone surrogates; _decode turns them into counted U+FFFD.
-    return text.encode("utf-8", errors="surrogatepass")
-
-
-def _file_docs(
-    units: tuple[_FileUnit, ...], split: str, val_fraction: float, text_key: str
-) -> Iterator[_Doc]:
-    for u in units:
-        data = _read(u.path)
-        if not u.jsonl:
-            yield u.key, data, None
-            continue
-        for i, line in enumerate(data.splitlines(), 1):
-            if not line.strip() or _in_validation(f"{u.key}:{i}", val_fraction) != (
-                split == "validation"
-            ):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise DataError(f"{u.path}:{i}: not valid JSON") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{u.path}:{i}: not a JSON object")
-            # Both keys make a fine-tuning record, whatever else it holds (a "text" copy, say).
-            if PROMPT_KEY in record and COMPLETION_KEY in record:
-                prompt, completion = record[PROMPT_KEY], record[COMPLETION_KEY]
-                if not isinstance(prompt, str) or not isinstance(completion, str):
-                    raise DataError(
-                        f"{u.path}:{i}: {PROMPT_KEY!r} and {COMPLETION_KEY!r} must both be strings"
-                    )
-                yield f"{u.key}:{i}", _utf8(prompt), _utf8(completion)
-            elif isinstance(record.get(text_key), str):
-                yield f"{u.key}:{i}", _utf8(record[text_key]), None
-            else:
-                raise DataError(
-                    f"{u.path}:{i}: no string field {text_key!r} (data.text_key), nor "
-                    f"{PROMPT_KEY!r} and {COMPLETION_KEY!r}"
-                )
-
-
 def _encode_files(
-    tok: Tokenizer, units: tuple[_FileUnit, ...], split: str, val_fraction: float, text_key: str
+    tok: Tokenizer, units: tuple[FileUnit, ...], split: str, val_fraction: float, text_key: str
 ) -> _Encoded:
-    return _join(tok, _file_docs(units, split, val_fraction, text_key))
+    return _join(tok, file_documents(units, split, val_fraction, text_key))
 
 
 def _encode_texts(tok: Tokenizer, names: list[str], texts: list[bytes]) -> _Encoded:
@@ -505,7 +286,7 @@ def _encode_all(
 
 
 def _file_jobs(plan: _Plan) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
-    chunk: list[_FileUnit] = []
+    chunk: list[FileUnit] = []
     size = 0
     for u in plan.units:
         chunk.append(u)
@@ -517,62 +298,25 @@ def _file_jobs(plan: _Plan) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
         yield _encode_files, (tuple(chunk), plan.split, plan.val_fraction, plan.text_key)
 
 
-def _import_tf() -> Any:
-    """TensorFlow for tf.data only: quiet, and kept off any GPU that JAX owns."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # tf.data does no float math here; this also silences TF's oneDNN banner on import.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise DataError(
-            "tensorflow is needed for tf.data and TFDS: pip install tensorflow-cpu"
-        ) from None
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        pass  # already initialized: the caller did it
-    return tf
-
-
 def _tfds_jobs(plan: _Plan, progress: Any) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
-    _import_tf()
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder_from_directory(plan.tfds_dir)
-    splits = builder.info.splits
-    base = re.split(r"[\[+]", plan.tfds_split, maxsplit=1)[0]
-    if base not in splits:
-        key = "data.train_split" if plan.split == "train" else "data.val_split"
-        raise DataError(
-            f"{key}={plan.tfds_split!r}: {plan.source} has splits {', '.join(sorted(splits))}"
-        )
-    features = builder.info.features
-    if plan.text_key not in features:
-        raise DataError(
-            f"data.text_key={plan.text_key!r}: {plan.source} has features "
-            f"{', '.join(sorted(features.keys()))}"
-        )
-    try:
-        progress.reset(total=splits[plan.tfds_split].num_examples)
-    except (KeyError, ValueError, TypeError, AttributeError):
-        pass  # an unusual split expression: a bar without a total
-    ds = builder.as_dataset(split=plan.tfds_split, shuffle_files=False)
-    ds = ds.map(lambda ex: ex[plan.text_key]).batch(1024).prefetch(2)
+    docs = tfds_documents(
+        plan.tfds_dir,
+        plan.tfds_split,
+        plan.text_key,
+        source=plan.source,
+        split=plan.split,
+        progress=progress,
+    )
     names: list[str] = []
     texts: list[bytes] = []
-    size = count = 0
-    for batch in ds.as_numpy_iterator():
-        for text in batch:
-            if not isinstance(text, bytes):
-                raise DataError(f"data.text_key={plan.text_key!r} of {plan.source} is not text")
-            names.append(f"{plan.tfds_split}[{count}]")
-            texts.append(text)
-            size += len(text)
-            count += 1
-            if size >= CHUNK_BYTES:
-                yield _encode_texts, (names, texts)
-                names, texts, size = [], [], 0
+    size = 0
+    for name, text in docs:
+        names.append(name)
+        texts.append(text)
+        size += len(text)
+        if size >= CHUNK_BYTES:
+            yield _encode_texts, (names, texts)
+            names, texts, size = [], [], 0
     if texts:
         yield _encode_texts, (names, texts)
 
@@ -1001,7 +745,7 @@ class TrainIterator:
         return rows
 
     def _make(self) -> Iterator:
-        tf = _import_tf()
+        tf = import_tf()
         rows = self._batch_fn()
         L, T = self.local_batch_size, self.context_length
 
