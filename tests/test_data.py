@@ -28,7 +28,6 @@ from gptjax.data import (
     eval_batches,
     load_tokens,
     sources,
-    to_global,
 )
 from gptjax.tokenizer import get_tokenizer
 from helpers import needs_bpe
@@ -253,28 +252,6 @@ def test_eval_every_window_once_in_order(tmp_path, corpus, count):
             np.testing.assert_array_equal(targets, tokens[w * T + 1 : w * T + T + 1])
         else:
             assert (mask == 0).all() and not inputs.any()
-
-
-def test_to_global_shards_over_batch_axes(tmp_path, corpus):
-    import jax
-    from jax.sharding import Mesh, PartitionSpec
-
-    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    devices = np.array(jax.devices()[:8]).reshape(4, 2, 1)
-    mesh = Mesh(devices, ("data", "fsdp", "tensor"))
-    with TrainIterator(cfg, 8) as it:
-        batch = next(it)
-    out = to_global(batch, mesh)
-    for key, value in out.items():
-        assert isinstance(value, jax.Array) and value.shape == (8, T)
-        assert value.sharding.spec == PartitionSpec(("data", "fsdp"), None)
-        assert value.sharding.shard_shape(value.shape) == (1, T)
-        np.testing.assert_array_equal(np.asarray(value), batch[key])
-    # Axes missing from the mesh are ignored; a batch that does not divide is a user error.
-    mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
-    assert to_global(batch, mesh2)["inputs"].sharding.spec == PartitionSpec(("data",), None)
-    with pytest.raises(DataError, match="does not divide"):
-        to_global({k: v[:6] for k, v in batch.items()}, mesh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from gptjax.data.cache import (
     num_windows,
     num_workers,
     permute,
-    to_global,
 )
 from gptjax.data.sources import DataError, stdlib_files
 
@@ -31,5 +30,4 @@ __all__ = [
     "num_workers",
     "permute",
     "stdlib_files",
-    "to_global",
 ]

@@ -831,33 +831,3 @@ def _eval_iter(
         mask[valid] = _window_mask(weights, starts, T)
         yield {"inputs": inputs, "targets": targets, "mask": mask}
 
-
-def to_global(
-    batch: dict[str, np.ndarray], mesh: Any, batch_axes: tuple[str, ...] = ("data", "fsdp")
-) -> dict[str, Any]:
-    """This process's rows → global `jax.Array`s, dim 0 sharded over the mesh's batch axes.
-
-    Args:
-        batch: numpy arrays with the process-local batch first.
-        mesh: a `jax.sharding.Mesh`; batch axes it lacks are ignored.
-        batch_axes: mesh axes that split the batch.
-
-    Returns:
-        The same keys, as global arrays of batch_size rows, sharded `P(batch_axes, None, ...)`.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    out = {}
-    for key, value in batch.items():
-        rows = value.shape[0] * jax.process_count()
-        if rows % ways:
-            raise DataError(
-                f"a global batch of {rows} rows does not divide over the mesh's batch axes "
-                f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)})"
-            )
-        spec = PartitionSpec(axes or None, *([None] * (value.ndim - 1)))
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out
