@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from gptjax.config import Config
+from gptjax.data.batches import TrainIterator
 from gptjax.data.cache import (
     CHUNK_BYTES,
-    TrainIterator,
     _decode,
     _encode_texts,
     _in_worker,
