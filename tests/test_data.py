@@ -25,6 +25,7 @@ from gptjax.data import (
     DataError,
     TrainIterator,
     cache,
+    encode,
     eval_batches,
     load_tokens,
     sources,
@@ -341,8 +342,8 @@ def test_cache_of_another_tokenizer_is_not_used(tmp_path, corpus):
 
 def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    monkeypatch.setattr(cache, "CHUNK_BYTES", 1000)
-    real = cache._encode_files
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    real = encode._encode_files
     calls = []
 
     def flaky(*args):
@@ -351,11 +352,11 @@ def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(cache, "_encode_files", flaky)
+    monkeypatch.setattr(encode, "_encode_files", flaky)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(cfg, "train")
     assert list((tmp_path / "cache").iterdir()) == []  # neither a cache nor a temporary dir
-    monkeypatch.setattr(cache, "_encode_files", real)
+    monkeypatch.setattr(encode, "_encode_files", real)
     assert data.ensure_cache(cfg, "train")[2]
 
 
@@ -367,17 +368,17 @@ def test_killed_build_is_not_reused(tmp_path, corpus):
         import time
         from gptjax import data
         from gptjax.config import config_from_dict
-        from gptjax.data import cache
+        from gptjax.data import encode
         cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
             "cache_dir": "{cache}", "val_fraction": 0.2}}}})
-        cache.CHUNK_BYTES = 1000
-        real = cache._encode_files
+        encode.CHUNK_BYTES = 1000
+        real = encode._encode_files
         def slow(*args):
             print("chunk", flush=True)
             time.sleep(0.2)
             return real(*args)
-        cache._encode_files = slow
+        encode._encode_files = slow
         data.load_tokens(cfg, "train")
         """
     )
@@ -402,11 +403,11 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
         f"""
         from gptjax import data
         from gptjax.config import config_from_dict
-        from gptjax.data import cache
+        from gptjax.data import encode
         cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
             "cache_dir": "{tmp_path}/cache", "val_fraction": 0.2}}}})
-        cache.CHUNK_BYTES = 500
+        encode.CHUNK_BYTES = 500
         print(int(data.load_tokens(cfg, "train").sum()))
         """
     )
@@ -440,7 +441,7 @@ def test_parallel_build_equals_sequential(tmp_path, corpus, monkeypatch):
     )
     expected = np.asarray(load_tokens(seq, "train"))
     monkeypatch.setattr(cache, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(cache, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 2000)
     used = []
     real = cache._encode_all
 

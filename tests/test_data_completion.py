@@ -13,7 +13,15 @@ from helpers import needs_bpe, tiny
 
 from gptjax import data
 from gptjax.config import config_from_dict
-from gptjax.data import DataError, TrainIterator, cache, eval_batches, load_mask, load_tokens
+from gptjax.data import (
+    DataError,
+    TrainIterator,
+    cache,
+    encode,
+    eval_batches,
+    load_mask,
+    load_tokens,
+)
 from gptjax.model import GPT, cross_entropy, init_params
 from gptjax.tokenizer import get_tokenizer
 
@@ -101,7 +109,7 @@ def test_plain_text_around_completions_weighs_one(tmp_path, monkeypatch):
     write_jsonl(src / "b.jsonl", [{"prompt": "ask", "completion": "tell"}, {"text": "plain"}])
     (src / "a.txt").write_text("before")
     (src / "c.txt").write_text("after")
-    monkeypatch.setattr(cache, "CHUNK_BYTES", 1)  # one file per chunk: weights start mid-build
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1)  # one file per chunk: weights start mid-build
     cfg = make_cfg(tmp_path, f"{src}/*", val_fraction=1e-9)
     tok = get_tokenizer("byte")
     assert tok.decode(load_tokens(cfg, "train")).split("<|endoftext|>") == [

@@ -30,18 +30,24 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gptjax.config import Config
+from gptjax.data.encode import (
+    Encoded,
+    Job,
+    file_jobs,
+    init_worker,
+    run_in_worker,
+    text_jobs,
+)
 from gptjax.data.sources import (
     DataError,
-    Doc,
     FileUnit,
-    file_documents,
     glob_units,
     in_validation,
     parse_tfds,
@@ -63,8 +69,6 @@ MASK_FILE = "mask.bin"
 # .jsonl files put it in their digest, so caches of other sources keep their names; caches built
 # before records could be prompt/completion pairs lack it and are never found.
 JSONL_RULE = 1
-# Work is handed to tokenizer processes in chunks of about this much text.
-CHUNK_BYTES = 4 << 20
 # Below this much text (and for the byte tokenizer, which is faster than the pickling a process
 # pool adds) tokenization stays in this process: spawning workers costs seconds.
 PARALLEL_MIN_BYTES = 32 << 20
@@ -164,83 +168,7 @@ def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization (these functions also run in worker processes)
-
-
-@dataclasses.dataclass
-class _Encoded:
-    tokens: np.ndarray
-    # uint8 loss weights, one per token; None when the chunk held no prompt/completion record.
-    mask: np.ndarray | None = None
-    documents: int = 0
-    nbytes: int = 0
-    replaced: int = 0
-    replaced_in: str = ""  # the first document with undecodable bytes
-
-
-def _decode(data: bytes) -> tuple[str, int]:
-    """UTF-8 text with undecodable bytes replaced by U+FFFD, and how many were replaced."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
-
-
-def _join(tok: Tokenizer, docs: Iterable[Doc]) -> _Encoded:
-    """Tokenizes documents, each followed by the end-of-text id; a prompt/completion document
-    also gets loss weights: 0 on the prompt, 1 on the completion and its end-of-text."""
-    parts, out = [], _Encoded(np.zeros(0, tok.dtype))
-    runs: list[int] = []  # alternating lengths of weight-0 and weight-1 runs
-    completions = False
-    eot = np.array([tok.eot_id], dtype=tok.dtype)
-    for name, data, completion in docs:
-        pieces = [data] if completion is None else [data, completion]
-        texts = []
-        for piece in pieces:
-            out.nbytes += len(piece)
-            text, bad = _decode(piece)
-            if bad:
-                out.replaced += bad
-                out.replaced_in = out.replaced_in or name
-            texts.append(text)
-        if not any(texts):
-            continue
-        # Prompt and completion are encoded apart, as a sampler encodes the prompt alone: the
-        # boundary is exact, and the model learns the completion's tokens as it will meet them.
-        ids = [tok.encode_array(t).astype(tok.dtype, copy=False) for t in texts]
-        parts += [*ids, eot]
-        prompt = len(ids[0]) if completion is not None else 0
-        runs += [prompt, sum(len(i) for i in ids) + 1 - prompt]
-        completions = completions or completion is not None
-        out.documents += 1
-    if parts:
-        out.tokens = np.concatenate(parts)
-    if completions:
-        out.mask = np.repeat(np.tile(np.array([0, 1], np.uint8), len(runs) // 2), runs)
-    return out
-
-
-def _encode_files(
-    tok: Tokenizer, units: tuple[FileUnit, ...], split: str, val_fraction: float, text_key: str
-) -> _Encoded:
-    return _join(tok, file_documents(units, split, val_fraction, text_key))
-
-
-def _encode_texts(tok: Tokenizer, names: list[str], texts: list[bytes]) -> _Encoded:
-    return _join(tok, ((name, text, None) for name, text in zip(names, texts)))
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _worker_init(tok: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tok
-
-
-def _in_worker(fn: Callable[..., _Encoded], args: tuple) -> _Encoded:
-    return fn(_WORKER_TOKENIZER, *args)
+# Tokenizer processes
 
 
 def num_workers(cfg: Config) -> int:
@@ -255,9 +183,9 @@ def num_workers(cfg: Config) -> int:
 
 def _encode_all(
     tok: Tokenizer,
-    jobs: Iterable[tuple[Callable[..., _Encoded], tuple]],
+    jobs: Iterable[Job],
     workers: int,
-) -> Iterator[_Encoded]:
+) -> Iterator[Encoded]:
     """Runs the jobs in order, in `workers` spawned processes when workers > 1. At most two jobs
     per worker are in flight, so a huge source never queues up in memory."""
     if workers <= 1:
@@ -267,12 +195,12 @@ def _encode_all(
     # spawn, not fork: the parent usually has JAX's and TF's threads running.
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(tok,)
+        workers, mp_context=ctx, initializer=init_worker, initargs=(tok,)
     ) as pool:
         pending: collections.deque = collections.deque()
         try:
             for fn, args in jobs:
-                pending.append(pool.submit(_in_worker, fn, args))
+                pending.append(pool.submit(run_in_worker, fn, args))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
@@ -282,40 +210,19 @@ def _encode_all(
                 f.cancel()
 
 
-def _file_jobs(plan: _Plan) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
-    chunk: list[FileUnit] = []
-    size = 0
-    for u in plan.units:
-        chunk.append(u)
-        size += u.size
-        if size >= CHUNK_BYTES:
-            yield _encode_files, (tuple(chunk), plan.split, plan.val_fraction, plan.text_key)
-            chunk, size = [], 0
-    if chunk:
-        yield _encode_files, (tuple(chunk), plan.split, plan.val_fraction, plan.text_key)
-
-
-def _tfds_jobs(plan: _Plan, progress: Any) -> Iterator[tuple[Callable[..., _Encoded], tuple]]:
-    docs = tfds_documents(
-        plan.tfds_dir,
-        plan.tfds_split,
-        plan.text_key,
-        source=plan.source,
-        split=plan.split,
-        progress=progress,
-    )
-    names: list[str] = []
-    texts: list[bytes] = []
-    size = 0
-    for name, text in docs:
-        names.append(name)
-        texts.append(text)
-        size += len(text)
-        if size >= CHUNK_BYTES:
-            yield _encode_texts, (names, texts)
-            names, texts, size = [], [], 0
-    if texts:
-        yield _encode_texts, (names, texts)
+def _jobs(plan: _Plan, progress: Any) -> Iterator[Job]:
+    if plan.kind == "tfds":
+        return text_jobs(
+            tfds_documents(
+                plan.tfds_dir,
+                plan.tfds_split,
+                plan.text_key,
+                source=plan.source,
+                split=plan.split,
+                progress=progress,
+            )
+        )
+    return file_jobs(plan.units, plan.split, plan.val_fraction, plan.text_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +310,7 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
             leave=False,
         )
         with bar, open(tmp / TOKENS_FILE, "wb") as f, contextlib.ExitStack() as later:
-            jobs = _tfds_jobs(plan, bar) if plan.kind == "tfds" else _file_jobs(plan)
+            jobs = _jobs(plan, bar)
             for enc in _encode_all(tok, jobs, workers):
                 if enc.mask is not None and mask_file is None:
                     mask_file = later.enter_context(open(tmp / MASK_FILE, "wb"))

@@ -210,7 +210,7 @@ def _read(path: str) -> bytes:
 
 
 def _utf8(text: str) -> bytes:
-    # JSON may hold lone surrogates; _decode turns them into counted U+FFFD.
+    # JSON may hold lone surrogates; encode.decode_utf8 turns them into counted U+FFFD.
     return text.encode("utf-8", errors="surrogatepass")
 
 
