@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from gptjax.config import Config
 from gptjax.data.encode import (
@@ -281,79 +282,14 @@ def _remove_dead_builds(cache_dir: Path, name: str) -> None:
 def _build(plan: _Plan, final: Path, workers: int) -> dict:
     """Tokenizes the plan into a temporary directory, then renames it to `final` (atomic: an
     interrupted build never leaves a directory that looks complete)."""
-    from tqdm import tqdm
-
-    cache_dir = final.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(cache_dir, final.name)
-    tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp = cache_dir / f".tmp.{final.name}.{tag}"
-    tmp.mkdir()
-    tok = plan.tokenizer
+    tmp = _new_build_dir(final)
     start = time.perf_counter()
-    total_bytes = sum(u.size for u in plan.units)
-    if tok.name == "byte" or plan.approx_bytes < PARALLEL_MIN_BYTES:
+    if plan.tokenizer.name == "byte" or plan.approx_bytes < PARALLEL_MIN_BYTES:
         workers = 1  # byte tokenization outruns the pickling a process pool adds
-    sha = hashlib.sha256()
-    counts = {"tokens": 0, "documents": 0, "bytes": 0, "replaced": 0}
-    replaced_in = ""
-    mask_file = None  # opened at the first chunk with weights
-    loss_tokens = 0
     try:
-        bar = tqdm(
-            total=total_bytes if plan.kind != "tfds" else None,
-            unit="B" if plan.kind != "tfds" else " docs",
-            unit_scale=True,
-            desc=f"tokenizing {plan.source} ({plan.split}, {tok.name})",
-            file=sys.stderr,
-            mininterval=0.5,
-            leave=False,
-        )
-        with bar, open(tmp / TOKENS_FILE, "wb") as f, contextlib.ExitStack() as later:
-            jobs = _jobs(plan, bar)
-            for enc in _encode_all(tok, jobs, workers):
-                if enc.mask is not None and mask_file is None:
-                    mask_file = later.enter_context(open(tmp / MASK_FILE, "wb"))
-                    _write_ones(mask_file, counts["tokens"])  # the plain documents before it
-                    loss_tokens = counts["tokens"]
-                if mask_file is not None:
-                    if enc.mask is None:
-                        _write_ones(mask_file, enc.tokens.size)
-                        loss_tokens += enc.tokens.size
-                    else:
-                        mask_file.write(enc.mask.tobytes())
-                        loss_tokens += int(enc.mask.sum(dtype=np.int64))
-                data = enc.tokens.astype(tok.dtype, copy=False).tobytes()
-                f.write(data)
-                sha.update(data)
-                counts["tokens"] += enc.tokens.size
-                counts["documents"] += enc.documents
-                counts["bytes"] += enc.nbytes
-                counts["replaced"] += enc.replaced
-                replaced_in = replaced_in or enc.replaced_in
-                bar.update(enc.nbytes if plan.kind != "tfds" else enc.documents)
-            for out in filter(None, (f, mask_file)):
-                out.flush()
-                os.fsync(out.fileno())
-        manifest = {
-            "format": CACHE_FORMAT,
-            "digest": plan.digest(),
-            "source": plan.source,
-            "split": plan.split,
-            "tfds_split": plan.tfds_split or None,
-            "tokenizer": tok.spec(),
-            "dtype": tok.dtype.name,
-            "file": TOKENS_FILE,
-            # Always written: the key says this build looked for prompt/completion records.
-            "mask": MASK_FILE if mask_file is not None else None,
-            **counts,
-            "loss_tokens": loss_tokens if mask_file is not None else counts["tokens"],
-            "replaced_first_in": replaced_in or None,
-            "sha256": sha.hexdigest(),
-            "files": len(plan.units) if plan.kind != "tfds" else None,
-            "build_seconds": round(time.perf_counter() - start, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        with _progress_bar(plan) as bar:
+            written = _write_split(plan, tmp, workers, bar)
+        manifest = _manifest(plan, written, time.perf_counter() - start)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
             os.rename(tmp, final)
@@ -366,9 +302,103 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    secs = manifest["build_seconds"]
+    _report(plan, manifest, final)
+    return manifest
+
+
+def _new_build_dir(final: Path) -> Path:
+    """An empty directory beside `final`, named for this host and process so that a later build
+    can tell when its builder is gone."""
+    cache_dir = final.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(cache_dir, final.name)
+    tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = cache_dir / f".tmp.{final.name}.{tag}"
+    tmp.mkdir()
+    return tmp
+
+
+def _progress_bar(plan: _Plan) -> tqdm:
+    """Bytes of files, or TFDS documents (the reader sets their total when the split has one)."""
+    files = plan.kind != "tfds"
+    return tqdm(
+        total=sum(u.size for u in plan.units) if files else None,
+        unit="B" if files else " docs",
+        unit_scale=True,
+        desc=f"tokenizing {plan.source} ({plan.split}, {plan.tokenizer.name})",
+        file=sys.stderr,
+        mininterval=0.5,
+        leave=False,
+    )
+
+
+def _write_split(plan: _Plan, tmp: Path, workers: int, bar: tqdm) -> dict:
+    """Writes the tokens of the plan's jobs to `tmp`, and their loss weights from the first chunk
+    that has any; returns what the manifest says about them."""
+    tok = plan.tokenizer
+    sha = hashlib.sha256()
+    counts = {"tokens": 0, "documents": 0, "bytes": 0, "replaced": 0}
+    replaced_in = ""
+    mask_file = None  # opened at the first chunk with weights
+    loss_tokens = 0
+    with open(tmp / TOKENS_FILE, "wb") as f, contextlib.ExitStack() as later:
+        for enc in _encode_all(tok, _jobs(plan, bar), workers):
+            if enc.mask is not None and mask_file is None:
+                mask_file = later.enter_context(open(tmp / MASK_FILE, "wb"))
+                _write_ones(mask_file, counts["tokens"])  # the plain documents before it
+                loss_tokens = counts["tokens"]
+            if mask_file is not None:
+                if enc.mask is None:
+                    _write_ones(mask_file, enc.tokens.size)
+                    loss_tokens += enc.tokens.size
+                else:
+                    mask_file.write(enc.mask.tobytes())
+                    loss_tokens += int(enc.mask.sum(dtype=np.int64))
+            data = enc.tokens.astype(tok.dtype, copy=False).tobytes()
+            f.write(data)
+            sha.update(data)
+            counts["tokens"] += enc.tokens.size
+            counts["documents"] += enc.documents
+            counts["bytes"] += enc.nbytes
+            counts["replaced"] += enc.replaced
+            replaced_in = replaced_in or enc.replaced_in
+            bar.update(enc.nbytes if plan.kind != "tfds" else enc.documents)
+        for out in filter(None, (f, mask_file)):
+            out.flush()
+            os.fsync(out.fileno())
+    return {
+        # Always written: the key says this build looked for prompt/completion records.
+        "mask": MASK_FILE if mask_file is not None else None,
+        **counts,
+        "loss_tokens": loss_tokens if mask_file is not None else counts["tokens"],
+        "replaced_first_in": replaced_in or None,
+        "sha256": sha.hexdigest(),
+    }
+
+
+def _manifest(plan: _Plan, written: dict, seconds: float) -> dict:
+    tok = plan.tokenizer
+    return {
+        "format": CACHE_FORMAT,
+        "digest": plan.digest(),
+        "source": plan.source,
+        "split": plan.split,
+        "tfds_split": plan.tfds_split or None,
+        "tokenizer": tok.spec(),
+        "dtype": tok.dtype.name,
+        "file": TOKENS_FILE,
+        **written,
+        "files": len(plan.units) if plan.kind != "tfds" else None,
+        "build_seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _report(plan: _Plan, manifest: dict, final: Path) -> None:
+    """What a build made, on stderr, and a warning if it replaced undecodable bytes."""
+    name, secs = plan.tokenizer.name, manifest["build_seconds"]
     print(
-        f"token cache: {manifest['tokens']:,} {tok.name} tokens from {manifest['documents']:,} "
+        f"token cache: {manifest['tokens']:,} {name} tokens from {manifest['documents']:,} "
         f"documents of {plan.source} ({plan.split}) in {secs:.1f}s -> {final}"
         + (f" ({manifest['loss_tokens']:,} count in the loss)" if manifest["mask"] else ""),
         file=sys.stderr,
@@ -376,10 +406,9 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
     if manifest["replaced"]:
         print(
             f"warning: {manifest['replaced']:,} undecodable byte sequences in {plan.source} "
-            f"({plan.split}) were replaced with U+FFFD (first in {replaced_in})",
+            f"({plan.split}) were replaced with U+FFFD (first in {manifest['replaced_first_in']})",
             file=sys.stderr,
         )
-    return manifest
 
 
 def _write_ones(f: Any, n: int) -> None:
