@@ -88,8 +88,8 @@ def _check_processes(
     return process_index, process_count, batch_size // process_count
 
 
-def _check_vocab(cfg: Config, split: str, tokens: np.ndarray) -> int:
-    """Checks the model can embed the tokenizer's ids and the split holds a window; the stride."""
+def _check_split(cfg: Config, split: str, tokens: np.ndarray) -> None:
+    """Checks that the model can embed the tokenizer's ids and that the split holds a window."""
     tok = get_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(
@@ -102,7 +102,6 @@ def _check_vocab(cfg: Config, split: str, tokens: np.ndarray) -> int:
             f"the {split} split of data.source={cfg.data.source!r} has {len(tokens)} tokens, "
             f"fewer than one window of model.context_length + 1 = {T + 1}"
         )
-    return cfg.data.stride or T
 
 
 def _rows(tokens: np.ndarray, starts: np.ndarray, span: int, dtype: Any = np.int32) -> np.ndarray:
@@ -160,8 +159,9 @@ class TrainIterator:
         )
         self.batch_size = batch_size
         self.tokens, self.mask = load_split(cfg, "train")
-        self.stride = _check_vocab(cfg, "train", self.tokens)
+        _check_split(cfg, "train", self.tokens)
         self.context_length = cfg.model.context_length
+        self.stride = cfg.data.stride or self.context_length  # 0 means windows that do not overlap
         self.tokenizer = cfg.data.tokenizer
         self.windows = num_windows(len(self.tokens), self.context_length, self.stride)
         self.seed = cfg.data.seed
@@ -276,7 +276,7 @@ def eval_batches(
     """
     index, _, local = _check_processes(batch_size, process_index, process_count)
     tokens, mask = load_split(cfg, "validation")
-    _check_vocab(cfg, "validation", tokens)
+    _check_split(cfg, "validation", tokens)
     T = cfg.model.context_length
     n = num_windows(len(tokens), T, T)
     return _eval_iter(tokens, mask, n, T, batch_size, index * local, local)
