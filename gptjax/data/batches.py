@@ -121,7 +121,7 @@ def _window_mask(mask: np.ndarray | None, starts: np.ndarray, T: int) -> np.ndar
 
 
 # Live pipelines, closed before interpreter shutdown: tf.data threads still calling
-# numpy_function while Python finalizes can deadlock the exit (seen in 1 run of 3).
+# numpy_function while Python finalizes can deadlock the exit.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 

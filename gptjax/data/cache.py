@@ -1,17 +1,6 @@
-"""Sources → token cache → tf.data sliding windows → global jax.Array batches.
-
-GPT-3 trains on windows slid over one long token stream: documents are packed, each followed by
-the end-of-text id, and nothing is masked across them. A source is tokenized once into a cache
-directory (one token file per split plus a JSON manifest); training windows are then read from a
-memory map in a seeded pseudo-random order that needs no buffer, so the iterator's position is
-three numbers and a resumed run sees exactly the batches an uninterrupted one would.
-
-Fine-tuning data comes as `.jsonl` records with `prompt` and `completion` strings: each becomes
-the document prompt + completion + end-of-text, and a parallel uint8 loss-weight file (0 on prompt
-tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
-
-TensorFlow and JAX are imported inside the functions that need them: `import gptjax.data` (and
-the tokenizer worker processes) stay light, and file sources build their cache without TF.
+"""The token cache: each split of a source is tokenized once into a directory named by a digest
+of everything that decides its contents (a token file, a loss-weight file when the source has
+prompt/completion records, and a JSON manifest), built atomically and read back as memory maps.
 """
 
 from __future__ import annotations
@@ -71,8 +60,12 @@ MASK_FILE = "mask.bin"
 # before records could be prompt/completion pairs lack it and are never found.
 JSONL_RULE = 1
 # Below this much text (and for the byte tokenizer, which is faster than the pickling a process
-# pool adds) tokenization stays in this process: spawning workers costs seconds.
+# pool adds) tokenization stays in this process: starting workers would cost more than it saves.
 PARALLEL_MIN_BYTES = 32 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# What a split's cache holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +220,7 @@ def _jobs(plan: _Plan, progress: Any) -> Iterator[Job]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The token cache
+# Building and loading
 
 
 def _read_manifest(path: Path) -> dict | None:
