@@ -175,11 +175,7 @@ def num_workers(cfg: Config) -> int:
         return os.cpu_count() or 1
 
 
-def _encode_all(
-    tok: Tokenizer,
-    jobs: Iterable[Job],
-    workers: int,
-) -> Iterator[Encoded]:
+def _encode_all(tok: Tokenizer, jobs: Iterable[Job], workers: int) -> Iterator[Encoded]:
     """Runs the jobs in order, in `workers` spawned processes when workers > 1. At most two jobs
     per worker are in flight, so a huge source never queues up in memory."""
     if workers <= 1:
@@ -205,6 +201,7 @@ def _encode_all(
 
 
 def _jobs(plan: _Plan, progress: Any) -> Iterator[Job]:
+    """The plan's tokenizer jobs: chunks of its files, or of its TFDS split's texts."""
     if plan.kind == "tfds":
         return text_jobs(
             tfds_documents(
