@@ -21,7 +21,16 @@ import pytest
 from gptjax import data
 from gptjax.bench.data import bench_data
 from gptjax.config import config_from_dict
-from gptjax.data import DataError, TrainIterator, eval_batches, load_tokens, to_global
+from gptjax.data import (
+    DataError,
+    TrainIterator,
+    cache,
+    encode,
+    eval_batches,
+    load_tokens,
+    sources,
+)
+from gptjax.tokenizer import get_tokenizer
 from helpers import needs_bpe
 
 T = 16
@@ -246,28 +255,6 @@ def test_eval_every_window_once_in_order(tmp_path, corpus, count):
             assert (mask == 0).all() and not inputs.any()
 
 
-def test_to_global_shards_over_batch_axes(tmp_path, corpus):
-    import jax
-    from jax.sharding import Mesh, PartitionSpec
-
-    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    devices = np.array(jax.devices()[:8]).reshape(4, 2, 1)
-    mesh = Mesh(devices, ("data", "fsdp", "tensor"))
-    with TrainIterator(cfg, 8) as it:
-        batch = next(it)
-    out = to_global(batch, mesh)
-    for key, value in out.items():
-        assert isinstance(value, jax.Array) and value.shape == (8, T)
-        assert value.sharding.spec == PartitionSpec(("data", "fsdp"), None)
-        assert value.sharding.shard_shape(value.shape) == (1, T)
-        np.testing.assert_array_equal(np.asarray(value), batch[key])
-    # Axes missing from the mesh are ignored; a batch that does not divide is a user error.
-    mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
-    assert to_global(batch, mesh2)["inputs"].sharding.spec == PartitionSpec(("data",), None)
-    with pytest.raises(DataError, match="does not divide"):
-        to_global({k: v[:6] for k, v in batch.items()}, mesh)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources and the cache
 
@@ -285,7 +272,7 @@ def test_files_jsonl_gzip_and_documents_joined_by_eot(tmp_path):
     cfg = make_cfg(
         tmp_path, f"{src}/*.txt,{src}/*.txt.gz,{src}/*.jsonl.gz", text_key="body", val_fraction=0.25
     )
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     train = tok.decode(load_tokens(cfg, "train")).split("<|endoftext|>")
     val = tok.decode(load_tokens(cfg, "validation")).split("<|endoftext|>")
     assert train[-1] == val[-1] == ""  # every document ends with EOT
@@ -305,7 +292,7 @@ def test_undecodable_bytes_are_replaced_counted_and_reported(tmp_path, capsys):
     assert built and manifest["replaced"] == 3 and manifest["replaced_first_in"] == "bad.txt"
     err = capsys.readouterr().err
     assert "3 undecodable byte sequences" in err and "bad.txt" in err
-    text = data.get_tokenizer("byte").decode(load_tokens(cfg, "train"))
+    text = get_tokenizer("byte").decode(load_tokens(cfg, "train"))
     assert "ok \ufffd\ufffd then \ufffd end \ufffd" in text
 
 
@@ -342,8 +329,8 @@ def test_cache_of_another_tokenizer_is_not_used(tmp_path, corpus):
     gpt2_cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, tokenizer="gpt2")
     byte_tokens = load_tokens(byte_cfg, "train")
     gpt2_tokens = load_tokens(gpt2_cfg, "train")
-    gpt2 = data.get_tokenizer("gpt2")
-    assert gpt2.decode(gpt2_tokens) == data.get_tokenizer("byte").decode(byte_tokens)
+    gpt2 = get_tokenizer("gpt2")
+    assert gpt2.decode(gpt2_tokens) == get_tokenizer("byte").decode(byte_tokens)
     assert len(gpt2_tokens) < len(byte_tokens)
     # A model too small for the tokenizer's ids is caught before training.
     small = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, tokenizer="gpt2")
@@ -355,8 +342,8 @@ def test_cache_of_another_tokenizer_is_not_used(tmp_path, corpus):
 
 def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
-    real = data._encode_files
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    real = encode._encode_files
     calls = []
 
     def flaky(*args):
@@ -365,11 +352,11 @@ def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(data, "_encode_files", flaky)
+    monkeypatch.setattr(encode, "_encode_files", flaky)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(cfg, "train")
     assert list((tmp_path / "cache").iterdir()) == []  # neither a cache nor a temporary dir
-    monkeypatch.setattr(data, "_encode_files", real)
+    monkeypatch.setattr(encode, "_encode_files", real)
     assert data.ensure_cache(cfg, "train")[2]
 
 
@@ -381,16 +368,17 @@ def test_killed_build_is_not_reused(tmp_path, corpus):
         import time
         from gptjax import data
         from gptjax.config import config_from_dict
+        from gptjax.data import encode
         cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
             "cache_dir": "{cache}", "val_fraction": 0.2}}}})
-        data.CHUNK_BYTES = 1000
-        real = data._encode_files
+        encode.CHUNK_BYTES = 1000
+        real = encode._encode_files
         def slow(*args):
             print("chunk", flush=True)
             time.sleep(0.2)
             return real(*args)
-        data._encode_files = slow
+        encode._encode_files = slow
         data.load_tokens(cfg, "train")
         """
     )
@@ -415,10 +403,11 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
         f"""
         from gptjax import data
         from gptjax.config import config_from_dict
+        from gptjax.data import encode
         cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
             "cache_dir": "{tmp_path}/cache", "val_fraction": 0.2}}}})
-        data.CHUNK_BYTES = 500
+        encode.CHUNK_BYTES = 500
         print(int(data.load_tokens(cfg, "train").sum()))
         """
     )
@@ -438,8 +427,8 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
 def test_build_that_loses_the_race_uses_the_winners_cache(tmp_path, corpus):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
     manifest, final, _ = data.ensure_cache(cfg, "train")
-    plan = data._plan(cfg, "train", data.get_tokenizer("byte"))
-    again = data._build(plan, final, 1)  # finishes second: its rename fails
+    plan = cache._plan(cfg, "train", get_tokenizer("byte"))
+    again = cache._build(plan, final, 1)  # finishes second: its rename fails
     assert again == manifest
     assert [p.name for p in final.parent.iterdir()] == [final.name]
 
@@ -451,16 +440,16 @@ def test_parallel_build_equals_sequential(tmp_path, corpus, monkeypatch):
         tmp_path / "b", f"{corpus}/*.txt", val_fraction=0.2, tokenizer="gpt2", num_workers=2
     )
     expected = np.asarray(load_tokens(seq, "train"))
-    monkeypatch.setattr(data, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(cache, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 2000)
     used = []
-    real = data._encode_all
+    real = cache._encode_all
 
     def spy(tok, jobs, workers):
         used.append(workers)
         return real(tok, jobs, workers)
 
-    monkeypatch.setattr(data, "_encode_all", spy)
+    monkeypatch.setattr(cache, "_encode_all", spy)
     np.testing.assert_array_equal(load_tokens(par, "train"), expected)
     assert used == [2]
 
@@ -472,9 +461,9 @@ def test_stdlib_files_are_listed_deterministically():
     assert keys == sorted(keys) and len(keys) > 500
     assert "os.py" in keys and "json/__init__.py" in keys
     assert not any("site-packages" in k for k in keys)
-    val = [k for k in keys if data._in_validation(k, 0.01)]
+    val = [k for k in keys if sources.in_validation(k, 0.01)]
     assert 0.002 < len(val) / len(keys) < 0.03  # about 1%
-    assert val == [k for k in keys if data._in_validation(k, 0.01)]
+    assert val == [k for k in keys if sources.in_validation(k, 0.01)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +534,7 @@ def test_import_without_tensorflow(tmp_path, corpus):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     """A tiny text dataset prepared locally in TFDS format (what `tfds build` would leave)."""
-    tf = data._import_tf()
+    tf = sources.import_tf()
     import tensorflow_datasets as tfds
 
     root = tmp_path_factory.mktemp("tfds")
@@ -581,7 +570,7 @@ def test_tfds_source_offline(tmp_path, tfds_dir, no_network):
         text_key="content",
         val_split="dev",
     )
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     assert tok.decode(load_tokens(cfg, "train")) == "".join(d + "<|endoftext|>" for d in train)
     assert tok.decode(load_tokens(cfg, "validation")) == "".join(d + "<|endoftext|>" for d in val)
     manifest = data.ensure_cache(cfg, "train")[0]

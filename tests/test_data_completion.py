@@ -13,9 +13,18 @@ from helpers import needs_bpe, tiny
 
 from gptjax import data
 from gptjax.config import config_from_dict
-from gptjax.data import DataError, TrainIterator, eval_batches, load_mask, load_tokens
+from gptjax.data import (
+    DataError,
+    TrainIterator,
+    cache,
+    encode,
+    eval_batches,
+    load_mask,
+    load_tokens,
+)
 from gptjax.losses import cross_entropy
 from gptjax.model import GPT, init_params
+from gptjax.tokenizer import get_tokenizer
 
 T = 16
 
@@ -82,7 +91,7 @@ def test_weights_are_zero_on_prompt_tokens_and_one_on_completion(tmp_path, name)
     ]
     write_jsonl(tmp_path / "src" / "ft.jsonl.gz", records, gz=True)
     cfg = make_cfg(tmp_path, f"{tmp_path}/src/*.jsonl.gz", tokenizer=name, val_fraction=1e-9)
-    tok = data.get_tokenizer(name)
+    tok = get_tokenizer(name)
     want_tokens, want_mask = expected(tok, records)
     np.testing.assert_array_equal(load_tokens(cfg, "train"), want_tokens)
     mask = load_mask(cfg, "train")
@@ -101,9 +110,9 @@ def test_plain_text_around_completions_weighs_one(tmp_path, monkeypatch):
     write_jsonl(src / "b.jsonl", [{"prompt": "ask", "completion": "tell"}, {"text": "plain"}])
     (src / "a.txt").write_text("before")
     (src / "c.txt").write_text("after")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1)  # one file per chunk: weights start mid-build
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1)  # one file per chunk: weights start mid-build
     cfg = make_cfg(tmp_path, f"{src}/*", val_fraction=1e-9)
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     assert tok.decode(load_tokens(cfg, "train")).split("<|endoftext|>") == [
         "before", "asktell", "plain", "after", "",
     ]  # fmt: skip
@@ -142,10 +151,10 @@ def test_cache_without_weights_is_not_reused_for_completions(tmp_path, capsys, m
     # cache; caches of other sources keep their names.
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("plain")
-    tok = data.get_tokenizer("byte")
-    plans = [data._plan(c, "train", tok) for c in (cfg, make_cfg(tmp_path, f"{tmp_path}/txt/*"))]
+    tok = get_tokenizer("byte")
+    plans = [cache._plan(c, "train", tok) for c in (cfg, make_cfg(tmp_path, f"{tmp_path}/txt/*"))]
     before = [p.digest() for p in plans]
-    monkeypatch.setattr(data, "JSONL_RULE", data.JSONL_RULE + 1)
+    monkeypatch.setattr(cache, "JSONL_RULE", cache.JSONL_RULE + 1)
     assert [p.digest() != d for p, d in zip(plans, before)] == [True, False]
 
 
@@ -207,7 +216,7 @@ def test_train_windows_carry_their_targets_weights_and_resume_exactly(tmp_path):
         starts += check_rows(b, index, tokens, mask)
     assert sorted(starts[:n]) == list(range(0, n * stride, stride))
     # Windows across record boundaries: weights 1 on an EOT target, then 0 on the next prompt.
-    eot = data.get_tokenizer("byte").eot_id
+    eot = get_tokenizer("byte").eot_id
     spanning = [s for s in starts if eot in tokens[s + 1 : s + T]]
     assert spanning
     for s in spanning:

@@ -2,10 +2,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from gptjax import config, model, sharding
-from gptjax.config import MeshConfig, UserError
+from gptjax.config import MeshConfig
+from gptjax.errors import UserError
 from helpers import mesh_specs, tiny
 
 
@@ -58,3 +60,24 @@ def test_params_are_created_sharded_and_forward_matches_unsharded() -> None:
     assert out.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(out, ref, atol=1e-5)
     assert jnp.isfinite(out).all()
+
+
+def test_to_global_shards_over_batch_axes() -> None:
+    # A process-local batch as the data iterators yield it: 8 rows of T tokens and weights.
+    T = 16
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 257, (8, T + 1), dtype=np.int32)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "mask": np.ones((8, T), np.float32)}
+    devices = np.array(jax.devices()[:8]).reshape(4, 2, 1)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+    out = sharding.to_global(batch, mesh, stacked=False)
+    for key, value in out.items():
+        assert isinstance(value, jax.Array) and value.shape == (8, T)
+        assert value.sharding.spec == P(("data", "fsdp"), None)
+        assert value.sharding.shard_shape(value.shape) == (1, T)
+        np.testing.assert_array_equal(np.asarray(value), batch[key])
+    # Axes missing from the mesh are ignored; a batch that does not divide is a user error.
+    mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    assert sharding.to_global(batch, mesh2)["inputs"].sharding.spec == P(("data",), None)
+    with pytest.raises(UserError, match="does not divide"):
+        sharding.to_global({k: v[:6] for k, v in batch.items()}, mesh)

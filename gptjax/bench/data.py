@@ -9,17 +9,10 @@ import time
 from typing import Any
 
 from gptjax.config import Config
-from gptjax.data import (
-    CHUNK_BYTES,
-    TrainIterator,
-    _decode,
-    _encode_texts,
-    _in_worker,
-    _worker_init,
-    ensure_cache,
-    num_workers,
-    stdlib_files,
-)
+from gptjax.data.batches import TrainIterator
+from gptjax.data.cache import ensure_cache, num_workers
+from gptjax.data.encode import CHUNK_BYTES, decode_utf8, encode_texts, init_worker, run_in_worker
+from gptjax.data.sources import stdlib_files
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
@@ -30,7 +23,7 @@ def _stdlib_text(megabytes: float) -> list[str]:
     for _, path in stdlib_files():
         if size >= megabytes * 1e6:
             break
-        text, _ = _decode(path.read_bytes())
+        text, _ = decode_utf8(path.read_bytes())
         texts.append(text)
         size += len(text.encode())
     return texts
@@ -53,12 +46,12 @@ def _tokenize_rate(tok: Tokenizer, texts: list[str], workers: int = 1) -> float:
     chunks.append(chunk)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(tok,)
+        workers, mp_context=ctx, initializer=init_worker, initargs=(tok,)
     ) as pool:
         # Warm the workers (imports, ranks) before timing.
-        list(pool.map(_in_worker, [_encode_texts] * workers, [([""], [b"warm"])] * workers))
+        list(pool.map(run_in_worker, [encode_texts] * workers, [([""], [b"warm"])] * workers))
         start = time.perf_counter()
-        list(pool.map(_in_worker, [_encode_texts] * len(chunks), [(c, c) for c in chunks]))
+        list(pool.map(run_in_worker, [encode_texts] * len(chunks), [(c, c) for c in chunks]))
         return nbytes / (time.perf_counter() - start) / 1e6
 
 

@@ -1,0 +1,43 @@
+"""The data pipeline: sources → token cache → windows → this process's rows of each batch.
+
+GPT-3 trains on windows slid over one long token stream: documents are packed, each followed by
+the end-of-text id, and nothing is masked across them. A source is tokenized once into a cache
+directory (one token file per split plus a JSON manifest); training windows are then read from a
+memory map in a seeded pseudo-random order that needs no buffer, so the iterator's position is
+three numbers and a resumed run sees exactly the batches an uninterrupted one would.
+
+Fine-tuning data comes as `.jsonl` records with `prompt` and `completion` strings: each becomes
+the document prompt + completion + end-of-text, and a parallel uint8 loss-weight file (0 on prompt
+tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
+
+Each module imports only the ones before it: sources (where documents come from), encode
+(documents → tokens, also in worker processes), cache (plan, build, load), batches (windows, their
+order, the iterators). TensorFlow loads only where tf.data or TFDS is used, so importing this
+package and building the cache of a file source need none.
+"""
+
+from gptjax.data.batches import TrainIterator, eval_batches, num_windows, permute
+from gptjax.data.cache import (
+    SPLITS,
+    ensure_cache,
+    load_mask,
+    load_split,
+    load_tokens,
+    num_workers,
+)
+from gptjax.data.sources import DataError, stdlib_files
+
+__all__ = [
+    "SPLITS",
+    "DataError",
+    "TrainIterator",
+    "ensure_cache",
+    "eval_batches",
+    "load_mask",
+    "load_split",
+    "load_tokens",
+    "num_windows",
+    "num_workers",
+    "permute",
+    "stdlib_files",
+]
