@@ -119,18 +119,3 @@ def test_flops_per_token_palm_formula() -> None:
     assert model.flops_per_token(cfg) == pytest.approx(6 * n + 12 * 12 * 768 * 2048)
     assert math.isclose(model.flops_per_token(cfg) / 1e9, 0.968, rel_tol=0.01)
 
-
-def test_readme_documents_every_config_key_and_flag() -> None:
-    import dataclasses as dc
-    import re
-
-    readme = (Path(config.CONFIG_DIR).parent / "README.md").read_text()
-    for section in config.SECTIONS:
-        for f in dc.fields(getattr(config.Config(), section)):
-            assert f"`{section}.{f.name}`" in readme, f"{section}.{f.name} missing from README"
-    for script in ("train.py", "sample.py", "gptjax/hf.py", "gptjax/eval.py", "gptjax/bench/cli.py"):
-        text = (Path(config.CONFIG_DIR).parent / script).read_text()
-        flags = set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', text))
-        assert flags, script
-        for flag in flags:
-            assert f"`{flag}" in readme, f"{script} {flag} missing from README"
