@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli("train.py", lambda: run(args))
 
 
+def exit_now(code: int) -> None:
+    """Ends the process without waiting for other threads. After a failed run, orbax can leave
+    threads waiting for a checkpoint write that will never finish, and Python would wait for
+    them forever at exit; everything of the run's own is closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
@@ -111,4 +120,7 @@ def start_distributed(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        exit_now(code)
+    sys.exit(code)

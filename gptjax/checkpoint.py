@@ -3,19 +3,30 @@
   params  the model parameters (restorable alone, for sampling and fine-tuning)
   opt     the optimizer state and step counter
   data    the data iterator's JSON state, so a resumed run sees exactly the next batch
-  meta    the resolved config and the tokenizer name
+  meta    the resolved config, the tokenizer name, and a checksum of every saved array
 
 Orbax writes each step into a temporary directory and renames it when every item is committed,
-so a step that is listed is complete. A latest step that still fails to restore (a file lost or
-truncated) is skipped with a warning in favour of the one before it.
+so a step that is listed is complete. A step that fails to restore, or whose arrays fail their
+checksums or are not finite, is unreadable: the newest readable step is used, and newer
+unreadable ones are moved aside (never deleted). When no step is readable the run stops.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gptjax.config import Config, config_from_dict, config_to_dict
@@ -25,6 +36,11 @@ from gptjax.sharding import with_shardings
 
 ITEMS = ("params", "opt", "data", "meta")
 FORMAT_VERSION = 1
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written or none could be read; one line says which and why."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -42,15 +58,87 @@ def make_meta(cfg: Config, step: int, extra: dict[str, Any] | None = None) -> di
     return meta
 
 
+# --------------------------------------------------------------------------- integrity
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """A 32-bit checksum of an array's bytes: the sum of its words, each times a distinct odd
+    weight, modulo 2**32. Any one flipped bit changes it, and integer sums do not depend on the
+    order of reduction, so the same array sharded any way gives the same value."""
+    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums_on_device(tree: Any) -> Any:
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+    """Checksum of each array of a tree, by its path (one small transfer from the devices)."""
+    sums = jax.device_get(_checksums_on_device(tree))
+    return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jnp.stack(leaves).all()) if leaves else True
+
+
+def verify(item: str, tree: Any, meta: dict[str, Any]) -> str | None:
+    """Why a restored item is unusable (a checksum that differs from the one saved with it, or
+    a value that is not finite), or None. Checkpoints from before checksums were recorded are
+    checked for finiteness only."""
+    saved = meta.get("checksums", {}).get(item)
+    if saved is not None:
+        got = tree_checksums(tree)
+        bad = [k for k in saved if got.get(k) != saved[k]]
+        if bad or set(got) != set(saved):
+            return f"{item} {bad[0] if bad else ''} fails its checksum".replace("  ", " ")
+    if not _all_finite(tree):
+        return f"{item} holds values that are not finite"
+    return None
+
+
+@contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs a traceback for every failed read or write, and a failed asynchronous restore
+    leaves 'Exception ignored in coroutine' reports behind; gptjax says what happened in one
+    line instead, so those are kept off the terminal while orbax works."""
+    absl = logging.getLogger("absl")
+    level, hook = absl.level, sys.unraisablehook
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        sys.unraisablehook = hook
+
+
+# --------------------------------------------------------------------------- writing and resuming
+
+
 class Checkpointer:
-    """Saves and restores train state; `save` returns at once (async), `close` joins."""
+    """Saves and restores train state. `save` returns at once (the write goes on in the
+    background); a write that failed is reported at the next `save` or at `close`."""
 
     def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True) -> None:
         self.directory = checkpoint_dir(run_dir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        try:
+            with _quiet_orbax():
+                self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                     item_names=ITEMS)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints "
+                                  f"({describe(e)})") from None
+        self.writing: int | None = None  # the step whose write may still be going on
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -59,53 +147,141 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def _raise_write_error(self, e: BaseException) -> None:
+        kept = [s for s in self.all_steps() if s != self.writing]
+        raise CheckpointError(
+            f"writing checkpoint step {self.writing} to {self.directory} failed ({describe(e)}); "
+            f"the steps committed before it are intact ({kept or 'none'})") from None
+
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict[str, Any],
              meta: dict[str, Any]) -> None:
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt=ocp.args.StandardSave(opt_state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
-
-    def restore(self, abstract_params: Any, abstract_opt: Any) -> tuple[int, Any, Any, dict, dict] | None:
-        """The newest step that restores cleanly: (step, params, opt, data_state, meta), or None.
-
-        Unreadable newer steps are deleted once an older one restores, so that training can
-        write those steps again. abstract_* are trees of jax.ShapeDtypeStruct carrying the
-        target shardings."""
-        bad = []
-        for step in reversed(self.all_steps()):
-            try:
-                r = self.manager.restore(
+        meta = dict(meta, checksums={"params": tree_checksums(params),
+                                     "opt": tree_checksums(opt_state)})
+        try:
+            with _quiet_orbax():  # the previous write's outcome (orbax's save waits for it too)
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - any failure to write ends the run in one line
+            self._raise_write_error(e)
+        self.writing = step
+        try:
+            with _quiet_orbax():
+                self.manager.save(
                     step,
                     args=ocp.args.Composite(
+                        params=ocp.args.StandardSave(params),
+                        opt=ocp.args.StandardSave(opt_state),
+                        data=ocp.args.JsonSave(data_state),
+                        meta=ocp.args.JsonSave(meta),
+                    ),
+                    force=True,
+                )
+        except Exception as e:  # noqa: BLE001 - any failure to write ends the run in one line
+            self._raise_write_error(e)
+
+    def restore(self, abstract_params: Any, abstract_opt: Any
+                ) -> tuple[int, Any, Any, dict, dict] | None:
+        """The newest readable step: (step, params, opt, data_state, meta); None when there is
+        no checkpoint. Newer unreadable steps are moved aside, so the run can write those steps
+        again; when no step is readable, a CheckpointError names each and why, and nothing is
+        moved. abstract_* are trees of ShapeDtypeStructs carrying the target shardings."""
+        reasons: dict[int, str] = {}
+        for step in reversed(self.all_steps()):
+            try:
+                with _quiet_orbax():
+                    r = self.manager.restore(step, args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(abstract_params),
                         opt=ocp.args.StandardRestore(abstract_opt),
                         data=ocp.args.JsonRestore(),
                         meta=ocp.args.JsonRestore(),
-                    ),
-                )
+                    ))
+                why = verify("params", r.params, r.meta) or verify("opt", r.opt, r.meta)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                warn(f"checkpoint step {step} in {self.directory} is unreadable "
-                     f"({describe(e)}); trying an older one")
-                bad.append(step)
-                continue
-            for b in bad:
-                warn(f"deleting unreadable checkpoint step {b}")
-                self.manager.delete(b)
-            return step, r.params, r.opt, r.data, r.meta
+                why = describe(e)
+            if why is None:
+                for bad in reasons:
+                    self._move_aside(bad, reasons[bad])
+                return step, r.params, r.opt, r.data, r.meta
+            reasons[step] = why
+        if reasons:
+            listed = "; ".join(f"step {s}: {w}" for s, w in reasons.items())
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({listed}); "
+                                  f"nothing was changed: fix the cause, or start from these "
+                                  f"parameters in a new train.run_dir with train.init_from")
         return None
 
+    def _move_aside(self, step: int, why: str) -> None:
+        target = self.directory.parent / UNREADABLE_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        warn(f"checkpoint step {step} is unreadable ({why}); moved to {target} and resuming "
+             f"from an older step")
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last write; a failure is a CheckpointError, after orbax is shut down."""
+        error = None
+        try:
+            with _quiet_orbax():
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            error = e
+        finally:
+            with _quiet_orbax():
+                try:
+                    self.manager.close()
+                except Exception:  # noqa: BLE001 - the write's own error is the one to report
+                    pass
+        if error is not None:
+            self._raise_write_error(error)
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive flock on RUN_DIR/lock, which records the
+    holder's host and pid. The kernel drops a flock when its process dies (kill -9 included),
+    so a lock left by a dead trainer is taken over, with a line saying so. Object stores
+    (gs://) have no locks: there the run is not locked, with a warning."""
+
+    FILE = "lock"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = str(run_dir)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if "://" in self.run_dir:
+            warn(f"{self.run_dir} is on an object store, which has no file locks: nothing stops "
+                 f"a second trainer from writing into it")
+            return
+        path = Path(self.run_dir) / self.FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"train.run_dir={self.run_dir} cannot be used ({describe(e)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"train.run_dir={self.run_dir} is in use by another trainer "
+                            f"({holder}); wait for it to end or use another train.run_dir") from None
+        stale = os.read(fd, 4096).decode(errors="replace").strip()
+        if stale:
+            warn(f"taking over the lock of {self.run_dir} from a trainer that is gone ({stale})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean end leaves no holder to report
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def check_param_shapes(theirs: Any, mine: Any, what: str) -> None:
@@ -119,6 +295,7 @@ def check_param_shapes(theirs: Any, mine: Any, what: str) -> None:
                             f"{a.shape} in this config")
 
 
+# --------------------------------------------------------------------------- reading runs
 def _manager_for_reading(run_dir: str | Path) -> ocp.CheckpointManager:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
@@ -145,7 +322,8 @@ def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[s
     try:
         for s in _candidate_steps(manager, run_dir, step):
             try:
-                r = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                with _quiet_orbax():
+                    r = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
                 return s, r.meta
             except Exception as e:  # noqa: BLE001
                 warn(f"checkpoint step {s} in {run_dir} is unreadable ({describe(e)})")
@@ -164,19 +342,26 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
     try:
         for s in _candidate_steps(manager, run_dir, step):
             try:
-                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                with _quiet_orbax():
+                    meta = manager.restore(
+                        s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
                 cfg = config_from_dict(meta["config"])
                 abstract = param_shapes(cfg.model)
                 if shardings is not None:
                     abstract = with_shardings(abstract, shardings)
-                r = manager.restore(
-                    s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-                )
-                return r.params, cfg, meta, s
+                with _quiet_orbax():
+                    params = manager.restore(s, args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract))).params
+                why = verify("params", params, meta)
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001
-                warn(f"checkpoint step {s} in {run_dir} is unreadable ({describe(e)})")
+                why = describe(e)
+            if why is None:
+                return params, cfg, meta, s
+            if step is not None:  # the step asked for: no fallback
+                raise UserError(f"checkpoint step {s} in {run_dir} is unreadable ({why})")
+            warn(f"checkpoint step {s} in {run_dir} is unreadable ({why}); trying an older one")
         raise UserError(f"no readable checkpoint in {run_dir}")
     finally:
         manager.close()

@@ -34,14 +34,17 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """Clip → Adam moments → decoupled weight decay. The result is the update direction for a
-    learning rate of 1; the train step multiplies it by -lr(tokens)."""
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps))
-    if cfg.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    learning rate of 1; the train step multiplies it by -lr(tokens).
+
+    Clipping and decay are in the chain even when off (clip_norm 0 clips at infinity, weight
+    decay 0 adds nothing, both exactly), so the optimizer state has one structure whatever
+    their values: a run resumes under changed values instead of failing to restore."""
+    clip = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+    )
 
 
 def learning_rate(cfg: OptimConfig, tokens: int) -> float:

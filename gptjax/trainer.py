@@ -4,9 +4,12 @@ step functions live in state.py, the costs (remat auto, peak FLOPs) in budget.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -238,26 +241,51 @@ class BatchFeed:
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+    """SIGTERM or SIGINT: the run finishes its step, saves and ends with exit code 0; a second
+    SIGINT ends the process at once (130), leaving the checkpoints already committed as they
+    are. A watcher thread says so the moment a signal arrives: Python runs its own handlers only
+    between bytecodes, which can be seconds away while the main thread waits on the devices."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console) -> None:
+        self.console = console
         self.requested = False
         self._old: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
 
     def __enter__(self) -> Preemption:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, lambda signum, frame: None)
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._old_wakeup = signal.set_wakeup_fd(w)  # written by the C-level handler at once
+        except ValueError:  # not the main thread: no signal handling
+            self.__exit__()
+            return self
+        self._pipe = (r, w)
+        threading.Thread(target=self._watch, args=(r,), daemon=True).start()
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+    def _watch(self, r: int) -> None:
+        while data := os.read(r, 1):
+            sig = signal.Signals(data[0])
+            if self.requested and sig == signal.SIGINT:
+                self.console.warn("second interrupt: exiting now; committed checkpoints are kept")
+                os._exit(130)
+            if not self.requested:
+                self.console.warn(f"{sig.name}: stopping after this step with a checkpoint "
+                                  f"(interrupt again to exit at once)")
+            self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self._pipe[1])  # the watcher reads EOF and ends
+            self._pipe = None
 
     def should_stop(self, step: int, exchange: bool) -> bool:
         """exchange: also share local signals with the other hosts (a collective, so only at
@@ -276,27 +304,47 @@ class Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
+def lock_run_dir(run_dir: Path) -> checkpoint.RunLock:
+    """Process 0 takes the run directory's lock; every process learns whether it did."""
+    lock, error = checkpoint.RunLock(run_dir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        locked = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not locked and error is None:
+            raise UserError(f"process 0 could not lock train.run_dir={run_dir}")
+    if error is not None:
+        raise error
+    return lock
+
+
 def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict[str, Any]:
     """Trains (or resumes) `cfg` into cfg.train.run_dir. Returns a summary dict."""
     t_start, t_cfg = time.perf_counter(), cfg.train
     run = Run.create(cfg, mesh)
     run.console = Console(quiet)
-    ckpt = checkpoint.Checkpointer(run.run_dir, keep=t_cfg.keep_checkpoints)
-    feed = log = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # each part closes, even when another fails
+        cleanup.callback(run.console.close)
+        cleanup.callback(lock_run_dir(run.run_dir).release)
+        ckpt = checkpoint.Checkpointer(run.run_dir, keep=t_cfg.keep_checkpoints)
+        cleanup.callback(ckpt.close)
         state, start = restore_or_init(run, ckpt)
         run.say(describe_run(cfg.model, run.mesh))
         m_cfg, step_fn = build_step(run, start.tokens)
         log = MetricsLog(run.run_dir, start.step)
+        cleanup.callback(log.close)
         run.console.open_bar(run.n_steps, start.step)
         progress = Progress(run.console, log, total_steps=run.n_steps, tokens=start.tokens,
                             flops_per_token=flops_per_token(m_cfg),
                             peak_flops=device_peak_flops(t_cfg.peak_tflops),
                             max_bad_steps=t_cfg.max_bad_steps)
         evaluate = Evaluator(run, m_cfg, log, progress)
-        feed = BatchFeed(run, start)
+        feed = cleanup.enter_context(contextlib.closing(BatchFeed(run, start)))
         step, tokens, preempted = start.step, start.tokens, False
-        with Preemption() as preempt:
+        with Preemption(run.console) as preempt:
             if step == 0:
                 evaluate(state.params, 0)  # the baseline the run's progress is judged against
             ahead = feed.next_global_batch(tokens) if step < run.n_steps else None
@@ -324,11 +372,6 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                 if preempted:
                     run.say(f"stopping at step {step} on request; checkpoint saved")
                     break
-    finally:
-        ckpt.close()
-        for part in (feed, log, run.console):
-            if part is not None:
-                part.close()
     summary = {"start_step": start.step, "step": step, "tokens": tokens,
                "seconds": time.perf_counter() - t_start, "skipped": progress.skipped,
                "loss": progress.last_loss}
