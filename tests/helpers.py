@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -49,3 +51,12 @@ def mesh_specs(cfg: ModelConfig) -> object:
 
 def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [tok.encode(t) for t in texts]
+
+
+def write_corpus(d: Path) -> Path:
+    """~120 KB of Python source as 30 .txt documents in `d` (deterministic)."""
+    src = Path(json.__file__).parent  # any stdlib module's source will do
+    text = "".join(p.read_text() for p in sorted(src.glob("*.py")))
+    for i in range(30):
+        (d / f"doc{i:02d}.txt").write_text(text[i * 3000 : i * 3000 + 4000])
+    return d

@@ -23,7 +23,7 @@ import pytest
 from gptjax import budget, checkpoint, config, model, optim, sharding
 from gptjax import state as train_state
 from gptjax.config import OptimConfig, TrainConfig
-from helpers import tiny
+from helpers import tiny, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,15 +200,7 @@ def test_non_finite_step_is_skipped() -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """~120 KB of Python source as 30 .txt documents (deterministic)."""
-    d = tmp_path_factory.mktemp("corpus")
-    import json as json_mod  # any stdlib module's source will do
-
-    src = Path(json_mod.__file__).parent
-    text = "".join(p.read_text() for p in sorted(src.glob("*.py")))
-    for i in range(30):
-        (d / f"doc{i:02d}.txt").write_text(text[i * 3000 : i * 3000 + 4000])
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def loop_overrides(corpus: Path, run_dir: Path, steps: int = 24, **extra: object) -> list[str]:

@@ -1,0 +1,244 @@
+"""Faults that used to lose a run, hang a trainer or let two trainers share a run directory, each
+reproduced on a tiny CPU config through train.py and shown handled (issue 14)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gptjax import checkpoint, config, model, optim
+from helpers import write_corpus
+from test_train import ROOT, loop_overrides, run_train
+
+TRAIN_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                 JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def steps_on_disk(run_dir: Path) -> list[int]:
+    return sorted(ocp.utils.checkpoint_steps(checkpoint.checkpoint_dir(run_dir)))
+
+
+def one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """The run ended with exit 2 and exactly one stderr line (no traceback) holding `needles`."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("train.py: error: ")]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """`path` cannot be written, even by root (the CI runs as root): the immutable attribute
+    there, permissions otherwise."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)
+
+
+def flip_bytes(step_dir: Path) -> None:
+    """Flips bytes in the middle of the largest parameter data file: same size, new content."""
+    data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0x5A
+    data.write_bytes(bytes(raw))
+
+
+def test_resume_under_other_clipping_and_decay_continues(corpus: Path, tmp_path: Path) -> None:
+    """optim.clip_norm or weight_decay set to 0 used to change the optimizer state's structure:
+    no checkpoint restored, the run started over at step 0 and keep-N deleted the originals."""
+    run_dir = tmp_path / "run"
+    assert run_train(loop_overrides(corpus, run_dir, steps=8)).returncode == 0
+    r = run_train(loop_overrides(corpus, run_dir, steps=12, **{
+        "optim.clip_norm": 0, "optim.weight_decay": 0}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+    assert steps_on_disk(run_dir)[-2:] == [8, 12]
+
+
+def test_optimizer_state_has_one_structure_for_any_clipping_and_decay() -> None:
+    params = model.init_params(config.ModelConfig(vocab_size=64, context_length=16, n_layer=2,
+                                                  d_model=16, n_head=2, d_ff=32), jax.random.key(0))
+    trees = [jax.tree.structure(optim.make_optimizer(config.OptimConfig(
+        clip_norm=c, weight_decay=w)).init(params)) for c in (0.0, 1.0) for w in (0.0, 0.1)]
+    assert all(t == trees[0] for t in trees)
+    # Off is exactly off: no clipping at 0, nothing added at weight decay 0.
+    grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
+    off = optim.make_optimizer(config.OptimConfig(clip_norm=0.0, weight_decay=0.0))
+    adam = optim.optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8)
+    got, _ = off.update(grads, off.init(params), params)
+    want, _ = adam.update(grads, adam.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_restorable_checkpoint_stops_and_keeps_everything(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_train(loop_overrides(corpus, run_dir, steps=16)).returncode == 0
+    before = steps_on_disk(run_dir)
+    for step in before:  # every step unreadable: each loses a parameter file
+        shutil.rmtree(checkpoint.checkpoint_dir(run_dir) / str(step) / "params" / "d")
+        shutil.rmtree(checkpoint.checkpoint_dir(run_dir) / str(step) / "params" / "ocdbt.process_0")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    r = run_train(loop_overrides(corpus, run_dir, steps=24))
+    one_error_line(r, "no checkpoint", "can be restored", *(f"step {s}" for s in before))
+    assert steps_on_disk(run_dir) == before  # nothing deleted, nothing trained
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_an_older_one_resumes(
+        corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_train(loop_overrides(corpus, run_dir, steps=16)).returncode == 0
+    flip_bytes(checkpoint.checkpoint_dir(run_dir) / "16")
+    # sample.py and gptjax.eval on the newest step by name refuse it in one line.
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(run_dir),
+                        "--step", "16", "--prompt", "x", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=120)
+    assert r.returncode == 2 and "fails its checksum" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_train(loop_overrides(corpus, run_dir, steps=24))
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [ln for ln in r.stderr.splitlines() if "step 16 is unreadable" in ln]
+    assert len(warnings) == 1 and "fails its checksum" in warnings[0]
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+    moved = list((run_dir / checkpoint.UNREADABLE_DIR).iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("16.")
+    assert steps_on_disk(run_dir)[-1] == 24
+
+
+def test_non_finite_parameters_are_refused_by_sample_and_eval(tmp_path: Path) -> None:
+    cfg = config.load_config("default", [f"train.run_dir={tmp_path / 'run'}"])
+    params = model.init_params(cfg.model, jax.random.key(0))
+    params["wte"] = params["wte"].at[3, 3].set(jnp.nan)
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", async_save=False)
+    opt = optim.make_optimizer(cfg.optim)
+    ckpt.save(5, params, opt.init(params), {}, checkpoint.make_meta(cfg, 5, {"tokens": 0}))
+    ckpt.close()
+    for cmd in (["sample.py", "--prompt", "x"], ["-m", "gptjax.eval", "--max-tokens", "100"]):
+        first = [str(ROOT / cmd[0])] if cmd[0].endswith(".py") else cmd[:2]
+        args = cmd[1:] if cmd[0].endswith(".py") else cmd[2:]
+        r = subprocess.run([sys.executable, *first, "--checkpoint", str(tmp_path / "run"), *args],
+                           capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "not finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].split(": error: ")[1].startswith("no readable")
+
+
+def test_unwritable_checkpoints_end_the_run_in_one_line(corpus: Path, tmp_path: Path) -> None:
+    """The asynchronous write failed in the background and the process never exited."""
+    run_dir = tmp_path / "run"
+    with unwritable(checkpoint.checkpoint_dir(run_dir)):
+        start = time.monotonic()
+        r = run_train(loop_overrides(corpus, run_dir, steps=24), timeout=180)
+        took = time.monotonic() - start
+    one_error_line(r, "writing checkpoint step 8", "failed")
+    last = max(int(ln.split()[1].split("/")[0]) for ln in r.stdout.splitlines()
+               if ln.startswith("step ") and "/" in ln.split()[1])
+    assert last <= 16, "the run went on past the next checkpoint interval"
+    assert took < 150
+
+
+def test_unusable_run_dir_is_one_line(corpus: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    one_error_line(run_train(loop_overrides(corpus, afile, steps=2)), "train.run_dir")
+    locked = tmp_path / "locked"
+    with unwritable(locked):
+        one_error_line(run_train(loop_overrides(corpus, locked / "run", steps=2)),
+                       "train.run_dir")
+
+
+def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
+        corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                              *loop_overrides(corpus, run_dir, steps=100000)],
+                             env=TRAIN_ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:  # training has started: the lock is held
+            if line.startswith("step "):
+                break
+        r = run_train(loop_overrides(corpus, run_dir, steps=4))
+        one_error_line(r, "in use by another trainer", f"pid {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    r = run_train(loop_overrides(corpus, run_dir, steps=4, **{"train.checkpoint_every": 100}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"from a trainer that is gone (host {os.uname().nodename} pid {first.pid})" in r.stderr
+    # The refused trainer wrote nothing: every metrics line came from one writer, once each.
+    steps = [ln for ln in metrics.splitlines()]
+    assert len(steps) == len(set(steps))
+
+
+def test_first_signal_is_reported_at_once_and_a_second_exits(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # Every step evaluates the whole validation split: a step takes seconds, so the signals
+    # arrive mid-step.
+    args = loop_overrides(corpus, run_dir, steps=100000, **{
+        "train.eval_every": 1, "train.eval_batches": 0, "train.checkpoint_every": 2,
+        "data.val_fraction": 0.5})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=TRAIN_ENV,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: errors.extend(
+        (time.monotonic(), ln) for ln in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2 | validation"):
+                break
+        deadline = time.monotonic() + 60
+        while not steps_on_disk(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)  # until a checkpoint is committed
+        committed = steps_on_disk(run_dir)
+        assert committed, "no checkpoint was committed"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        said = [(t, ln) for t, ln in errors if "SIGINT: stopping after this step" in ln]
+        assert said and said[0][0] - sent < 0.5, errors  # before the step in flight ended
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    assert proc.returncode == 130, errors
+    assert any("second interrupt: exiting now" in ln for _, ln in errors), errors
+    assert steps_on_disk(run_dir)[: len(committed)] == committed
