@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from gptjax.config import Config
-from gptjax.data.cache import load_split
+from gptjax.data.load import load_split
 from gptjax.data.sources import DataError, import_tf
 from gptjax.tokenizer import get_tokenizer
 

@@ -1,0 +1,195 @@
+"""No corrupted input is trained on: a token cache changed after its build is caught when it is
+loaded (checksums, re-hashed only when a file's stat changed), every batch's ids are checked
+against the vocabulary (also through tf.data), and a cache_dir that cannot hold a cache is one
+line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import T, make_cfg, one_line, write_corpus
+
+from gptjax import data
+from gptjax.data import DataError, TrainIterator, load_split, load_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 257  # the byte tokenizer's
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, corpus: Path):
+    return make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files fully re-hashed while the test runs."""
+    from gptjax.data import integrity
+
+    calls: list[Path] = []
+    real = integrity.file_sha256
+
+    def counting(path: Path) -> str:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(integrity, "file_sha256", counting)
+    return calls
+
+
+def built(cfg, split: str = "train") -> tuple[dict, Path]:
+    manifest, path, _ = data.ensure_cache(cfg, split)
+    return manifest, path
+
+
+def overwrite(file: Path, offset: int, payload: bytes, *, keep_mtime: bool = False) -> None:
+    """Writes `payload` at `offset` in place: same file, same size."""
+    st = file.stat()
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(payload)
+    if keep_mtime:  # what `rsync --inplace -t` or `cp --preserve` would leave
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file.stat().st_size == st.st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums on load
+
+
+def test_fresh_cache_is_stamped_and_loads_without_rehashing(cfg, hashes):
+    _, path = built(cfg)
+    assert (path / "verified.json").exists()
+    load_tokens(cfg, "train")
+    with TrainIterator(cfg, 4, process_index=0, process_count=1) as it:
+        next(it)
+    assert hashes == []
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []  # no temp files
+
+
+@pytest.mark.parametrize("how", ["flipped bytes", "ids beyond the vocabulary", "mtime restored"])
+def test_in_place_overwrite_of_tokens_is_caught(cfg, how):
+    manifest, path = built(cfg)
+    tokens = path / "tokens.bin"
+    if how == "ids beyond the vocabulary":
+        overwrite(tokens, 100, b"\xff" * 64)
+    else:
+        original = tokens.read_bytes()[100:164]
+        overwrite(tokens, 100, bytes(b ^ 0x5A for b in original), keep_mtime=how != "flipped bytes")
+    with pytest.raises(DataError) as e:
+        load_tokens(cfg, "train")
+    msg = one_line(e)
+    assert type(e.value).__name__ == "CorruptCacheError"
+    assert str(tokens) in msg and "sha256" in msg
+    assert f"delete the token cache directory {path}" in msg
+    # Still caught on the next load: a failed check stamps nothing.
+    with pytest.raises(DataError, match="does not match"):
+        TrainIterator(cfg, 4, process_index=0, process_count=1)
+
+
+def test_touch_rehashes_once_and_restamps(cfg, hashes):
+    _, path = built(cfg)
+    (path / "tokens.bin").touch()
+    load_tokens(cfg, "train")
+    assert hashes == [path / "tokens.bin"]
+    load_tokens(cfg, "train")
+    load_split(cfg, "train")
+    assert hashes == [path / "tokens.bin"]  # the new look was stamped
+
+
+@pytest.mark.parametrize("stamp", ["missing", "damaged"])
+def test_cache_without_a_usable_stamp_is_hashed_once(cfg, hashes, stamp):
+    """A cache built before stamps existed (or a torn stamp) costs one re-hash, not an error."""
+    _, path = built(cfg)
+    if stamp == "missing":
+        (path / "verified.json").unlink()
+    else:
+        (path / "verified.json").write_text('{"format": 1, "files": {"tokens.bin": [')
+    tokens = np.asarray(load_tokens(cfg, "train"))
+    assert hashes == [path / "tokens.bin"]
+    np.testing.assert_array_equal(load_tokens(cfg, "train"), tokens)
+    assert hashes == [path / "tokens.bin"]
+    json.loads((path / "verified.json").read_text())
+
+
+def test_concurrent_loaders_leave_a_whole_stamp(cfg, tmp_path):
+    """Processes of one run that all find a changed stat re-hash and re-stamp at once."""
+    _, path = built(cfg)
+    (path / "tokens.bin").touch()
+    script = (
+        "from gptjax.config import config_from_dict\n"
+        "from gptjax.data import load_tokens\n"
+        f"cfg = config_from_dict({json.dumps(cfg_dict(cfg))})\n"
+        "for _ in range(20):\n"
+        "    load_tokens(cfg, 'train')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errs
+    stamp = json.loads((path / "verified.json").read_text())
+    looks = stamp["files"]["tokens.bin"]
+    assert len(looks) == len({json.dumps(x, sort_keys=True) for x in looks})  # no duplicates
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
+
+
+def cfg_dict(cfg) -> dict:
+    return {
+        "model": {"vocab_size": cfg.model.vocab_size, "context_length": T, "local_window": 8},
+        "data": {
+            "source": cfg.data.source,
+            "cache_dir": cfg.data.cache_dir,
+            "val_fraction": cfg.data.val_fraction,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss weights
+
+
+def completion_cfg(tmp_path: Path):
+    src = tmp_path / "ft"
+    src.mkdir()
+    records = [
+        {"prompt": f"question {i}? " * 3, "completion": f"answer {i}. " * 4} for i in range(40)
+    ]
+    (src / "ft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return make_cfg(tmp_path, f"{src}/*.jsonl", val_fraction=0.2)
+
+
+def test_in_place_overwrite_of_the_mask_is_caught(tmp_path):
+    cfg = completion_cfg(tmp_path)
+    manifest, path = built(cfg)
+    assert manifest["mask"] == "mask.bin" and "mask_sha256" in manifest
+    mask = path / "mask.bin"
+    overwrite(mask, 10, bytes(1 - b for b in mask.read_bytes()[10:40]))
+    with pytest.raises(DataError) as e:
+        load_split(cfg, "train")
+    msg = one_line(e)
+    assert str(mask) in msg and f"delete the token cache directory {path}" in msg
+
+
+def test_cache_whose_mask_has_no_checksum_is_rebuilt(tmp_path, capsys):
+    """Caches built before mask.bin had a checksum cannot be verified: they are rebuilt once."""
+    cfg = completion_cfg(tmp_path)
+    manifest, path = built(cfg)
+    old = {k: v for k, v in manifest.items() if k != "mask_sha256"}
+    (path / "manifest.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    again, path2, rebuilt = data.ensure_cache(cfg, "train")
+    assert rebuilt and path2 == path and again["mask_sha256"] == manifest["mask_sha256"]
+    assert "rebuilding" in capsys.readouterr().err
