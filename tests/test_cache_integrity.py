@@ -5,6 +5,7 @@ line, not a traceback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from test_data import T, make_cfg, one_line, write_corpus
 
 from gptjax import data
-from gptjax.data import DataError, TrainIterator, load_split, load_tokens
+from gptjax.data import DataError, TrainIterator, eval_batches, load_split, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 257  # the byte tokenizer's
@@ -62,6 +63,20 @@ def overwrite(file: Path, offset: int, payload: bytes, *, keep_mtime: bool = Fal
     if keep_mtime:  # what `rsync --inplace -t` or `cp --preserve` would leave
         os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert file.stat().st_size == st.st_size
+
+
+def rerecord(path: Path, manifest: dict) -> None:
+    """Records the token file's current sha256 in the manifest, as a cache written with bad ids
+    by other code would have: only the range check can catch it then."""
+    sha256 = hashlib.sha256((path / manifest["file"]).read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, sha256=sha256)))
+
+
+def put_bad_id(path: Path, manifest: dict, position: int, value: int = 0xFFFF) -> None:
+    tokens = np.memmap(path / manifest["file"], dtype=manifest["dtype"], mode="r+")
+    tokens[position] = value
+    tokens.flush()
+    del tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,3 +208,75 @@ def test_cache_whose_mask_has_no_checksum_is_rebuilt(tmp_path, capsys):
     again, path2, rebuilt = data.ensure_cache(cfg, "train")
     assert rebuilt and path2 == path and again["mask_sha256"] == manifest["mask_sha256"]
     assert "rebuilding" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids against the vocabulary
+
+
+def test_out_of_range_id_stops_training_at_its_batch_through_tf_data(cfg, capfd):
+    manifest, path = built(cfg)
+    n = data.num_windows(manifest["tokens"], T, T)
+    bad_window = n // 2
+    position = bad_window * T + 5  # inside one window only (not the token windows share)
+    put_bad_id(path, manifest, position)
+    rerecord(path, manifest)
+    order = list(data.permute(np.arange(n), n, cfg.data.seed, 0))
+    bad_batch = order.index(bad_window) // 4
+    capfd.readouterr()
+    it = TrainIterator(cfg, 4, process_index=0, process_count=1)
+    for _ in range(bad_batch):
+        b = next(it)
+        assert b["inputs"].max() < VOCAB and b["targets"].max() < VOCAB
+    state = it.get_state()
+    with pytest.raises(DataError) as e:
+        next(it)
+    msg = one_line(e)
+    assert type(e.value).__name__ == "CorruptCacheError"
+    assert f"token id {0xFFFF} at token {position} of {path / 'tokens.bin'}" in msg
+    assert "(train split)" in msg and f"vocabulary size {VOCAB}" in msg
+    assert "delete the token cache directory" in msg
+    # Raised in Python, not logged by TensorFlow's threads; the position stays at the bad batch.
+    assert "Traceback" not in capfd.readouterr().err
+    assert it.get_state() == state
+    with pytest.raises(DataError, match="token id"):
+        next(it)
+    it.close()
+
+
+def test_out_of_range_id_stops_evaluation(cfg):
+    manifest, path = built(cfg, "validation")
+    position = (data.num_windows(manifest["tokens"], T, T) - 1) * T + 5  # in the last batch
+    put_bad_id(path, manifest, position, VOCAB)
+    rerecord(path, manifest)
+    with pytest.raises(DataError) as e:
+        list(eval_batches(cfg, 4, process_index=0, process_count=1))
+    msg = one_line(e)
+    assert f"token id {VOCAB} at token {position} of {path / 'tokens.bin'}" in msg
+    assert "(validation split)" in msg
+
+
+def test_ids_that_wrapped_negative_are_out_of_range(cfg):
+    """uint32 caches are cut into int32 rows: an id ≥ 2**31 arrives negative."""
+    from gptjax.data import batches, load
+
+    opened = load.open_split(cfg, "train")
+    check = batches._id_check(opened)
+    rows = np.zeros((2, T + 1), np.int32)
+    check(rows, np.array([0, T]))
+    rows[1, 3] = -7
+    with pytest.raises(DataError, match=f"token id {2**32 - 7} at token {T + 3} "):
+        check(rows, np.array([0, T]))
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer_is_refused_up_front(tmp_path, corpus):
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+    small = cfg.__class__(
+        **{
+            **cfg.__dict__,
+            "model": cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": 200}),
+        }
+    )
+    with pytest.raises(DataError, match="byte has 257 ids but model.vocab_size=200") as e:
+        TrainIterator(small, 4, process_index=0, process_count=1)
+    one_line(e)
