@@ -5,9 +5,11 @@ line, not a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,28 @@ def put_bad_id(path: Path, manifest: dict, position: int, value: int = 0xFFFF) -
     tokens[position] = value
     tokens.flush()
     del tokens
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """The directory made unwritable, for root too (chattr +i), or the test skipped."""
+    if os.geteuid() != 0:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(mode)
+        return
+    if not shutil.which("chattr"):
+        pytest.skip("running as root without chattr: cannot make a directory read-only")
+    r = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"chattr +i failed: {r.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,3 +304,41 @@ def test_model_vocabulary_smaller_than_the_tokenizer_is_refused_up_front(tmp_pat
     with pytest.raises(DataError, match="byte has 257 ids but model.vocab_size=200") as e:
         TrainIterator(small, 4, process_index=0, process_count=1)
     one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the cache lies
+
+
+def test_cache_dir_that_is_a_file(tmp_path, corpus):
+    (tmp_path / "cache").write_text("not a directory")
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+    with pytest.raises(DataError) as e:
+        load_tokens(cfg, "train")
+    msg = one_line(e)
+    assert f"data.cache_dir={tmp_path / 'cache'} is not a directory" in msg
+
+
+def test_unwritable_cache_dir(tmp_path, corpus):
+    (tmp_path / "cache").mkdir()
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+    with read_only(tmp_path / "cache"), pytest.raises(DataError) as e:
+        load_tokens(cfg, "train")
+    msg = one_line(e)
+    assert f"data.cache_dir={tmp_path / 'cache'} cannot be written" in msg
+
+
+def test_read_only_complete_cache_still_loads(cfg, hashes, capsys):
+    manifest, path = built(cfg)
+    (path / "tokens.bin").touch()  # its stamp no longer matches: this load must re-hash
+    capsys.readouterr()
+    with read_only(path), read_only(path.parent):
+        tokens = load_tokens(cfg, "train")
+        assert len(tokens) == manifest["tokens"]
+        assert hashes == [path / "tokens.bin"]
+    assert capsys.readouterr().err == ""  # the stamp was not updated, quietly
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "tokens.bin",
+        "verified.json",
+    ]

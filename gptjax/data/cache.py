@@ -307,11 +307,21 @@ def _new_build_dir(final: Path) -> Path:
     """An empty directory beside `final`, named for this host and process so that a later build
     can tell when its builder is gone."""
     cache_dir = final.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(cache_dir, final.name)
     tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp = cache_dir / f".tmp.{final.name}.{tag}"
-    tmp.mkdir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(cache_dir, final.name)
+        tmp.mkdir()
+    except OSError as e:
+        if cache_dir.exists() and not cache_dir.is_dir():
+            why = "is not a directory"
+        else:
+            why = f"cannot be written ({e.strerror or e})"
+        raise DataError(
+            f"data.cache_dir={cache_dir} {why}, and the token cache {final.name} must be built "
+            "there; set data.cache_dir to a writable directory"
+        ) from None
     return tmp
 
 
@@ -425,7 +435,10 @@ def ensure_cache(cfg: Config, split: str) -> tuple[dict, Path, bool]:
     manifest = _read_manifest(final)
     if _manifest_matches(manifest, plan):
         return manifest, final, False
-    if final.exists():
-        print(f"token cache {final} is stale or incomplete; rebuilding", file=sys.stderr)
-        shutil.rmtree(final)
-    return _build(plan, final, num_workers(cfg)), final, True
+    try:
+        if final.exists():
+            print(f"token cache {final} is stale or incomplete; rebuilding", file=sys.stderr)
+            shutil.rmtree(final)
+        return _build(plan, final, num_workers(cfg)), final, True
+    except OSError as e:  # a full disk, a directory made read-only, ...: one line, not a trace
+        raise DataError(f"could not build the token cache {final}: {e}") from None
