@@ -342,3 +342,59 @@ def test_read_only_complete_cache_still_loads(cfg, hashes, capsys):
         "tokens.bin",
         "verified.json",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Through train.py
+
+
+@pytest.mark.parametrize("corruption", ["overwritten in place", "ids beyond the vocabulary"])
+def test_train_py_refuses_a_corrupted_cache(tmp_path, corpus, corruption):
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, context=32)
+    built(cfg, "validation")  # so that the run's only line on stderr is its error
+    manifest, path = built(cfg)
+    if corruption == "overwritten in place":
+        overwrite(path / "tokens.bin", 0, bytes(range(1, 101)))
+        needle = "does not match the sha256"
+    else:
+        tokens = np.memmap(path / "tokens.bin", dtype=np.uint16, mode="r+")
+        tokens[::7] = 1000  # in every window
+        tokens.flush()
+        del tokens
+        rerecord(path, manifest)
+        needle = "token id 1000"
+    args = [
+        f"data.source={cfg.data.source}",
+        f"data.cache_dir={cfg.data.cache_dir}",
+        "data.val_fraction=0.2",
+        "model.context_length=32",
+        "model.local_window=8",
+        "model.n_layer=2",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.d_ff=64",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.eval_batches=1",
+        "mesh.data=1",
+    ]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
+    r = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("train.py: error: ") and needle in lines[0], lines[0]
+    assert str(path) in lines[0]
