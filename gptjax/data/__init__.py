@@ -11,24 +11,21 @@ the document prompt + completion + end-of-text, and a parallel uint8 loss-weight
 tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
 
 Each module imports only the ones before it: sources (where documents come from), encode
-(documents → tokens, also in worker processes), cache (plan, build, load), batches (windows, their
-order, the iterators). TensorFlow loads only where tf.data or TFDS is used, so importing this
-package and building the cache of a file source need none.
+(documents → tokens, also in worker processes), integrity (checksums and the stamp that spares
+re-hashing), cache (plan, build), load (verified memory maps), batches (windows, their order, the
+iterators, each batch's ids checked against the vocabulary). TensorFlow loads only where tf.data
+or TFDS is used, so importing this package and building the cache of a file source need none.
 """
 
 from gptjax.data.batches import TrainIterator, eval_batches, num_windows, permute
-from gptjax.data.cache import (
-    SPLITS,
-    ensure_cache,
-    load_mask,
-    load_split,
-    load_tokens,
-    num_workers,
-)
+from gptjax.data.cache import SPLITS, ensure_cache, num_workers
+from gptjax.data.integrity import CorruptCacheError
+from gptjax.data.load import load_mask, load_split, load_tokens
 from gptjax.data.sources import DataError, stdlib_files
 
 __all__ = [
     "SPLITS",
+    "CorruptCacheError",
     "DataError",
     "TrainIterator",
     "ensure_cache",

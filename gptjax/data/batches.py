@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from gptjax.config import Config
-from gptjax.data.cache import load_split
+from gptjax.data.integrity import CorruptCacheError, fix_hint
+from gptjax.data.load import CachedSplit, open_split
 from gptjax.data.sources import DataError, import_tf
-from gptjax.tokenizer import get_tokenizer
 
 
 def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
@@ -88,20 +88,46 @@ def _check_processes(
     return process_index, process_count, batch_size // process_count
 
 
-def _check_split(cfg: Config, split: str, tokens: np.ndarray) -> None:
-    """Checks that the model can embed the tokenizer's ids and that the split holds a window."""
-    tok = get_tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > cfg.model.vocab_size:
+def _check_split(cfg: Config, opened: CachedSplit) -> None:
+    """Checks that the model can embed every id of the tokenizer that built the cache (its
+    manifest's record) and that the split holds a window."""
+    if opened.vocab_size > cfg.model.vocab_size:
         raise DataError(
-            f"data.tokenizer={tok.name} has {tok.vocab_size} ids but model.vocab_size="
-            f"{cfg.model.vocab_size}"
+            f"data.tokenizer={opened.manifest['tokenizer']['name']} has {opened.vocab_size} ids "
+            f"but model.vocab_size={cfg.model.vocab_size}"
         )
     T = cfg.model.context_length
-    if len(tokens) < T + 1:
+    if len(opened.tokens) < T + 1:
         raise DataError(
-            f"the {split} split of data.source={cfg.data.source!r} has {len(tokens)} tokens, "
-            f"fewer than one window of model.context_length + 1 = {T + 1}"
+            f"the {opened.split} split of data.source={cfg.data.source!r} has "
+            f"{len(opened.tokens)} tokens, fewer than one window of model.context_length + 1 = "
+            f"{T + 1}"
         )
+
+
+def _id_check(opened: CachedSplit) -> Callable[[np.ndarray, np.ndarray], None]:
+    """A check of the rows cut at `starts` ([N, S] int32): every id below the vocabulary, or a
+    CorruptCacheError naming the first bad one and where it lies. Checksums catch a cache changed
+    on disk; this also catches what they cannot (bits that rot under an unchanged stat, a cache
+    written by other code) before the model sees an id its embedding does not have (a gather out
+    of range gives NaN or garbage, not an error)."""
+    # Plain values only: the check runs on tf.data's threads.
+    limit, split, file = opened.vocab_size, opened.split, opened.tokens_file
+    hint = fix_hint(opened.path)
+
+    def check(x_NS: np.ndarray, starts: np.ndarray) -> None:
+        # As uint32, an id of a uint32 cache that wrapped negative in int32 is large again: one
+        # reduction catches both.
+        ids = x_NS.view(np.uint32)
+        if not ids.size or ids.max() < limit:
+            return
+        row, col = np.argwhere(ids >= limit)[0]
+        raise CorruptCacheError(
+            f"token id {ids[row, col]} at token {int(starts[row]) + col} of {file} ({split} "
+            f"split) is not below the vocabulary size {limit}; {hint}"
+        )
+
+    return check
 
 
 def _rows(tokens: np.ndarray, starts: np.ndarray, span: int, dtype: Any = np.int32) -> np.ndarray:
@@ -137,7 +163,8 @@ class TrainIterator:
     Epoch e visits every window once, in the order `permute(·, windows, seed, e)`; global batch b
     takes the next `batch_size` positions of the endless sequence of epochs (a batch may straddle
     two epochs), and process p takes rows [p·L, (p+1)·L) of it, L = batch_size // process_count.
-    The position is therefore the same small state on every process.
+    The position is therefore the same small state on every process. A batch holding an id
+    outside the vocabulary is never yielded: `next` raises CorruptCacheError, position unchanged.
 
     Yields:
         {"inputs": int32 [L, T], "targets": int32 [L, T] (inputs shifted by one),
@@ -158,8 +185,10 @@ class TrainIterator:
             batch_size, process_index, process_count
         )
         self.batch_size = batch_size
-        self.tokens, self.mask = load_split(cfg, "train")
-        _check_split(cfg, "train", self.tokens)
+        opened = open_split(cfg, "train")
+        _check_split(cfg, opened)
+        self.tokens, self.mask = opened.tokens, opened.mask
+        self._check_ids = _id_check(opened)
         self.context_length = cfg.model.context_length
         self.stride = cfg.data.stride or self.context_length  # 0 means windows that do not overlap
         self.tokenizer = cfg.data.tokenizer
@@ -170,6 +199,13 @@ class TrainIterator:
         if state is not None:
             self._restore(state)
         self._it: Iterator | None = None
+        # What the batch function raised, by batch of the pipeline. An exception raised inside
+        # tf.data reaches the caller as a TensorFlow error with the Python traceback in its text,
+        # and TensorFlow logs that traceback to stderr from each of its threads, whatever
+        # TF_CPP_MIN_LOG_LEVEL says; so the batch function returns a placeholder instead and
+        # __next__ raises the original exception in its place.
+        self._failed: dict[int, Exception] = {}
+        self._made_at = 0
 
     def _restore(self, state: dict) -> None:
         try:
@@ -209,11 +245,20 @@ class TrainIterator:
         start = self._position + self.process_index * self.local_batch_size
         step, T = self.batch_size, self.context_length
         offsets = np.arange(self.local_batch_size, dtype=np.int64)
+        check, failed = self._check_ids, self._failed
+        L = self.local_batch_size
+        placeholder = np.zeros((L, T + 1), np.int32), np.zeros((L, T), np.float32)
 
         def rows(b: np.int64) -> tuple[np.ndarray, np.ndarray]:
-            epoch, index = np.divmod(start + int(b) * step + offsets, n)
-            starts = permute(index, n, seed, epoch) * stride
-            return _rows(tokens, starts, T + 1), _window_mask(mask, starts, T)
+            try:
+                epoch, index = np.divmod(start + int(b) * step + offsets, n)
+                starts = permute(index, n, seed, epoch) * stride
+                x = _rows(tokens, starts, T + 1)
+                check(x, starts)
+                return x, _window_mask(mask, starts, T)
+            except Exception as e:
+                failed[int(b)] = e
+                return placeholder
 
         return rows
 
@@ -241,14 +286,20 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._it is None:
             self._it = self._make()
+            self._made_at = self._position  # batch b of the pipeline starts here + b·batch_size
             _LIVE.add(self)
         batch = next(self._it)
+        error = self._failed.get((self._position - self._made_at) // self.batch_size)
+        if error is not None:  # this batch is a placeholder: see __init__
+            self.close()
+            raise error
         self._position += self.batch_size
         return batch
 
     def close(self) -> None:
         """Stops the tf.data pipeline; the iterator can go on (it restarts where it was)."""
         self._it = None
+        self._failed = {}
 
     def __enter__(self) -> TrainIterator:
         return self
@@ -269,34 +320,30 @@ def eval_batches(
     Validation windows never overlap (stride = context_length, whatever data.stride), so each
     token is scored once. Every process yields the same number of batches; rows past the last
     window are zeros with mask 0. Within a window the mask is the targets' loss weights, as in
-    `TrainIterator`.
+    `TrainIterator`, and an id outside the vocabulary raises CorruptCacheError.
 
     Yields:
         {"inputs", "targets": int32 [L, T], "mask": float32 [L, T]}, L = batch_size // processes.
     """
     index, _, local = _check_processes(batch_size, process_index, process_count)
-    tokens, mask = load_split(cfg, "validation")
-    _check_split(cfg, "validation", tokens)
+    opened = open_split(cfg, "validation")
+    _check_split(cfg, opened)
     T = cfg.model.context_length
-    n = num_windows(len(tokens), T, T)
-    return _eval_iter(tokens, mask, n, T, batch_size, index * local, local)
+    n = num_windows(len(opened.tokens), T, T)
+    return _eval_iter(opened, n, T, batch_size, index * local, local)
 
 
 def _eval_iter(
-    tokens: np.ndarray,
-    weights: np.ndarray | None,
-    n: int,
-    T: int,
-    batch_size: int,
-    first: int,
-    local: int,
+    opened: CachedSplit, n: int, T: int, batch_size: int, first: int, local: int
 ) -> Iterator[dict[str, np.ndarray]]:
+    tokens, weights, check = opened.tokens, opened.mask, _id_check(opened)
     offsets = np.arange(local, dtype=np.int64)
     for b in range(-(-n // batch_size)):
         windows = b * batch_size + first + offsets
         valid = windows < n
         starts = windows[valid] * T
         x = _rows(tokens, starts, T + 1)
+        check(x, starts)
         inputs = np.zeros((local, T), np.int32)
         targets = np.zeros((local, T), np.int32)
         mask = np.zeros((local, T), np.float32)

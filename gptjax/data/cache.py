@@ -1,6 +1,7 @@
 """The token cache: each split of a source is tokenized once into a directory named by a digest
 of everything that decides its contents (a token file, a loss-weight file when the source has
-prompt/completion records, and a JSON manifest), built atomically and read back as memory maps.
+prompt/completion records, a JSON manifest with their checksums, and the stamp of integrity.py),
+built atomically; load.py reads it back.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from gptjax.data.encode import (
     run_in_worker,
     text_jobs,
 )
+from gptjax.data.integrity import HashingWriter, stamp_built
 from gptjax.data.sources import (
     DataError,
     FileUnit,
@@ -243,6 +245,10 @@ def _manifest_matches(manifest: dict | None, plan: _Plan) -> bool:
         and manifest.get("format") == CACHE_FORMAT
         and manifest.get("digest") == plan.digest()
         and manifest.get("tokenizer") == plan.tokenizer.spec()
+        # Each data file's checksum is what loads verify it by; a cache built before loss weights
+        # had one is rebuilt once rather than trusted unchecked.
+        and "sha256" in manifest
+        and (not manifest.get("mask") or "mask_sha256" in manifest)
         # .jsonl records may be prompt/completion pairs: only a build that looked for them (and
         # says whether it found any) can stand for such a source.
         and (not plan.has_jsonl or "mask" in manifest)
@@ -281,6 +287,7 @@ def _build(plan: _Plan, final: Path, workers: int) -> dict:
             written = _write_split(plan, tmp, workers, bar)
         manifest = _manifest(plan, written, time.perf_counter() - start)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        stamp_built(tmp, manifest)  # so that the first load need not hash what was just written
         try:
             os.rename(tmp, final)
         except OSError:
@@ -300,11 +307,21 @@ def _new_build_dir(final: Path) -> Path:
     """An empty directory beside `final`, named for this host and process so that a later build
     can tell when its builder is gone."""
     cache_dir = final.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(cache_dir, final.name)
     tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp = cache_dir / f".tmp.{final.name}.{tag}"
-    tmp.mkdir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(cache_dir, final.name)
+        tmp.mkdir()
+    except OSError as e:
+        if cache_dir.exists() and not cache_dir.is_dir():
+            why = "is not a directory"
+        else:
+            why = f"cannot be written ({e.strerror or e})"
+        raise DataError(
+            f"data.cache_dir={cache_dir} {why}, and the token cache {final.name} must be built "
+            "there; set data.cache_dir to a writable directory"
+        ) from None
     return tmp
 
 
@@ -326,15 +343,15 @@ def _write_split(plan: _Plan, tmp: Path, workers: int, bar: tqdm) -> dict:
     """Writes the tokens of the plan's jobs to `tmp`, and their loss weights from the first chunk
     that has any; returns what the manifest says about them."""
     tok = plan.tokenizer
-    sha = hashlib.sha256()
     counts = {"tokens": 0, "documents": 0, "bytes": 0, "replaced": 0}
     replaced_in = ""
     mask_file = None  # opened at the first chunk with weights
     loss_tokens = 0
-    with open(tmp / TOKENS_FILE, "wb") as f, contextlib.ExitStack() as later:
+    with open(tmp / TOKENS_FILE, "wb") as raw, contextlib.ExitStack() as later:
+        f = HashingWriter(raw)
         for enc in _encode_all(tok, _jobs(plan, bar), workers):
             if enc.mask is not None and mask_file is None:
-                mask_file = later.enter_context(open(tmp / MASK_FILE, "wb"))
+                mask_file = HashingWriter(later.enter_context(open(tmp / MASK_FILE, "wb")))
                 _write_ones(mask_file, counts["tokens"])  # the plain documents before it
                 loss_tokens = counts["tokens"]
             if mask_file is not None:
@@ -344,9 +361,7 @@ def _write_split(plan: _Plan, tmp: Path, workers: int, bar: tqdm) -> dict:
                 else:
                     mask_file.write(enc.mask.tobytes())
                     loss_tokens += int(enc.mask.sum(dtype=np.int64))
-            data = enc.tokens.astype(tok.dtype, copy=False).tobytes()
-            f.write(data)
-            sha.update(data)
+            f.write(enc.tokens.astype(tok.dtype, copy=False).tobytes())
             counts["tokens"] += enc.tokens.size
             counts["documents"] += enc.documents
             counts["bytes"] += enc.nbytes
@@ -354,15 +369,16 @@ def _write_split(plan: _Plan, tmp: Path, workers: int, bar: tqdm) -> dict:
             replaced_in = replaced_in or enc.replaced_in
             bar.update(enc.nbytes if plan.kind != "tfds" else enc.documents)
         for out in filter(None, (f, mask_file)):
-            out.flush()
-            os.fsync(out.fileno())
+            out.f.flush()
+            os.fsync(out.f.fileno())
     return {
         # Always written: the key says this build looked for prompt/completion records.
         "mask": MASK_FILE if mask_file is not None else None,
         **counts,
         "loss_tokens": loss_tokens if mask_file is not None else counts["tokens"],
         "replaced_first_in": replaced_in or None,
-        "sha256": sha.hexdigest(),
+        "sha256": f.hexdigest(),
+        **({"mask_sha256": mask_file.hexdigest()} if mask_file is not None else {}),
     }
 
 
@@ -419,48 +435,10 @@ def ensure_cache(cfg: Config, split: str) -> tuple[dict, Path, bool]:
     manifest = _read_manifest(final)
     if _manifest_matches(manifest, plan):
         return manifest, final, False
-    if final.exists():
-        print(f"token cache {final} is stale or incomplete; rebuilding", file=sys.stderr)
-        shutil.rmtree(final)
-    return _build(plan, final, num_workers(cfg)), final, True
-
-
-def load_tokens(cfg: Config, split: str) -> np.ndarray:
-    """The token stream of `split` ("train" or "validation"): documents joined by end-of-text.
-
-    Builds the cache under `cfg.data.cache_dir` on first use and reuses it while the source,
-    tokenizer and split rules are unchanged.
-
-    Returns:
-        A read-only uint16 (vocab ≤ 65536) or uint32 memory map.
-
-    Raises:
-        DataError: unknown source, a glob matching nothing, an unprepared or unknown TFDS dataset,
-            an empty split, ...
-    """
-    return load_split(cfg, split)[0]
-
-
-def load_mask(cfg: Config, split: str) -> np.ndarray | None:
-    """The loss weights of `split`'s tokens, parallel to `load_tokens`: a read-only uint8 memory
-    map (0 on prompt tokens of prompt/completion records, 1 elsewhere), or None when every weight
-    is 1 (no such record). Position i weighs the prediction of token i, i.e. a target."""
-    return load_split(cfg, split)[1]
-
-
-def load_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(`load_tokens`, `load_mask`) of `split` from one look at the cache."""
-    manifest, path, _ = ensure_cache(cfg, split)
-    if manifest["tokens"] == 0:
-        rule = (
-            f" (data.val_fraction={cfg.data.val_fraction} selected no document)"
-            if split == "validation" and not cfg.data.source.startswith("tfds:")
-            else ""
-        )
-        raise DataError(f"the {split} split of data.source={cfg.data.source!r} is empty{rule}")
-    n = manifest["tokens"]
-    tokens = np.memmap(path / manifest["file"], dtype=manifest["dtype"], mode="r", shape=(n,))
-    mask = None
-    if manifest.get("mask"):
-        mask = np.memmap(path / manifest["mask"], dtype=np.uint8, mode="r", shape=(n,))
-    return tokens, mask
+    try:
+        if final.exists():
+            print(f"token cache {final} is stale or incomplete; rebuilding", file=sys.stderr)
+            shutil.rmtree(final)
+        return _build(plan, final, num_workers(cfg)), final, True
+    except OSError as e:  # a full disk, a directory made read-only, ...: one line, not a trace
+        raise DataError(f"could not build the token cache {final}: {e}") from None
