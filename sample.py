@@ -16,26 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from gptjax import checkpoint, sampling, tokenizer
-from gptjax.cli import OneLineParser, run_cli
+from gptjax.cli import OneLineParser, nonneg_int, run_cli, user_path
 from gptjax.config import check_sampling
 from gptjax.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", type=user_path,
                    help="a training run directory (holding checkpoints/)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompt-file", metavar="FILE",
+    src.add_argument("--prompt-file", metavar="FILE", type=user_path,
                      help="read the prompt from a file (e.g. few-shot examples)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float, help="0 is greedy")
     p.add_argument("--top-k", type=int, help="0 disables")
     p.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]; 1 disables")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="in [0, 2**32 - 1]")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p.parse_args(argv)
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_args(a: argparse.Namespace) -> None:
     """Flags that are wrong whatever the checkpoint: fail before loading anything."""
     check_sampling({k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                              "num_samples")},
+                                              "num_samples", "seed")},
                    lambda field: "--" + field.replace("_", "-"))
 
 

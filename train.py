@@ -15,7 +15,7 @@ import jax
 from absl import logging as absl_logging
 
 from gptjax import budget, sharding, trainer, xla_flags
-from gptjax.cli import OneLineParser, run_cli
+from gptjax.cli import OneLineParser, fraction, host_port, nonneg_int, positive_int, run_cli
 from gptjax.config import Config, load_config, override_help
 from gptjax.errors import UserError
 
@@ -34,13 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the abstract state on the mesh, print memory and FLOPs, train nothing")
     p.add_argument("--compile", action="store_true",
                    help="with --dry-run: also compile the train step for XLA's memory analysis")
-    p.add_argument("--mfu", type=float, default=0.5,
-                   help="with --dry-run: the MFU assumed for the time estimate (default 0.5)")
-    p.add_argument("--coordinator", default=None,
+    p.add_argument("--mfu", type=fraction, default=0.5,
+                   help="with --dry-run: the MFU assumed for the time estimate, in (0, 1] "
+                        "(default 0.5)")
+    p.add_argument("--coordinator", type=host_port, default=None,
                    help="multi-host: coordinator address host:port (process 0)")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
-    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
+    p.add_argument("--num-processes", type=positive_int, default=None,
+                   help="multi-host: process count")
+    p.add_argument("--process-id", type=nonneg_int, default=None,
+                   help="multi-host: this process's id, in [0, num-processes)")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, each checked by its type; then the one rule that spans two of them."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    n, i = args.num_processes, args.process_id
+    if n is not None and i is not None and i >= n:
+        p.error(f"--process-id {i} is not in [0, {n}) (--num-processes {n})")
+    return args
 
 
 def _cluster_env() -> bool:
@@ -54,7 +67,7 @@ def _cluster_env() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_cli("train.py", lambda: run(args))
 
 

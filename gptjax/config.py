@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 from collections.abc import Callable
@@ -26,22 +27,61 @@ ATTENTION_KINDS = ("dense", "local")
 REMAT_CHOICES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+# JAX's random keys (64-bit mode off, its default) keep a seed's low 32 bits only: a larger seed
+# would silently repeat a smaller one's stream. One range for every seed.
+SEED_MAX = 2**32 - 1
+# Tokenizer processes are spawned as jobs come; thousands only exhaust memory. Fixed, not from
+# this machine's cores: a config planned (--dry-run) on a laptop must stay valid on its cluster.
+MAX_WORKERS = 1024
+# rule -> (test, what a value must be); NaN fails every numeric rule.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "nonneg": (lambda v: v >= 0, "must be >= 0"),
+    "finite_nonneg": (lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
+    "fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "seed": (lambda v: 0 <= v <= SEED_MAX, f"must be in [0, {SEED_MAX}] (seeds are 32-bit)"),
+    "nonempty": (lambda v: bool(v.strip()), "must not be empty"),
+    "workers": (lambda v: 0 <= v <= MAX_WORKERS, f"must be in [0, {MAX_WORKERS}] (0: one per core)"),
+}
+SAMPLING_RULES = {"max_new_tokens": "positive", "temperature": "finite_nonneg", "top_k": "nonneg",
+                  "top_p": "fraction", "num_samples": "positive", "seed": "seed"}
 
 
-def _require(section: str, rule: str, values: dict[str, float]) -> None:
-    """values: field -> value; rule "positive" or "nonneg". NaN fails either rule."""
+def _check_rule(key: str, rule: str, value: Any, error: type[UserError] = ConfigError) -> None:
+    test, need = RULES[rule]
+    if not test(value):
+        raise error(f"{key} {need}, got {value!r}")
+
+
+def _require(section: str, rule: str, values: dict[str, Any]) -> None:
+    """values: field -> value, each held to RULES[rule]."""
     for name, value in values.items():
-        ok = value > 0 if rule == "positive" else value >= 0
-        if not ok:
-            need = "must be positive" if rule == "positive" else "must be >= 0"
-            raise ConfigError(f"{section}.{name} {need}, got {value}")
+        _check_rule(f"{section}.{name}", rule, value)
 
 
-def _require_finite(section: str, obj: Any) -> None:
+def _require_representable(section: str, obj: Any) -> None:
+    """Floats finite, ints within 64 bits (`train.steps=1e30` would pass, then overflow)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{section}.{f.name} must fit in 64 bits, got {value}")
+
+
+def _expand_user(obj: Any, names: tuple[str, ...]) -> None:
+    """`~` expanded in these path fields of a frozen section, once, as it is built: every reader
+    (trainer, cache, checkpoints) and the recorded config see the real path, never a `./~`."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, str):
+            object.__setattr__(obj, name, os.path.expanduser(value))
+
+
+def expand_globs(source: str) -> str:
+    """data.source with `~` expanded in each comma-separated glob (stdlib and tfds: unchanged)."""
+    return ",".join(os.path.expanduser(p) if p.strip().startswith("~") else p
+                    for p in source.split(","))
 
 
 def _require_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -52,18 +92,11 @@ def _require_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_sampling(values: dict[str, Any], name: Callable[[str], str] = str,
                    error: type[UserError] = UserError) -> None:
     """Checks sampling settings (any of max_new_tokens, temperature, top_k, top_p,
-    num_samples; None means unset) for config, sample.py and generate alike; a bad one is a
+    num_samples, seed; None means unset) for config, sample.py and generate alike; a bad one is a
     UserError naming it as name(field) says (`sample.top_p`, `--top-p`, `top_p`)."""
-    rules = {
-        "max_new_tokens": (lambda v: v > 0, "must be positive"),
-        "temperature": (lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
-        "top_k": (lambda v: v >= 0, "must be >= 0"),
-        "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        "num_samples": (lambda v: v > 0, "must be positive"),
-    }
     for field, value in values.items():
-        if value is not None and field in rules and not rules[field][0](value):
-            raise error(f"{name(field)} {rules[field][1]}, got {value}")
+        if value is not None and field in SAMPLING_RULES:
+            _check_rule(name(field), SAMPLING_RULES[field], value, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +142,7 @@ class ModelConfig:
         return tuple(self.attention_pattern[i % self.period] for i in range(self.n_layer))
 
     def check(self) -> None:
-        _require_finite("model", self)
+        _require_representable("model", self)
         _require("model", "positive", {k: getattr(self, k) for k in (
             "vocab_size", "context_length", "n_layer", "d_model", "n_head", "d_ff",
             "local_window", "vocab_multiple", "layer_norm_eps", "init_std")})
@@ -152,10 +185,18 @@ class DataConfig:
     num_workers: int = 0  # tokenizer processes; 0 means one per core
     prefetch: int = 2
 
+    def __post_init__(self) -> None:
+        _expand_user(self, ("cache_dir", "tfds_data_dir"))
+        if isinstance(self.source, str):
+            object.__setattr__(self, "source", expand_globs(self.source))
+
     def check(self) -> None:
-        _require_finite("data", self)
-        _require("data", "nonneg", {"stride": self.stride, "num_workers": self.num_workers,
-                                    "prefetch": self.prefetch})
+        _check_rule("data.seed", "seed", self.seed)  # first: its range says more than "64 bits"
+        _require_representable("data", self)
+        _require("data", "nonneg", {"stride": self.stride, "prefetch": self.prefetch})
+        _require("data", "nonempty", {k: getattr(self, k) for k in (
+            "source", "cache_dir", "text_key", "train_split", "val_split")})
+        _check_rule("data.num_workers", "workers", self.num_workers)
         _require_choice("data.tokenizer", self.tokenizer, ("byte", "gpt2"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -178,7 +219,7 @@ class OptimConfig:
     ramp_tokens: int = 0  # 0 disables the ramp
 
     def check(self) -> None:
-        _require_finite("optim", self)
+        _require_representable("optim", self)
         _require("optim", "positive", {"learning_rate": self.learning_rate, "eps": self.eps})
         _require("optim", "nonneg", {k: getattr(self, k) for k in (
             "warmup_tokens", "decay_tokens", "ramp_tokens", "ramp_start_tokens",
@@ -209,8 +250,13 @@ class TrainConfig:
     # XLA flags train.py and the benchmarks set: auto | none | flags ("auto" = gptjax.xla_flags.DEFAULT)
     xla_flags: str = "auto"
 
+    def __post_init__(self) -> None:
+        _expand_user(self, ("run_dir", "init_from"))
+
     def check(self) -> None:
-        _require_finite("train", self)
+        _check_rule("train.seed", "seed", self.seed)  # first: its range says more than "64 bits"
+        _require_representable("train", self)
+        _require("train", "nonempty", {"run_dir": self.run_dir})
         _require("train", "positive", {k: getattr(self, k) for k in (
             "batch_size", "microbatches", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "max_bad_steps")})
@@ -219,6 +265,8 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             raise ConfigError(f"train.microbatches={self.microbatches} does not divide "
                               f"train.batch_size={self.batch_size}")
+        if self.steps == 0 and self.total_tokens == 0:
+            raise ConfigError("train.steps and train.total_tokens are both 0: nothing to train")
         expand_xla_flags(self.xla_flags)  # a malformed flag is a config error before anything starts
 
 
@@ -230,6 +278,7 @@ class MeshConfig:
     tensor: int = 1
 
     def check(self) -> None:
+        _require_representable("mesh", self)
         sizes = dataclasses.asdict(self)
         if sum(v == -1 for v in sizes.values()) > 1:
             raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
@@ -247,8 +296,8 @@ class SampleConfig:
     seed: int = 0
 
     def check(self) -> None:
-        check_sampling({k: v for k, v in dataclasses.asdict(self).items() if k != "seed"},
-                       lambda field: f"sample.{field}", ConfigError)
+        check_sampling(dataclasses.asdict(self), lambda field: f"sample.{field}", ConfigError)
+        _require_representable("sample", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,16 +381,15 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     kwargs = {}
     for k, v in values.items():
         if k not in names:
-            raise ConfigError(
-                f"unknown config key {section}.{k} (known: {', '.join(sorted(names))})"
-            )
+            raise ConfigError(f"unknown config key {section}.{k} "
+                              f"(known: {', '.join(sorted(names))})")
         kwargs[k] = _coerce(f"{section}.{k}", v, hints[k])
     return cls(**kwargs)
 
 
 def resolve_config_path(name: str | Path) -> Path:
     """A path to a YAML file, or a preset name such as `gpt3-small`, `small` or `default`."""
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -365,10 +413,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, dict[st
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         if section not in SECTIONS:
-            raise ConfigError(
-                f"unknown config section {section!r} in {item!r} "
-                f"(known: {', '.join(SECTIONS)})"
-            )
+            raise ConfigError(f"unknown config section {section!r} in {item!r} "
+                              f"(known: {', '.join(SECTIONS)})")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -381,16 +427,14 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, dict[st
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Builds and validates a Config from nested dicts (YAML contents plus overrides)."""
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("a config file must hold a mapping of sections")
     merged: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r} (known: {', '.join(SECTIONS)})")
-        if values is None:
-            values = {}
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
         merged[section] = dict(values)
@@ -406,9 +450,17 @@ def load_config(name: str | Path = "default", overrides: list[str] | tuple[str, 
     """Loads a YAML config (path or preset name) and applies `section.key=value` overrides."""
     path = resolve_config_path(name)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not valid UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    # An empty file would otherwise run every default (GPT-3 Small into runs/default) unasked.
+    if raw is None:
+        raise ConfigError(f"{path} is empty (nothing but comments or null): a config file holds "
+                          "sections such as model: and train: (see configs/default.yaml)")
     return config_from_dict(raw, parse_overrides(list(overrides)))
 
 
@@ -423,9 +475,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
 
-    return {
-        s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS
-    }
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+            for s in SECTIONS}
 
 
 def override_help() -> str:
@@ -437,12 +488,9 @@ def override_help() -> str:
         for f in dataclasses.fields(cls):
             ann = hints[f.name]
             tname = "list" if typing.get_origin(ann) is tuple else getattr(ann, "__name__", str(ann))
-            default = f.default
-            if isinstance(default, tuple):
-                default = ",".join(default)
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
             lines.append(f"  {section}.{f.name}={default!s}  ({tname})")
     return "\n".join(lines)
-
 
 
 def replace_cfg(cfg: Config, **sections: dict[str, Any]) -> Config:

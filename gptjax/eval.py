@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax import checkpoint, data, tokenizer
-from gptjax.cli import OneLineParser, run_cli
+from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.config import Config, ModelConfig, UserError
 from gptjax.losses import token_nll
 from gptjax.model import GPT
@@ -274,18 +274,20 @@ def _bar(total: int, unit: str, enabled: bool) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m gptjax.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", type=user_path)
+    p.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
     p.add_argument("--data", metavar="SOURCE",
                    help="score this source instead of the run's (syntax of data.source)")
     p.add_argument("--split", choices=("validation", "train", "all"),
                    help="default: validation of the run's data; all of a --data file source")
     p.add_argument("--text-key", help="field holding the text in .jsonl sources (data.text_key)")
-    p.add_argument("--stride", type=int,
+    p.add_argument("--stride", type=positive_int,
                    help="tokens between window starts, 1..context (default: context // 2)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per call")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the stream")
-    p.add_argument("--last-word", metavar="FILE.jsonl",
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
+                   help="windows per call")
+    p.add_argument("--max-tokens", type=int_at_least(2),
+                   help="score only the first N tokens of the stream (at least 2)")
+    p.add_argument("--last-word", metavar="FILE.jsonl", type=user_path,
                    help='last-word accuracy on {"context", "target"} lines; alone (without '
                         "--data) it skips the perplexity evaluation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -293,10 +295,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    if a.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {a.batch_size}")
-    if a.max_tokens is not None and a.max_tokens < 2:
-        raise UserError(f"--max-tokens must be at least 2, got {a.max_tokens}")
     examples = read_last_word(a.last_word) if a.last_word else None
     params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
     tok_name = meta.get("tokenizer", cfg.data.tokenizer)

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from gptjax import checkpoint, optim
-from gptjax.cli import OneLineParser, run_cli
+from gptjax.cli import OneLineParser, nonneg_int, out_dir, run_cli, user_path
 from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
 from gptjax.errors import UserError, warn
 
@@ -466,14 +466,14 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m gptjax.hf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     i = sub.add_parser("import", help="a Hugging Face GPT-2 directory -> a gptjax run directory")
-    i.add_argument("hf_dir", metavar="HF_DIR", help="holding config.json and model.safetensors")
-    i.add_argument("--out", required=True, metavar="RUN_DIR")
+    i.add_argument("hf_dir", metavar="HF_DIR", type=user_path, help="config.json + safetensors")
+    i.add_argument("--out", required=True, metavar="RUN_DIR", type=out_dir)
     i.add_argument("--tokenizer", choices=("gpt2", "byte"),
                    help="recorded in the run (default: gpt2 for a vocabulary of 50257+, else byte)")
     e = sub.add_parser("export", help="a gptjax run directory -> a Hugging Face GPT-2 directory")
-    e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--out", required=True, metavar="HF_DIR")
-    e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    e.add_argument("run_dir", metavar="RUN_DIR", type=user_path)
+    e.add_argument("--out", required=True, metavar="HF_DIR", type=out_dir)
+    e.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
     e.add_argument("--force", action="store_true", help="overwrite a model already in HF_DIR")
     return p
 

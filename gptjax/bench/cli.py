@@ -15,30 +15,33 @@ from gptjax.bench.decode import bench_decode
 from gptjax.bench.torch_peer import bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
-from gptjax.cli import run_cli
+from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli
 from gptjax.errors import warn
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptjax.bench", description="Benchmarks (not tests); each prints a table, or one JSON object with --json.")
-    sub = p.add_subparsers(dest="what", required=True)
+    # Every count is checked by its type (positive_int, int_list): a bad value is one line before
+    # any benchmark starts, as in the other commands.
+    p = OneLineParser(prog="python -m gptjax.bench", description="Benchmarks (not tests); each "
+                      "prints a table, or one JSON object with --json.")
+    sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
     a = sub.add_parser("attention", help="banded vs dense attention time as T grows")
-    a.add_argument("--seqs", default="1024,2048,4096")
-    a.add_argument("--window", type=int, default=256)
-    a.add_argument("--heads", type=int, default=4)
-    a.add_argument("--head-dim", type=int, default=64)
-    a.add_argument("--batch", type=int, default=1)
-    a.add_argument("--repeats", type=int, default=5)
+    a.add_argument("--seqs", type=int_list, default=(1024, 2048, 4096))
+    a.add_argument("--window", type=positive_int, default=256)
+    a.add_argument("--heads", type=positive_int, default=4)
+    a.add_argument("--head-dim", type=positive_int, default=64)
+    a.add_argument("--batch", type=positive_int, default=1)
+    a.add_argument("--repeats", type=positive_int, default=5)
     t = sub.add_parser("train", help="train-step tokens/s and MFU on synthetic batches")
     t.add_argument("--config", default="default")
-    t.add_argument("--batch", type=int, default=None)
-    t.add_argument("--seq", type=int, default=None)
+    t.add_argument("--batch", type=positive_int, default=None)
+    t.add_argument("--seq", type=positive_int, default=None)
     t.add_argument("--remat", choices=("none", "dots", "full", "auto"), default=None,
                    help="auto: the least recomputation whose memory fits the device")
     t.add_argument("--peak", choices=("auto", "yes", "no"), default="auto",
                    help="measure the bf16 matmul rate and report MFU against it (auto: GPU/TPU)")
-    t.add_argument("--steps", type=int, default=10)
-    t.add_argument("--profile", metavar="DIR", default=None,
+    t.add_argument("--steps", type=positive_int, default=10)
+    t.add_argument("--profile", metavar="DIR", type=out_dir, default=None,
                    help="also write a profiler trace of 3 steps and the compiled HLO into DIR")
     t.add_argument("--compare-torch", action="store_true",
                    help="also time Hugging Face GPT-2 + torch.compile at the same shape")
@@ -46,19 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("torch", help="Hugging Face GPT-2 + torch.compile train step at a "
                                      "config's shape (what train --compare-torch runs)")
     h.add_argument("--config", default="default")
-    h.add_argument("--batch", type=int, default=None)
-    h.add_argument("--seq", type=int, default=None)
-    h.add_argument("--steps", type=int, default=10)
+    h.add_argument("--batch", type=positive_int, default=None)
+    h.add_argument("--seq", type=positive_int, default=None)
+    h.add_argument("--steps", type=positive_int, default=10)
     h.add_argument("overrides", nargs="*", metavar="section.key=value")
     d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
     d.add_argument("--config", default="default")
-    d.add_argument("--batch-sizes", default="1,64")
-    d.add_argument("--prompt-len", type=int, default=None)
-    d.add_argument("--new-tokens", type=int, default=None)
+    d.add_argument("--batch-sizes", type=int_list, default=(1, 64))
+    d.add_argument("--prompt-len", type=positive_int, default=None)
+    d.add_argument("--new-tokens", type=positive_int, default=None)
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
-    g.add_argument("--seq", type=int, default=2048)
-    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--seq", type=positive_int, default=2048)
+    g.add_argument("--batch", type=positive_int, default=8)
     for q in (a, t, h, d, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -76,8 +79,7 @@ def _run(args: argparse.Namespace) -> None:
             warn("JAX has started; train.xla_flags not applied")
             out_flags = []
     if args.what == "attention":
-        seqs = [int(s) for s in args.seqs.split(",")]
-        out = bench_attention(seqs, args.window, args.heads, args.head_dim, args.batch,
+        out = bench_attention(list(args.seqs), args.window, args.heads, args.head_dim, args.batch,
                               args.repeats)
     elif args.what == "train":
         torch_out = torch_in_subprocess(args) if args.compare_torch else None
@@ -95,7 +97,7 @@ def _run(args: argparse.Namespace) -> None:
         out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
     elif args.what == "decode":
         cfg = load_config(args.config, args.overrides).model
-        kw = {"batch_sizes": tuple(int(b) for b in args.batch_sizes.split(","))}
+        kw = {"batch_sizes": args.batch_sizes}
         if args.prompt_len:
             kw["prompt_len"] = args.prompt_len
         if args.new_tokens:
