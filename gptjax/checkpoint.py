@@ -44,7 +44,7 @@ class CheckpointError(UserError):
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).resolve() / "checkpoints"
+    return Path(run_dir).expanduser().resolve() / "checkpoints"
 
 
 def make_meta(cfg: Config, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -317,8 +317,10 @@ def _candidate_steps(manager: ocp.CheckpointManager, run_dir: str | Path,
 
 
 def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of `step`, or of the newest checkpoint whose meta is readable."""
+    """(step, meta) of `step`, or of the newest checkpoint whose meta is readable (the caller
+    that restores the step reports unreadable ones)."""
     manager = _manager_for_reading(run_dir)
+    reasons = []
     try:
         for s in _candidate_steps(manager, run_dir, step):
             try:
@@ -326,8 +328,8 @@ def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[s
                     r = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
                 return s, r.meta
             except Exception as e:  # noqa: BLE001
-                warn(f"checkpoint step {s} in {run_dir} is unreadable ({describe(e)})")
-        raise UserError(f"no readable checkpoint in {run_dir}")
+                reasons.append(f"step {s}: {describe(e)}")
+        raise UserError(f"no readable checkpoint in {run_dir} ({'; '.join(reasons)})")
     finally:
         manager.close()
 
@@ -339,6 +341,7 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
 
     shardings: optional tree of NamedShardings to restore into (default: one device)."""
     manager = _manager_for_reading(run_dir)
+    reasons: dict[int, str] = {}
     try:
         for s in _candidate_steps(manager, run_dir, step):
             try:
@@ -358,10 +361,12 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
             except Exception as e:  # noqa: BLE001
                 why = describe(e)
             if why is None:
+                for bad, bad_why in reasons.items():
+                    warn(f"checkpoint step {bad} in {run_dir} is unreadable ({bad_why}); "
+                         f"using step {s}")
                 return params, cfg, meta, s
-            if step is not None:  # the step asked for: no fallback
-                raise UserError(f"checkpoint step {s} in {run_dir} is unreadable ({why})")
-            warn(f"checkpoint step {s} in {run_dir} is unreadable ({why}); trying an older one")
-        raise UserError(f"no readable checkpoint in {run_dir}")
+            reasons[s] = why
+        listed = "; ".join(f"step {s}: {w}" for s, w in reasons.items())
+        raise UserError(f"no readable checkpoint in {run_dir} ({listed})")
     finally:
         manager.close()

@@ -288,11 +288,11 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
 
 
 def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           temperature: float, top_k: int, top_p: float, num_samples: int,
+           temperature: float, top_k: int, top_p: float, num_samples: int, seed: int,
            truncate_prompt: bool) -> list[list[int]]:
     """Validates the request; returns the prompts, truncated where asked."""
     check_sampling({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                    "top_p": top_p, "num_samples": num_samples})
+                    "top_p": top_p, "num_samples": num_samples, "seed": seed})
     if not prompts:
         raise UserError("no prompts given")
     ctx = cfg.context_length
@@ -332,7 +332,7 @@ def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
     The tokens are exactly those `generate` returns with the same arguments. Bad arguments raise
     UserError here, before the first token, not when iteration starts.
     """
-    prompts = _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
+    prompts = _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
                      truncate_prompt)
     if chunk_size <= 0:
         raise UserError(f"chunk_size must be positive, got {chunk_size}")

@@ -208,6 +208,8 @@ class Evaluator:
             return
         try:
             loss = self.loss(params)
+        except data_lib.CorruptCacheError:
+            raise  # corrupt data stops the run; only a missing split disables evaluation
         except data_lib.DataError as e:  # no validation split (one small file, val_fraction=0)
             self.run.console.warn(f"evaluation disabled: {e}")
             self.enabled = False
