@@ -14,6 +14,8 @@ unreadable ones are moved aside (never deleted). When no step is readable the ru
 from __future__ import annotations
 
 import fcntl
+import gc
+import io
 import logging
 import os
 import shutil
@@ -105,18 +107,37 @@ def verify(item: str, tree: Any, meta: dict[str, Any]) -> str | None:
 
 @contextmanager
 def _quiet_orbax() -> Iterator[None]:
-    """Orbax logs a traceback for every failed read or write, and a failed asynchronous restore
-    leaves 'Exception ignored in coroutine' reports behind; gptjax says what happened in one
-    line instead, so those are kept off the terminal while orbax works."""
-    absl = logging.getLogger("absl")
-    level, hook = absl.level, sys.unraisablehook
-    absl.setLevel(logging.CRITICAL)
+    """Orbax logs a traceback for every failed read or write, and a failed read leaves more
+    behind: 'Exception ignored in coroutine' reports, and the reads of the step's other arrays,
+    finishing on tensorstore's threads, print tracebacks straight to sys.stderr for a moment
+    after the failure. gptjax says what happened in one line instead, so all of that is kept off
+    the terminal while orbax works, and after a failure until it has gone quiet."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels, hook, stderr = [lg.level for lg in loggers], sys.unraisablehook, sys.stderr
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
+    sys.stderr = sink = io.StringIO()
     try:
         yield
+    except BaseException:
+        _wait_until_quiet(sink)
+        raise
     finally:
-        absl.setLevel(level)
-        sys.unraisablehook = hook
+        gc.collect()  # failed coroutines and futures report when collected: collect them now
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        sys.unraisablehook, sys.stderr = hook, stderr
+
+
+def _wait_until_quiet(sink: io.StringIO, still: float = 0.3, most: float = 5.0) -> None:
+    """Until nothing was written to `sink` for `still` seconds (at most `most`)."""
+    start = last_change = time.monotonic()
+    size = sink.tell()
+    while time.monotonic() - last_change < still and time.monotonic() - start < most:
+        time.sleep(0.05)
+        if sink.tell() != size:
+            size, last_change = sink.tell(), time.monotonic()
 
 
 # --------------------------------------------------------------------------- writing and resuming
