@@ -24,6 +24,9 @@ class Console:
     def __init__(self, quiet: bool) -> None:
         self.enabled = not quiet and jax.process_index() == 0
         self.bar: tqdm | None = None
+        # The streams as they are now: checkpoint code swaps sys.stderr for a moment to keep
+        # orbax quiet, and a line from the signal watcher may come during that moment.
+        self.out, self.err = sys.stdout, sys.stderr
 
     def open_bar(self, total_steps: int, start_step: int) -> None:
         """The progress bar, on a terminal only (on stderr, as tqdm draws it)."""
@@ -34,11 +37,11 @@ class Console:
     def say(self, line: str) -> None:
         """One line on stdout, printed above the bar where there is one."""
         if self.enabled:
-            self._print(line, sys.stdout)
+            self._print(line, self.out)
 
     def warn(self, message: str) -> None:
         """A warning on stderr, from every process and even when quiet."""
-        self._print(f"warning: {message}", sys.stderr)
+        self._print(f"warning: {message}", self.err)
 
     def _print(self, line: str, file: Any) -> None:
         if self.bar is not None:
@@ -103,10 +106,12 @@ class Progress:
     transfer per log interval, not per step."""
 
     def __init__(self, console: Console, log: MetricsLog, *, total_steps: int, tokens: int,
-                 flops_per_token: float, peak_flops: float | None, max_bad_steps: int) -> None:
+                 flops_per_token: float, hardware_flops_per_token: float,
+                 peak_flops: float | None, max_bad_steps: int) -> None:
         self.console, self.log = console, log
         self.total_steps, self.max_bad_steps = total_steps, max_bad_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.hardware_flops_per_token = hardware_flops_per_token
         self.pending: list[tuple[int, float, int, int, dict[str, jax.Array]]] = []
         self.skipped = 0
         self.last_loss: float | None = None
@@ -129,8 +134,10 @@ class Progress:
         got = jax.device_get([p[-1] for p in self.pending])
         now = time.perf_counter()
         tps = (tokens - self.tokens_at_clock) / max(now - self.clock, 1e-9)
-        mfu = (self.flops_per_token * tps / (self.peak_flops * jax.device_count())
-               if self.peak_flops else None)
+        mfu = hfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * tps / (self.peak_flops * jax.device_count())
+            hfu = mfu * self.hardware_flops_per_token / self.flops_per_token
         eta = (self.total_steps - step) * (now - self.clock) / len(self.pending)
         for (s, lr, tok, n_micro, _), m in zip(self.pending, got):
             rec = {"step": s, "loss": float(m["loss"]), "lr": lr,
@@ -138,13 +145,15 @@ class Progress:
                    "skipped": bool(m["skipped"])}
             self.skipped += int(rec["skipped"])
             if s == step:
-                rec.update(tokens_per_s=tps, mfu=mfu)
+                rec.update(tokens_per_s=tps, mfu=mfu, hfu=hfu)
             self.log.write(rec)
         last, lr = got[-1], self.pending[-1][1]
         self.last_loss = float(last["loss"])
         line = (f"step {step}/{self.total_steps} | loss {self.last_loss:.4f} | lr {lr:.3e} | "
                 f"grad norm {float(last['grad_norm']):.3f} | {tps:,.0f} tok/s | "
-                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta / 60:.1f} min")
+                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
+                + (f" (HFU {100 * hfu:.1f}%)" if hfu is not None and hfu != mfu else "")
+                + f" | ETA {eta / 60:.1f} min")
         if self.skipped:
             line += f" | skipped {self.skipped}"
         self.console.show_loss(self.last_loss)

@@ -26,7 +26,14 @@ from gptjax import data as data_lib
 from gptjax.budget import choose_remat, device_peak_flops, remat_needs_text
 from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
 from gptjax.errors import UserError
-from gptjax.model import count_params, flops_per_token, init_params, stack_layers, unstack_layers
+from gptjax.model import (
+    count_params,
+    flops_per_token,
+    hardware_flops_per_token,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from gptjax.progress import Console, MetricsLog, Progress
 from gptjax.state import (
     TrainState,
@@ -330,6 +337,8 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
     run.console = Console(quiet)
     with contextlib.ExitStack() as cleanup:  # each part closes, even when another fails
         cleanup.callback(run.console.close)
+        # Signals are watched until the very end: a second Ctrl-C during the last save exits too.
+        preempt = cleanup.enter_context(Preemption(run.console))
         cleanup.callback(lock_run_dir(run.run_dir).release)
         ckpt = checkpoint.Checkpointer(run.run_dir, keep=t_cfg.keep_checkpoints)
         cleanup.callback(ckpt.close)
@@ -341,39 +350,39 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         run.console.open_bar(run.n_steps, start.step)
         progress = Progress(run.console, log, total_steps=run.n_steps, tokens=start.tokens,
                             flops_per_token=flops_per_token(m_cfg),
+                            hardware_flops_per_token=hardware_flops_per_token(m_cfg),
                             peak_flops=device_peak_flops(t_cfg.peak_tflops),
                             max_bad_steps=t_cfg.max_bad_steps)
         evaluate = Evaluator(run, m_cfg, log, progress)
         feed = cleanup.enter_context(contextlib.closing(BatchFeed(run, start)))
         step, tokens, preempted = start.step, start.tokens, False
-        with Preemption(run.console) as preempt:
-            if step == 0:
-                evaluate(state.params, 0)  # the baseline the run's progress is judged against
-            ahead = feed.next_global_batch(tokens) if step < run.n_steps else None
-            while step < run.n_steps:
-                n_micro, batch, data_state = ahead
-                step_tokens = n_micro * run.schedule.micro_size * m_cfg.context_length
-                lr = optim.learning_rate(cfg.optim, tokens + step_tokens)
-                state, metrics = step_fn(state, batch, jnp.float32(lr))
-                step, tokens = step + 1, tokens + step_tokens
-                if step < run.n_steps:  # read and send the next batch while this step runs
-                    ahead = feed.next_global_batch(tokens)
-                progress.record(step, lr, tokens, n_micro, metrics)
-                # The one place that decides whether this step waits for the devices.
-                last = step == run.n_steps
-                log_due = step % t_cfg.log_every == 0 or last
-                eval_due = step % t_cfg.eval_every == 0 or last
-                save_due = step % t_cfg.checkpoint_every == 0 or last
-                preempted = preempt.should_stop(step, exchange=step % t_cfg.log_every == 0)
-                if log_due or eval_due or save_due or preempted:
-                    progress.flush(step, tokens)
-                if eval_due:
-                    evaluate(state.params, step)
-                if save_due or preempted:
-                    save(ckpt, cfg, state, step, tokens, data_state)
-                if preempted:
-                    run.say(f"stopping at step {step} on request; checkpoint saved")
-                    break
+        if step == 0:
+            evaluate(state.params, 0)  # the baseline the run's progress is judged against
+        ahead = feed.next_global_batch(tokens) if step < run.n_steps else None
+        while step < run.n_steps:
+            n_micro, batch, data_state = ahead
+            step_tokens = n_micro * run.schedule.micro_size * m_cfg.context_length
+            lr = optim.learning_rate(cfg.optim, tokens + step_tokens)
+            state, metrics = step_fn(state, batch, jnp.float32(lr))
+            step, tokens = step + 1, tokens + step_tokens
+            if step < run.n_steps:  # read and send the next batch while this step runs
+                ahead = feed.next_global_batch(tokens)
+            progress.record(step, lr, tokens, n_micro, metrics)
+            # The one place that decides whether this step waits for the devices.
+            last = step == run.n_steps
+            log_due = step % t_cfg.log_every == 0 or last
+            eval_due = step % t_cfg.eval_every == 0 or last
+            save_due = step % t_cfg.checkpoint_every == 0 or last
+            preempted = preempt.should_stop(step, exchange=step % t_cfg.log_every == 0)
+            if log_due or eval_due or save_due or preempted:
+                progress.flush(step, tokens)
+            if eval_due:
+                evaluate(state.params, step)
+            if save_due or preempted:
+                save(ckpt, cfg, state, step, tokens, data_state)
+            if preempted:
+                run.say(f"stopping at step {step} on request; checkpoint saved")
+                break
     summary = {"start_step": start.step, "step": step, "tokens": tokens,
                "seconds": time.perf_counter() - t_start, "skipped": progress.skipped,
                "loss": progress.last_loss}
