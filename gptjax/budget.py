@@ -20,8 +20,11 @@ from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token
 from gptjax.state import abstract_state, batch_abstract, compile_train_step
 
-# Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins).
+# Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins, so a form
+# factor stands before its family): H100/H200 SXM 989, PCIe 756, NVL 835 (NVIDIA's datasheets,
+# without sparsity); jax names the SXM parts plainly ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
 PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12),
     ("A10", 125e12), ("V100", 125e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
     ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from pathlib import Path
 
@@ -114,8 +115,19 @@ def test_round_trip_through_dict() -> None:
 
 
 def test_flops_per_token_palm_formula() -> None:
+    """PaLM's 6N + 12·L·H·Q·T, each local layer's attention over its band (issue 18): the
+    6 dense layers of gpt3-small see 2048 positions, the 6 local ones 256."""
     cfg = config.model_config("gpt3-small")
     n = model.count_params(cfg) - 2048 * 768
-    assert model.flops_per_token(cfg) == pytest.approx(6 * n + 12 * 12 * 768 * 2048)
-    assert math.isclose(model.flops_per_token(cfg) / 1e9, 0.968, rel_tol=0.01)
+    assert model.flops_per_token(cfg) == pytest.approx(6 * n + 12 * 768 * (6 * 2048 + 6 * 256))
+    assert math.isclose(model.flops_per_token(cfg) / 1e9, 0.869, rel_tol=0.01)
+    dense = dataclasses.replace(cfg, attention_pattern=("dense",))
+    assert model.flops_per_token(dense) == pytest.approx(6 * n + 12 * 12 * 768 * 2048)
+    # Recomputation: dots redoes the attention matmuls, full the whole forward pass.
+    attn = 4 * 768 * (6 * 2048 + 6 * 256)
+    assert model.hardware_flops_per_token(cfg) == model.flops_per_token(cfg)
+    assert model.hardware_flops_per_token(dataclasses.replace(cfg, remat="dots")) == \
+        pytest.approx(model.flops_per_token(cfg) + attn)
+    assert model.hardware_flops_per_token(dataclasses.replace(cfg, remat="full")) == \
+        pytest.approx(model.flops_per_token(cfg) + 2 * n + attn)
 

@@ -12,10 +12,11 @@ from gptjax import xla_flags
 from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
+from gptjax.bench.provenance import append, provenance
 from gptjax.bench.torch_peer import bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
-from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli
+from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, user_path
 from gptjax.errors import warn
 
 
@@ -64,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch", type=positive_int, default=8)
     for q in (a, t, h, d, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
+                       help="also append the result, with its provenance, to this results file "
+                            "(bench/results/*.jsonl: the docs' tables are made from those)")
     args = p.parse_args(argv)
-    return run_cli("gptjax.bench", lambda: _run(args))
+    return run_cli("gptjax.bench", lambda: _run(args, argv))
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
     if args.what == "train":
         # Before JAX starts a backend: the flags train.py would set, unless overridden
         # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
@@ -110,6 +114,9 @@ def _run(args: argparse.Namespace) -> None:
         out["overrides"] = args.overrides
     if args.what == "train":
         out["xla_flags_added"] = out_flags
+    out["provenance"] = provenance(argv)
+    if args.record:
+        append(args.record, out)
     if args.json:
         print(json.dumps(out))
     else:

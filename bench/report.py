@@ -1,0 +1,123 @@
+"""The docs' result tables, made from the committed results files (bench/results/*.jsonl).
+
+    python bench/report.py            # rewrite the tables in docs/performance.md
+    python bench/report.py --check    # exit 1 if a table there differs from its results
+
+A table sits between `<!-- results:NAME -->` and `<!-- /results -->` in the doc; TABLES says
+which rows of which file it shows. Each row is one benchmark result, which carries its own
+provenance (commit, device, versions, flags, command, date: gptjax/bench/provenance.py), so a
+figure in the docs can be traced to the run that gave it. Medians are shown with the spread
+(max - min) where the benchmark reports one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _source(r: dict[str, Any]) -> str:
+    p = r["provenance"]
+    dirty = " (dirty)" if p.get("dirty") else ""
+    return f"{p['date'][:10]}, {(p.get('commit') or '?')[:7]}{dirty}"
+
+
+def _train_row(r: dict[str, Any]) -> list[str]:
+    return [r["config"], f"{r['batch']} × {r['seq']}", r["pattern"], r["remat"],
+            _num(r["tokens_per_s"], 0),
+            f"{_num(r['step_ms_median'])} (± {_num(r['step_ms_spread'] / 2)})",
+            _pct(r.get("mfu")), _pct(r.get("hfu")), _num(r.get("compile_s")),
+            f"`{r['provenance']['command']}`", _source(r)]
+
+
+def _decode_row(r: dict[str, Any]) -> list[str]:
+    big = max(int(b) for b in r["per_batch"])
+    return [f"{r['prompt_len']} + {r['new_tokens']}", str(r["max_len"]), r["dtype"],
+            _num(r.get("decode_ms_per_token_b1"), 2), _num(r.get("prefill_ms_b1"), 1),
+            f"{_num(r[f'tokens_per_s_b{big}'], 0)} (batch {big})",
+            f"`{r['provenance']['command']}`", _source(r)]
+
+
+def _attention_rows(r: dict[str, Any]) -> list[list[str]]:
+    return [[str(row["T"]), _num(row["banded_ms"]), _num(row["dense_ms"]),
+             f"`{r['provenance']['command']}`", _source(r)] for row in r["rows"]]
+
+
+# name -> (results file, subcommand, header, row maker returning one row or a list of rows)
+TABLES: dict[str, tuple[str, str, list[str], Callable[[dict[str, Any]], Any]]] = {
+    "cpu-train": ("cpu.jsonl", "train",
+                  ["config", "batch × T", "pattern", "remat", "tokens/s", "step ms (± half spread)",
+                   "MFU", "HFU", "compile s", "command", "date, commit"], _train_row),
+    "cpu-decode": ("cpu.jsonl", "decode",
+                   ["prompt + new", "cache", "dtype", "ms/token (batch 1)", "prefill ms",
+                    "tokens/s", "command", "date, commit"], _decode_row),
+    "cpu-attention": ("cpu.jsonl", "attention",
+                      ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),
+}
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    path = RESULTS / name
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def subcommand(r: dict[str, Any]) -> str:
+    return r["provenance"]["command"].split()[3]  # python -m gptjax.bench SUBCOMMAND ...
+
+
+def table(name: str) -> str:
+    file, what, header, make = TABLES[name]
+    rows: list[list[str]] = []
+    for r in load(file):
+        if "provenance" in r and subcommand(r) == what:
+            made = make(r)
+            rows.extend(made if made and isinstance(made[0], list) else [made])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(doc: str) -> str:
+    """The doc with every results table made anew from its file."""
+    def fill(m: re.Match[str]) -> str:
+        return f"<!-- results:{m.group(1)} -->\n{table(m.group(1))}\n<!-- /results -->"
+
+    return re.sub(r"<!-- results:([\w-]+) -->\n.*?<!-- /results -->", fill, doc, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if the doc's tables are stale")
+    a = p.parse_args(argv)
+    doc = DOC.read_text()
+    new = render(doc)
+    if a.check:
+        if new != doc:
+            print(f"{DOC} differs from bench/results: run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
