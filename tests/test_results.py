@@ -1,0 +1,65 @@
+"""Results are data: every row of bench/results carries its provenance, and the tables in
+docs/performance.md are exactly what bench/report.py makes from those files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from gptjax.bench import cli as bench
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVENANCE = ("date", "commit", "dirty", "device", "backend", "versions", "xla_flags", "command")
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "bench" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_result_row_has_its_provenance() -> None:
+    files = sorted((ROOT / "bench" / "results").glob("*.jsonl"))
+    assert files
+    for path in files:
+        for line in path.read_text().splitlines():
+            p = json.loads(line)["provenance"]
+            assert all(p.get(k) is not None for k in PROVENANCE), (path, p)
+            assert p["command"].startswith("python -m gptjax.bench ")
+
+
+def test_docs_tables_match_the_results_files() -> None:
+    report = _report()
+    doc = report.DOC.read_text()
+    assert "<!-- results:cpu-train -->" in doc
+    assert report.render(doc) == doc, "run python bench/report.py"
+    assert report.main(["--check"]) == 0
+
+
+def test_a_changed_result_changes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = _report()
+    rows = (report.RESULTS / "cpu.jsonl").read_text().splitlines()
+    first = json.loads(next(r for r in rows if " train " in json.loads(r)["provenance"]["command"]))
+    first["tokens_per_s"] = 123456789.0
+    (tmp_path / "cpu.jsonl").write_text(json.dumps(first) + "\n")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    table = report.table("cpu-train")
+    assert "123,456,789" in table
+    assert report.render(report.DOC.read_text()) != report.DOC.read_text()
+
+
+def test_record_appends_a_result_with_provenance(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    args = ["attention", "--seqs", "32,64", "--window", "16", "--heads", "2", "--head-dim", "8",
+            "--repeats", "1", "--json", "--record", str(out)]
+    assert bench.main(args) == 0
+    assert bench.main(args) == 0
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(rows) == 2 and [r["T"] for r in rows[0]["rows"]] == [32, 64]
+    p = rows[0]["provenance"]
+    assert p["command"] == "python -m gptjax.bench " + " ".join(args)
+    assert len(p["commit"]) == 40 and p["versions"]["jax"] and p["backend"] == "cpu"
