@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, for one device call of under 8 minutes on one H100/H200.
-# Results: $OUT/gpu-results.jsonl (one JSON object per run, {"failed": ...} for a run that did
-# not finish), the full log in $OUT/gpu-bench.log, a summary table at the end of stdout.
+# Results: $OUT/gpu-results.jsonl (one JSON object per run, each with its provenance: commit,
+# GPU, driver, versions, flags, command, date; {"failed": ...} for a run that did not finish),
+# the full log in $OUT/gpu-bench.log, a summary table at the end of stdout. Commit the rows as
+# bench/results/<device>-<date>.jsonl and add their tables to bench/report.py: the docs' GPU
+# figures come from those files.
 #   on the device machine, from the repo root:  bash bench/gpu.sh
 # JAX, flax, optax, orbax, torch and transformers are on that machine; TensorFlow is not (the
 # benchmarks use synthetic batches). Runs go most important first; once BUDGET seconds have
@@ -13,7 +16,7 @@ LONG_PROMPT=1536 LONG_NEW=512
 if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16; fi
 
 # TRAIN_ONLY=1 runs the train-step rows alone (1, 3, 4).
-# 1. gpt3-small at 2048 as GPT-3 has it (dense/local), MFU against the measured matmul rate.
+# 1. gpt3-small at 2048 as GPT-3 has it (dense/local); MFU by PaLM's convention against 989.
 py 120 train --config gpt3-small --batch 16 --steps 10
 # A first run that fails is plumbing (an API the GPU image's JAX changed, say): stop and show it,
 # so the rest of the device time is not spent failing the same way.
