@@ -18,9 +18,10 @@ def line(r: dict) -> str:
 
     return (f"{r['config']:12} {r['pattern']:12} B{r['batch']}x{r['seq']} remat={r['remat']:4} "
             f"chunk={r.get('loss_chunk')} {r['tokens_per_s']:>10,.0f} tok/s  MFU {f('mfu')} "
-            f"(vs measured {f('mfu_vs_measured')} of {f('matmul_tflops_measured', '{:.0f}')} "
-            f"TFLOP/s)  step {r['step_ms_median']:.1f} ms  compile {r['compile_s']:.0f} s  "
-            f"mem {f('peak_memory_gib', '{:.1f}')} GiB  torch x{f('speedup_vs_torch', '{:.2f}')}  "
+            f"HFU {f('hfu')} (matmuls reach {f('matmul_tflops_measured', '{:.0f}')} TFLOP/s)  "
+            f"step {r['step_ms_median']:.1f} ms  compile {r['compile_s']:.0f} s  "
+            f"mem {f('peak_memory_gib', '{:.1f}')} GiB  x nanoGPT "
+            f"{f('speedup_vs_nanogpt', '{:.2f}')} x HF {f('speedup_vs_hf', '{:.2f}')}  "
             f"{' '.join(r.get('overrides', []))} flags '{r.get('xla_flags', '')}'")
 
 

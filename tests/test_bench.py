@@ -44,10 +44,14 @@ def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
     assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
                        "2", "--compare-torch", "model.n_layer=2", "model.d_model=32",
                        "model.n_head=2", "model.d_ff=64", "model.local_window=16",
-                       "train.xla_flags=none", "--json"]) == 0
+                       "train.xla_flags=none", "--torch-modes", "default", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["torch_device"] == "cpu" and out["torch_tokens_per_s"] > 0
-    assert out["speedup_vs_torch"] == out["tokens_per_s"] / out["torch_tokens_per_s"]
+    runs = out["torch_runs"]
+    assert [(r["peer"], r["mode"]) for r in runs] == [("nanogpt", "default"), ("hf", "default")]
+    assert all(r["device"] == "cpu" and r["tokens_per_s"] > 0 for r in runs)
+    assert all(isinstance(r["graph_breaks"], int) for r in runs)
+    for peer in ("nanogpt", "hf"):
+        assert out[f"speedup_vs_{peer}"] == out["tokens_per_s"] / out[f"torch_{peer}_tokens_per_s"]
 
 
 def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -70,7 +74,7 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     train = [x for x in rows if "tokens_per_s" in x]
     assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",
                                             "gpt3-small"]
-    assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_torch"] > 0
+    assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_nanogpt"] > 0
     assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
     decode = [x for x in rows if "tokens_per_s_b64" in x]
     assert [x["prompt_len"] for x in decode] == [32, 48]  # short text; deep into the context

@@ -13,7 +13,7 @@ from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
 from gptjax.bench.provenance import append, provenance
-from gptjax.bench.torch_peer import bench_torch, torch_in_subprocess
+from gptjax.bench.torch_peer import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
 from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, user_path
@@ -45,14 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--profile", metavar="DIR", type=out_dir, default=None,
                    help="also write a profiler trace of 3 steps and the compiled HLO into DIR")
     t.add_argument("--compare-torch", action="store_true",
-                   help="also time Hugging Face GPT-2 + torch.compile at the same shape")
+                   help="also time the PyTorch peers (nanoGPT-style and Hugging Face GPT-2, "
+                        "torch.compile) at the same shape")
+    t.add_argument("--torch-modes", type=lambda s: tuple(s.split(",")),
+                   default=("default", "max-autotune"),
+                   help="torch.compile modes tried for the nanoGPT-style peer (best counts)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
-    h = sub.add_parser("torch", help="Hugging Face GPT-2 + torch.compile train step at a "
-                                     "config's shape (what train --compare-torch runs)")
+    h = sub.add_parser("torch", help="one PyTorch peer's train step at a config's shape, "
+                                     "torch.compile'd (what train --compare-torch runs)")
     h.add_argument("--config", default="default")
     h.add_argument("--batch", type=positive_int, default=None)
     h.add_argument("--seq", type=positive_int, default=None)
     h.add_argument("--steps", type=positive_int, default=10)
+    h.add_argument("--peer", choices=PEERS, default="nanogpt")
+    h.add_argument("--mode", choices=COMPILE_MODES, default="default", help="torch.compile mode")
     h.add_argument("overrides", nargs="*", metavar="section.key=value")
     d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
     d.add_argument("--config", default="default")
@@ -92,13 +98,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
                           args.profile)
         if torch_out is not None:
             out.update(torch_out)
-            out["speedup_vs_torch"] = out["tokens_per_s"] / out["torch_tokens_per_s"]
+            for peer in PEERS:
+                out[f"speedup_vs_{peer}"] = out["tokens_per_s"] / out[f"torch_{peer}_tokens_per_s"]
     elif args.what == "torch":
         cfg = load_config(args.config, args.overrides)
         m = cfg.model
         if args.seq:
             m = dataclasses.replace(m, context_length=args.seq)
-        out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps)
+        out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps, args.peer, args.mode)
     elif args.what == "decode":
         cfg = load_config(args.config, args.overrides).model
         kw = {"batch_sizes": args.batch_sizes}
