@@ -9,9 +9,11 @@ def line(r: dict) -> str:
     if "failed" in r or "skipped" in r:
         return str(r)
     if "tokens_per_s" not in r:
+        big = max(int(b) for b in r["per_batch"])
         return (f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}: b1 "
-                f"{r['decode_ms_per_token_b1']:.3f} ms/token, prefill {r['prefill_ms_b1']:.1f} ms; "
-                f"b64 {r['tokens_per_s_b64']:,.0f} tokens/s")
+                f"{r['decode_ms_per_token_b1']:.3f} ms/token, time to first token "
+                f"{r['time_to_first_token_ms_b1']:.1f} ms; b{big} "
+                f"{r[f'tokens_per_s_b{big}']:,.0f} tokens/s")
 
     def f(k: str, s: str = "{:.1%}") -> str:
         return "n/a" if r.get(k) is None else s.format(r[k])

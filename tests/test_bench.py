@@ -78,6 +78,10 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
     decode = [x for x in rows if "tokens_per_s_b64" in x]
     assert [x["prompt_len"] for x in decode] == [32, 48]  # short text; deep into the context
+    first = [x for x in rows if "tokens_per_s_b1" in x]  # time to the first token
+    assert len(first) == 1 and first[0]["time_to_first_token_ms_b1"] > 0
+    assert all(b["decode_steps_timed"] == x["new_tokens"] - 1
+               for x in decode + first for b in x["per_batch"].values())
     assert r.stdout.count("tok/s") == 5 and "decode" in r.stdout
 
 

@@ -67,14 +67,22 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
                 s = decode(params, s, jnp.int32(step), attend_len=L)
             return s
 
-        jax.block_until_ready(run_decode(run_prefill()))  # compile both
+        final = jax.block_until_ready(run_decode(run_prefill()))  # compile both
+        # The timing below divides by the steps decoded: check the loop ran every one of them
+        # (an early stop would make a fast-looking figure out of less work).
+        done = int(final.step), np.asarray(final.num_B)
+        if done[0] != new_tokens or (done[1] != new_tokens).any():
+            raise RuntimeError(f"the decoder sampled {done[0]} of {new_tokens} tokens")
         prefill_s = median_time(run_prefill, repeats, warmup=False)
         decode_s = median_time(run_decode, repeats, setup=run_prefill, warmup=False)
         steps = new_tokens - 1  # the prefill samples the first token
         per_batch[B] = {
+            # The prefill samples the first token: its time is the time to the first token.
             "prefill_ms": 1e3 * prefill_s,
+            "time_to_first_token_ms": 1e3 * prefill_s,
             "decode_ms_per_token": 1e3 * decode_s / steps,
             "decode_tokens_per_s": B * steps / decode_s,
+            "decode_steps_timed": steps,
         }
     result: dict[str, Any] = {
         "device": jax.devices()[0].device_kind,
@@ -89,6 +97,7 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
     }
     if 1 in per_batch:
         result["prefill_ms_b1"] = per_batch[1]["prefill_ms"]
+        result["time_to_first_token_ms_b1"] = per_batch[1]["time_to_first_token_ms"]
         result["decode_ms_per_token_b1"] = per_batch[1]["decode_ms_per_token"]
     big = max(batch_sizes)
     result[f"tokens_per_s_b{big}"] = per_batch[big]["decode_tokens_per_s"]
