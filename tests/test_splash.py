@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from gptjax import model, sharding, splash
+from gptjax import attention, model, sharding, splash
 from gptjax.attention import causal_attention, reference_attention
 from gptjax.config import MeshConfig
 
@@ -29,6 +29,15 @@ def test_every_preset_head_size(K: int) -> None:
     for window in (None, 4):
         np.testing.assert_allclose(splash.splash_attention(q, k, v, window),
                                    reference_attention(q, k, v, window), atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "splash_picked"), [("tpu", True), ("gpu", False),
+                                                        ("cpu", False)])
+def test_auto_picks_splash_on_tpu_only(monkeypatch, backend: str, splash_picked: bool) -> None:
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert attention.use_splash("auto") is splash_picked
+    assert attention.use_splash("splash")
+    assert attention.use_cudnn("auto", jnp.bfloat16) is (backend == "gpu")
 
 
 def test_block_sizes_follow_length_and_band() -> None:
