@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=fraction, default=0.5,
                    help="with --dry-run: the MFU assumed for the time estimate, in (0, 1] "
                         "(default 0.5)")
+    # A flag, not a config key: it plans for hardware that is not here, and must not follow a
+    # run into its checkpoint's config, where a real run measures its own chip.
+    p.add_argument("--chip", choices=sorted(budget.TPU_CHIPS), default=None,
+                   help="with --dry-run: plan for this Cloud TPU chip (its bf16 peak and HBM "
+                        "per chip), whatever devices this machine has")
     p.add_argument("--coordinator", type=host_port, default=None,
                    help="multi-host: coordinator address host:port (process 0)")
     p.add_argument("--num-processes", type=positive_int, default=None,
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     mesh = sharding.make_mesh(cfg.mesh)
     if args.dry_run:
         print(budget.dry_run(cfg, mesh, compile_step=True if args.compile else None,
-                             mfu=args.mfu))
+                             mfu=args.mfu, chip=args.chip))
         return 0
     summary = trainer.train(cfg, mesh=mesh)
     if jax.process_index() == 0:

@@ -1,4 +1,5 @@
-"""Causal self-attention kernels: cuDNN flash on GPU, banded O(T·w) for local layers, a reference.
+"""Causal self-attention kernels: cuDNN flash on GPU, splash on TPU (splash.py), banded O(T·w)
+for local layers, a reference.
 
 All functions take q, k, v as [B, T, H, K] in the compute dtype and return [B, T, H, K] in that
 dtype. Logits and softmax are always float32. `window` is the band width of a local layer: query
@@ -12,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gptjax.splash import splash_attention
 
 # The most negative fp32 rather than -inf: a row with every key masked then gets finite
 # (uniform) weights instead of NaN, and padded vocabulary rows get no probability.
@@ -101,18 +104,25 @@ def use_cudnn(impl: str, dtype: jnp.dtype) -> bool:
     )
 
 
+def use_splash(impl: str) -> bool:
+    return impl == "splash" or (impl == "auto" and jax.default_backend() == "tpu")
+
+
 def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
                      window: int | None, impl: str = "auto") -> jax.Array:
     """Full-sequence causal attention (training and scoring), positions 0..T-1.
 
-    impl: "auto" (cuDNN flash on GPU in bf16/fp16, else "xla"), "cudnn", "xla" (dense einsum for
-    dense layers, the banded kernel for local ones) or "reference".
+    impl: "auto" (cuDNN flash on GPU in bf16/fp16, splash on TPU, else "xla"), "cudnn", "splash"
+    (Pallas splash; interpret mode off TPU, for tests), "xla" (dense einsum for dense layers, the
+    banded kernel for local ones) or "reference".
     """
     T = q_BTHK.shape[1]
     if window is not None and window >= T:
         window = None  # the band covers the whole causal triangle
     if impl == "reference":
         return reference_attention(q_BTHK, k_BTHK, v_BTHK, window)
+    if use_splash(impl):
+        return splash_attention(q_BTHK, k_BTHK, v_BTHK, window)
     if use_cudnn(impl, q_BTHK.dtype):
         return jax.nn.dot_product_attention(
             q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn",

@@ -20,15 +20,25 @@ from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token
 from gptjax.state import abstract_state, batch_abstract, compile_train_step
 
-# Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first match wins, so a form
-# factor stands before its family): H100/H200 SXM 989, PCIe 756, NVL 835 (NVIDIA's datasheets,
-# without sparsity); jax names the SXM parts plainly ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+# Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first substring match wins, so a
+# form factor stands before its family). GPUs: H100/H200 SXM 989, PCIe 756, NVL 835 (NVIDIA's
+# datasheets, without sparsity); jax names the SXM parts plainly ("NVIDIA H100 80GB HBM3",
+# "NVIDIA H200"). TPU device kinds as jax names them (jax/_src/pallas/mosaic/tpu_info.py): v5e
+# reports "TPU v5 lite" or "TPU v5e", v5p "TPU v5" or "TPU v5p", v6e "TPU v6 lite" or "TPU v6e";
+# so "TPU v5" comes after both v5e spellings, which contain it.
 PEAK_FLOPS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12),
     ("A10", 125e12), ("V100", 125e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
 )
+# Cloud TPU chips a dry run can plan for without one (train.py --dry-run --chip NAME): bf16 peak
+# FLOP/s and HBM GiB per chip, from Google Cloud's TPU version pages.
+TPU_CHIPS = {"v4": (275e12, 32), "v5e": (197e12, 16), "v5p": (459e12, 95), "v6e": (918e12, 32)}
+# For scale: GPT-3 175B's 3.14e23 training FLOPs (Brown et al. 2020, Table D.1) at a V100's
+# 28 TFLOP/s sustained are 355 GPU-years (Lambda's widely quoted estimate).
+GPT3_GPU_YEARS = 355
 REMAT_TRY_ORDER = ("none", "dots", "full")  # model.remat=auto: least recomputation first
 
 
@@ -160,10 +170,24 @@ def _compiled_memory_lines(cfg: Config, mesh: Mesh, micro: int) -> list[str]:
     return lines
 
 
+def _chip_lines(chip: str, n_devices: int, per_device_gib: float, days: float) -> list[str]:
+    """What a dry run for a named TPU chip adds: whether the state fits its HBM, and the time."""
+    _, hbm = TPU_CHIPS[chip]
+    fits = "fits" if per_device_gib <= hbm else "does NOT fit"
+    return [
+        f"per chip ({chip}, {hbm} GiB HBM): ~{per_device_gib:.1f} GiB estimated -> {fits} "
+        f"(params + optimizer state + activations; XLA and its buffers need some margin)",
+        f"on {n_devices} {chip} chips: {days:,.0f} chip-days = {days / n_devices:,.1f} days "
+        f"of the slice (GPT-3 175B for scale: ~{GPT3_GPU_YEARS} V100 GPU-years, "
+        f"{GPT3_GPU_YEARS * 365:,} GPU-days)",
+    ]
+
+
 def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
-            mfu: float = 0.5, peak_tflops: float | None = None) -> str:
+            mfu: float = 0.5, peak_tflops: float | None = None, chip: str | None = None) -> str:
     """Per-device memory and FLOPs of a config on a mesh, with no weights allocated.
-    compile_step: also compile the step for XLA's memory analysis (None: below 3B parameters)."""
+    compile_step: also compile the step for XLA's memory analysis (None: below 3B parameters).
+    chip: a TPU_CHIPS name to plan for: its peak and HBM per chip, whatever devices are here."""
     tx = optim.make_optimizer(cfg.optim)
     with sharding.activate(mesh):
         abs_state, _ = abstract_state(cfg, mesh, tx)
@@ -177,13 +201,16 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
     fpt = flops_per_token(m)
     budget = cfg.train.total_tokens
     peak = (peak_tflops or cfg.train.peak_tflops or 0) * 1e12 or device_peak_flops() or 125e12
+    if chip is not None:
+        peak = TPU_CHIPS[chip][0]
     days = fpt * budget / (peak * mfu) / 86400
+    params_b, opt_b = _bytes_per_device(abs_state.params), _bytes_per_device(abs_state.opt_state)
     lines = [
         f"config: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {T}",
         f"parameters: {n_params:,} ({n_params / 1e9:.2f}B)",
         f"mesh: {dict(mesh.shape)} ({mesh.devices.size} devices, {jax.devices()[0].platform})",
-        f"per device: params {_bytes_per_device(abs_state.params) / 2**30:.2f} GiB, optimizer "
-        f"state {_bytes_per_device(abs_state.opt_state) / 2**30:.2f} GiB, activations "
+        f"per device: params {params_b / 2**30:.2f} GiB, optimizer "
+        f"state {opt_b / 2**30:.2f} GiB, activations "
         f"~{act / 2**30:.2f} GiB (microbatch {b_dev} sequences per device, remat "
         f"{'auto, estimated for none' if m.remat == 'auto' else m.remat})",
         f"FLOPs per step: {fpt * cfg.train.batch_size * T:.3e} ({cfg.train.batch_size} x {T} "
@@ -192,6 +219,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         f"device-days ({days / 365:,.1f} device-years) at {mfu:.0%} MFU of "
         f"{peak / 1e12:.0f} TFLOP/s",
     ]
+    if chip is not None:
+        lines += _chip_lines(chip, mesh.devices.size, (params_b + opt_b + act) / 2**30, days)
     if micro % n_data:
         lines.append(f"note: a microbatch of {micro} sequences does not split over {n_data} "
                      f"data-parallel devices; training needs train.microbatches dividing "

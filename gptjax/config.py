@@ -25,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
 ATTENTION_KINDS = ("dense", "local")
 REMAT_CHOICES = ("none", "dots", "full", "auto")
-ATTENTION_IMPLS = ("auto", "cudnn", "xla", "reference")
+ATTENTION_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 # JAX's random keys (64-bit mode off, its default) keep a seed's low 32 bits only: a larger seed
 # would silently repeat a smaller one's stream. One range for every seed.

@@ -5,12 +5,13 @@ progress bar intact), metrics.jsonl and TensorBoard events, and the per-log-inte
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -65,11 +66,18 @@ class Console:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard events) in the run directory, written by process 0 only."""
+    """metrics.jsonl (+ TensorBoard events) in the run directory, written by process 0 only.
 
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
+    The file goes through etils.epath (as orbax and TFDS do), so a run directory may be a URL
+    such as gs://; object stores cannot append, so there each write replaces the whole file."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], resume_step: int) -> None:
         self.enabled = jax.process_index() == 0
+        # str(): a pathlib.Path would already have folded gs://b to gs:/b.
+        self.remote = "://" in str(run_dir)
+        run_dir = epath.Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
+        self.lines: list[str] = []  # what the file holds; rewritten whole where it cannot append
         self.tb = None
         if not self.enabled:
             return
@@ -80,17 +88,23 @@ class MetricsLog:
             for ln in self.path.read_text().splitlines():
                 try:
                     if json.loads(ln).get("step", 0) <= resume_step:
-                        kept.append(ln)
+                        kept.append(ln + "\n")
                 except (json.JSONDecodeError, AttributeError):
                     pass  # a line cut short by a kill
-            self.path.write_text("".join(k + "\n" for k in kept))
+            self.path.write_text("".join(kept))
+            self.lines = kept
         self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):

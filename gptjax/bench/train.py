@@ -104,7 +104,8 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     out = {
         "config": cfg_name, "params": count_params(m), "batch": B, "seq": T, "remat": m.remat,
         "dtype": m.dtype,
-        "attention": "cudnn" if attention.use_cudnn(m.attention_impl, m.dtype) else "xla",
+        "attention": ("splash" if attention.use_splash(m.attention_impl) else
+                      "cudnn" if attention.use_cudnn(m.attention_impl, m.dtype) else "xla"),
         "loss_chunk": m.loss_chunk, "pattern": "/".join(m.attention_pattern),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
         "step_ms_median": 1e3 * med, "step_ms_spread": 1e3 * (max(times) - min(times)),
