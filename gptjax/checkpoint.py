@@ -18,7 +18,6 @@ import gc
 import io
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from gptjax.config import Config, config_from_dict, config_to_dict
 from gptjax.errors import UserError, describe, warn
@@ -45,8 +45,16 @@ class CheckpointError(UserError):
     """A checkpoint could not be written or none could be read; one line says which and why."""
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).expanduser().resolve() / "checkpoints"
+def run_path(run_dir: str | Path) -> Path | epath.Path:
+    """A run directory as a path: local ones absolute, with `~` expanded; URLs (gs://…) through
+    etils.epath, as orbax takes them (pathlib would turn gs://b/x into the local gs:/b/x)."""
+    if "://" in str(run_dir):
+        return epath.Path(str(run_dir))
+    return Path(run_dir).expanduser().resolve()
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path | epath.Path:
+    return run_path(run_dir) / "checkpoints"
 
 
 def make_meta(cfg: Config, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -236,7 +244,7 @@ class Checkpointer:
     def _move_aside(self, step: int, why: str) -> None:
         target = self.directory.parent / UNREADABLE_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        epath.Path(self.directory / str(step)).rename(target)
         self.manager.reload()
         warn(f"checkpoint step {step} is unreadable ({why}); moved to {target} and resuming "
              f"from an older step")

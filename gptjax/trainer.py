@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -57,7 +58,7 @@ class Run:
 
     cfg: Config
     mesh: Mesh
-    run_dir: Path
+    run_dir: Path | epath.Path
     schedule: optim.BatchSchedule
     tx: optax.GradientTransformation
     n_steps: int
@@ -77,7 +78,7 @@ class Run:
         tx = optim.make_optimizer(cfg.optim)
         with sharding.activate(mesh):
             abs_state, state_sh = abstract_state(cfg, mesh, tx)
-        return cls(cfg, mesh, Path(cfg.train.run_dir), schedule, tx, total_steps(cfg, schedule),
+        return cls(cfg, mesh, checkpoint.run_path(cfg.train.run_dir), schedule, tx, total_steps(cfg, schedule),
                    abs_state, state_sh)
 
     def say(self, line: str) -> None:
@@ -313,7 +314,7 @@ class Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def lock_run_dir(run_dir: Path) -> checkpoint.RunLock:
+def lock_run_dir(run_dir: Path | epath.Path) -> checkpoint.RunLock:
     """Process 0 takes the run directory's lock; every process learns whether it did."""
     lock, error = checkpoint.RunLock(run_dir), None
     if jax.process_index() == 0:

@@ -242,3 +242,13 @@ def test_first_signal_is_reported_at_once_and_a_second_exits(corpus: Path, tmp_p
     assert proc.returncode == 130, errors
     assert any("second interrupt: exiting now" in ln for _, ln in errors), errors
     assert steps_on_disk(run_dir)[: len(committed)] == committed
+
+
+def test_object_store_run_dirs_keep_their_scheme(capsys) -> None:
+    """pathlib turns gs://b/x into the local gs:/b/x; run directories go through etils.epath."""
+    assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+    lock = checkpoint.RunLock(checkpoint.run_path("gs://bucket/run"))
+    lock.acquire()  # no file locks there: a warning, and nothing written
+    lock.release()
+    assert "object store" in capsys.readouterr().err
+    assert str(checkpoint.checkpoint_dir("~/r")) == os.path.expanduser("~/r/checkpoints")
