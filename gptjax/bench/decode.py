@@ -16,6 +16,47 @@ from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 
 
+def _time_batch(params: Any, programs: tuple[Any, Any], B: int, prompt_len: int,
+                new_tokens: int, max_len: int, vocab: int, repeats: int, seed: int
+                ) -> dict[str, float]:
+    """Prefill and decode times of batch B (compiled first, then medians of `repeats`)."""
+    prefill, decode = programs
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, vocab, (B, prompt_len)), jnp.int32)
+    lengths = jnp.full((B,), prompt_len, jnp.int32)
+    keys = jax.random.split(jax.random.key(seed), B)
+    active = jnp.ones((B,), bool)
+
+    def run_prefill() -> sampling.SamplerState:
+        return prefill(params, tokens, lengths, keys, active, max_len=max_len,
+                       max_new=new_tokens)
+
+    def run_decode(s: sampling.SamplerState) -> sampling.SamplerState:
+        step = 1  # the prefill samples the first token
+        while step < new_tokens:  # one call unless the text crosses a bucket
+            step, L = sampling.decode_segment(step, new_tokens, prompt_len, max_len)
+            s = decode(params, s, jnp.int32(step), attend_len=L)
+        return s
+
+    final = jax.block_until_ready(run_decode(run_prefill()))  # compile both
+    # The timing below divides by the steps decoded: check the loop ran every one of them
+    # (an early stop would make a fast-looking figure out of less work).
+    done = int(final.step), np.asarray(final.num_B)
+    if done[0] != new_tokens or (done[1] != new_tokens).any():
+        raise RuntimeError(f"the decoder sampled {done[0]} of {new_tokens} tokens")
+    prefill_s = median_time(run_prefill, repeats, warmup=False)
+    decode_s = median_time(run_decode, repeats, setup=run_prefill, warmup=False)
+    steps = new_tokens - 1  # the prefill samples the first token
+    return {
+        # The prefill samples the first token: its time is the time to the first token.
+        "prefill_ms": 1e3 * prefill_s,
+        "time_to_first_token_ms": 1e3 * prefill_s,
+        "decode_ms_per_token": 1e3 * decode_s / steps,
+        "decode_tokens_per_s": B * steps / decode_s,
+        "decode_steps_timed": steps,
+    }
+
+
 def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
               prompt_len: int | None = None, new_tokens: int | None = None,
               dtype: str | None = None, max_len: int | None = None, repeats: int = 5,
@@ -47,43 +88,9 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
                         f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
-    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
-    per_batch: dict[int, dict[str, float]] = {}
-    for B in batch_sizes:
-        rng = np.random.default_rng(seed)
-        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt_len)), jnp.int32)
-        lengths = jnp.full((B,), prompt_len, jnp.int32)
-        keys = jax.random.split(jax.random.key(seed), B)
-        active = jnp.ones((B,), bool)
-
-        def run_prefill() -> sampling.SamplerState:
-            return prefill(params, tokens, lengths, keys, active, max_len=max_len,
-                           max_new=new_tokens)
-
-        def run_decode(s: sampling.SamplerState) -> sampling.SamplerState:
-            step = 1  # the prefill samples the first token
-            while step < new_tokens:  # one call unless the text crosses a bucket
-                step, L = sampling.decode_segment(step, new_tokens, prompt_len, max_len)
-                s = decode(params, s, jnp.int32(step), attend_len=L)
-            return s
-
-        final = jax.block_until_ready(run_decode(run_prefill()))  # compile both
-        # The timing below divides by the steps decoded: check the loop ran every one of them
-        # (an early stop would make a fast-looking figure out of less work).
-        done = int(final.step), np.asarray(final.num_B)
-        if done[0] != new_tokens or (done[1] != new_tokens).any():
-            raise RuntimeError(f"the decoder sampled {done[0]} of {new_tokens} tokens")
-        prefill_s = median_time(run_prefill, repeats, warmup=False)
-        decode_s = median_time(run_decode, repeats, setup=run_prefill, warmup=False)
-        steps = new_tokens - 1  # the prefill samples the first token
-        per_batch[B] = {
-            # The prefill samples the first token: its time is the time to the first token.
-            "prefill_ms": 1e3 * prefill_s,
-            "time_to_first_token_ms": 1e3 * prefill_s,
-            "decode_ms_per_token": 1e3 * decode_s / steps,
-            "decode_tokens_per_s": B * steps / decode_s,
-            "decode_steps_timed": steps,
-        }
+    programs = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
+    per_batch = {B: _time_batch(params, programs, B, prompt_len, new_tokens, max_len,
+                                cfg.vocab_size, repeats, seed) for B in batch_sizes}
     result: dict[str, Any] = {
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
