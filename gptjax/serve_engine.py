@@ -285,7 +285,8 @@ class Engine:
                 c.emit(first)
             self._slots[slot], self._pos[slot] = c, n
             st = self._st
-            st["last"][slot], st["active"][slot], st["left"][slot] = c.prompt[-1], True, c.max_tokens
+            st["last"][slot], st["active"][slot] = c.prompt[-1], True
+            st["left"][slot] = c.max_tokens
             st["count"][slot], st["temperature"][slot] = 0, c.temperature
             st["top_k"][slot], st["top_p"][slot], st["keys"][slot] = c.top_k, c.top_p, c.key_data
 

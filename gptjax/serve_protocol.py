@@ -192,11 +192,12 @@ def logprobs_json(tok: Tokenizer, ids: list[int], lps: list[float | None],
 
 def safe_end(text: str, stops: list[str], final: bool) -> int:
     """How much of `text` can be sent now: not a trailing U+FFFD (the rest of its character's
-    bytes may follow), nor a tail that may be the start of a stop sequence."""
+    bytes may follow, and an incomplete character decodes to one U+FFFD, so one is held back),
+    nor a tail that may be the start of a stop sequence."""
     if final:
         return len(text)
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
+    if end and text[end - 1] == "\ufffd":
         end -= 1
     hold = 0
     for s in stops:
