@@ -324,3 +324,26 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(run_dir: Path) -> None:
     assert all(r.status_code == 200 for r in done)
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_cli_mistakes_are_one_line_exit_2(tmp_path: Path) -> None:
+    for args, message in [(["--checkpoint", str(tmp_path / "none")], "no checkpoint"),
+                          (["--checkpoint", str(tmp_path), "--port", "70000"], "--port"),
+                          (["--checkpoint", str(tmp_path), "--max-batch", "0"], "--max-batch")]:
+        r = subprocess.run([sys.executable, "-m", "gptjax.serve", *args], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == ""
+        assert len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_bench_serve_reports_latency_and_throughput() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "gptjax.bench", "serve", "--json", "--clients", "4",
+         "--requests", "2", "--prompt-len", "8", "--new-tokens", "5", "--max-batch", "2",
+         "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.d_ff=64",
+         "model.context_length=32", "model.local_window=8"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["completion_tokens"] == 4 * 2 * 5 and out["tokens_per_s"] > 0
+    assert 0 < out["latency_p50_s"] <= out["latency_p99_s"]
