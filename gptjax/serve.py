@@ -202,6 +202,18 @@ async def _read_json(request: fastapi.Request) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
 
+async def _unless_gone(request: fastapi.Request, work: Any) -> Any:
+    """Awaits `work`, cancelling it (and so freeing its slots) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            return JSONResponse(ApiError(499, "the client went away").body(), status_code=499)
+
+
 def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | None = None
              ) -> fastapi.FastAPI:
     """The FastAPI application over a started engine."""
@@ -251,7 +263,7 @@ def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | Non
         run = CompletionRun(req, engine, tok)
         if req.stream:
             return StreamingResponse(stream(run, model_name), media_type="text/event-stream")
-        return await complete(run, model_name)
+        return await _unless_gone(request, complete(run, model_name))
 
     _tokenizer_routes(app, tok, check_key)
     return app

@@ -205,11 +205,12 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compiles the programs a short request needs, before the first client waits on them."""
-        done = threading.Event()
-        c = Choice([0, 0], 2, lambda e: e.finish and done.set(), temperature=0.0,
-                   key_data=key_data(0, 0), echo_logprobs=True)
-        self.submit(c)
-        done.wait()
+        left = threading.Semaphore(0)
+        for echo in (False, True):  # the prefill's two variants
+            self.submit(Choice([0, 0], 2, lambda e: e.finish and left.release(), temperature=0.0,
+                               key_data=key_data(0, 0), echo_logprobs=echo))
+        left.acquire()
+        left.acquire()
 
     # --- the engine thread
 
