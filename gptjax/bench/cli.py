@@ -13,6 +13,7 @@ from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
 from gptjax.bench.provenance import append, provenance
+from gptjax.bench.serve import bench_serve
 from gptjax.bench.torch_peer import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
@@ -66,10 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--prompt-len", type=positive_int, default=None)
     d.add_argument("--new-tokens", type=positive_int, default=None)
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    v = sub.add_parser("serve", help="completion server: latency and tokens/s under load")
+    v.add_argument("--config", default="default")
+    v.add_argument("--clients", type=positive_int, default=32)
+    v.add_argument("--requests", type=positive_int, default=2, help="per client, in turn")
+    v.add_argument("--prompt-len", type=positive_int, default=128)
+    v.add_argument("--new-tokens", type=positive_int, default=128)
+    v.add_argument("--max-batch", type=positive_int, default=32)
+    v.add_argument("--steps-per-call", type=positive_int, default=4)
+    v.add_argument("overrides", nargs="*", metavar="section.key=value")
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
     g.add_argument("--seq", type=positive_int, default=2048)
     g.add_argument("--batch", type=positive_int, default=8)
-    for q in (a, t, h, d, g):
+    for q in (a, t, h, d, v, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
                        help="also append the result, with its provenance, to this results file "
@@ -114,9 +124,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
         if args.new_tokens:
             kw["new_tokens"] = args.new_tokens
         out = bench_decode(cfg, **kw)
+    elif args.what == "serve":
+        out = bench_serve(load_config(args.config, args.overrides).model, clients=args.clients,
+                          requests=args.requests, prompt_len=args.prompt_len,
+                          new_tokens=args.new_tokens, max_batch=args.max_batch,
+                          steps_per_call=args.steps_per_call)
     else:
         out = bench_data(seq=args.seq, batch=args.batch)
-    if args.what in ("train", "decode"):
+    if args.what in ("train", "decode", "serve"):
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["overrides"] = args.overrides
     if args.what == "train":
