@@ -68,9 +68,14 @@ def test_loglikelihoods_equal_a_plain_forward_pass(params: dict) -> None:
     assert got[-1][1] is True
 
 
-def test_task_file_and_prompts() -> None:
+def test_task_file_and_prompts(tmp_path: Path) -> None:
     task = read_task(DATA / "fewshot_completion.jsonl")
-    assert task.name == "copy" and task.kind == "completion" and len(task.items) == 12
+    assert task.name == "fewshot_completion" and task.kind == "completion"
+    assert len(task.items) == 12 and (task.separator, task.delimiter) == ("\n\n", " ")
+    (tmp_path / "h.jsonl").write_text('{"task": {"name": "qa", "separator": "\\n", "stop": "."}}\n'
+                                      + (DATA / "fewshot_completion.jsonl").read_text())
+    h = read_task(tmp_path / "h.jsonl", {"stop": "!", "delimiter": None})
+    assert (h.name, h.separator, h.delimiter, h.stop) == ("qa", "\n", " ", "!")
     a = shot_indices(12, 3, seed=0, item=4, exclude_self=True)
     assert len(set(a)) == 3 and 4 not in a and a == shot_indices(12, 3, 0, 4, True)
     assert a != shot_indices(12, 3, 1, 4, True) or a != shot_indices(12, 3, 2, 4, True)
