@@ -206,35 +206,34 @@ def table(results: list[dict[str, Any]], shots: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- training
 
 
-@functools.lru_cache(maxsize=8)
-def _training_tasks(paths: tuple[str, ...]) -> tuple[Task, ...]:
-    return tuple(read_task(user_path(p)) for p in paths)
-
-
-def check_training_tasks(cfg: Config) -> None:
-    """Reads train.fewshot_tasks, so a bad file stops the run before it trains."""
-    _training_tasks(tuple(cfg.train.fewshot_tasks))
-    if cfg.train.fewshot_tasks and jax.process_count() > 1:
-        warn("train.fewshot_tasks: few-shot evaluation runs in one-process runs only; skipped")
+_BROKEN_TASKS: set[tuple[str, ...]] = set()  # task lists that failed once: not retried
 
 
 def during_training(params: Any, cfg: Config, step: int, write: Callable[[dict], None],
                     say: Callable[[str], None]) -> None:
-    """Evaluates train.fewshot_tasks at train.fewshot_shots examples, logging
-    `fewshot/<task>/acc` (and its _stderr) at this step. One process only: several would each
-    need the whole parameters."""
+    """Evaluates train.fewshot_tasks with train.fewshot_shots examples (fewer where a task has
+    fewer other items), logging `fewshot/<task>/acc` and its `_stderr` at this step. A task
+    file that cannot be used disables few-shot evaluation with a warning, as a missing
+    validation split disables evaluation: a run is never stopped by it. Runs in one-process
+    runs only (several processes would each need the whole parameters)."""
     paths = tuple(cfg.train.fewshot_tasks)
-    if not paths or jax.process_count() > 1:
+    if not paths or paths in _BROKEN_TASKS or jax.process_count() > 1:
         return
-    tok = tokenizer.get_tokenizer(cfg.data.tokenizer)
-    k = cfg.train.fewshot_shots
-    record: dict[str, Any] = {"step": step}
-    for task in _training_tasks(paths):
-        r = evaluate(params, cfg.model, tok, task, min(k, len(task.items) - 1))
-        record[f"fewshot/{task.name}/acc"] = r["acc"]
-        record[f"fewshot/{task.name}/acc_stderr"] = r["acc_stderr"]
-        say(f"step {step} | {task.name} {r['k']}-shot accuracy {100 * r['acc']:.1f}% "
-            f"± {100 * r['acc_stderr']:.1f} ({r['n']} items)")
+    try:
+        tasks = [read_task(user_path(p)) for p in paths]
+        tok = tokenizer.get_tokenizer(cfg.data.tokenizer)
+        record: dict[str, Any] = {"step": step}
+        for task in tasks:
+            k = min(cfg.train.fewshot_shots, len(task.items) - 1)
+            r = evaluate(params, cfg.model, tok, task, k)
+            record[f"fewshot/{task.name}/acc"] = r["acc"]
+            record[f"fewshot/{task.name}/acc_stderr"] = r["acc_stderr"]
+            say(f"step {step} | {task.name} {r['k']}-shot accuracy {100 * r['acc']:.1f}% "
+                f"± {100 * r['acc_stderr']:.1f} ({r['n']} items)")
+    except UserError as e:
+        warn(f"few-shot evaluation disabled: {e}")
+        _BROKEN_TASKS.add(paths)
+        return
     write(record)
 
 

@@ -165,3 +165,28 @@ def test_cli_table_and_json(run_dir: Path) -> None:
     text = fewshot.table(out["tasks"], (0, 1, 8))
     assert "0-shot" in text and "8-shot" in text and "no more fit the context" in text
     assert f"{100 * runs[1]['acc']:.1f} ± {100 * runs[1]['acc_stderr']:.1f}" in text
+
+
+def test_tasks_evaluated_during_training(tmp_path: Path) -> None:
+    """train.fewshot_tasks: scored at each evaluation on parameters sharded over 2 devices,
+    logged to metrics.jsonl; an unusable file warns and training goes on."""
+    from test_train import loop_overrides, run_train, write_corpus
+
+    (tmp_path / "corpus").mkdir()
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    run = tmp_path / "run"
+    tasks = f"{DATA / 'fewshot_choice.jsonl'},{DATA / 'fewshot_completion.jsonl'}"
+    r = run_train(loop_overrides(corpus, run, steps=12, **{
+        "train.eval_every": 6, "train.fewshot_tasks": tasks, "train.fewshot_shots": 2,
+        "mesh.data": 2}), devices=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    few = {x["step"]: x for x in recs if "fewshot/fewshot_choice/acc" in x}
+    assert sorted(few) == [0, 6, 12]
+    assert 0 <= few[12]["fewshot/fewshot_completion/acc"] <= 1
+    assert "fewshot_choice 2-shot accuracy" in r.stdout + r.stderr
+    bad = run_train(loop_overrides(corpus, tmp_path / "run2", steps=2, **{
+        "train.eval_every": 2, "train.fewshot_tasks": str(tmp_path / "bad.jsonl")}))
+    assert bad.returncode == 0, bad.stderr[-3000:]
+    assert bad.stderr.count("few-shot evaluation disabled") == 1
