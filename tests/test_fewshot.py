@@ -190,3 +190,21 @@ def test_tasks_evaluated_during_training(tmp_path: Path) -> None:
         "train.eval_every": 2, "train.fewshot_tasks": str(tmp_path / "bad.jsonl")}))
     assert bad.returncode == 0, bad.stderr[-3000:]
     assert bad.stderr.count("few-shot evaluation disabled") == 1
+
+
+def test_fewshot_keys_are_checked() -> None:
+    cfg = config.load_config("default", ["train.fewshot_tasks=a.jsonl,b.jsonl"])
+    assert cfg.train.fewshot_tasks == ("a.jsonl", "b.jsonl") and cfg.train.fewshot_shots == 4
+    with pytest.raises(UserError, match="train.fewshot_shots"):
+        config.load_config("default", ["train.fewshot_shots=-1"])
+
+
+def test_loglikelihood_bench_runs(capsys: pytest.CaptureFixture) -> None:
+    from gptjax.bench.cli import main
+
+    small = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.d_ff=64",
+             "model.context_length=32", "model.local_window=8", "train.batch_size=2"]
+    assert main(["loglikelihood", "--requests", "8", "--repeats", "1", "--json", *small]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["score_tokens_per_s"] > 0 and out["forward_tokens_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["score_tokens_per_s"] / out["forward_tokens_per_s"])
