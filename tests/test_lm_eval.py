@@ -59,7 +59,6 @@ def test_loglikelihood_equals_transformers(gpt2: tuple[Path, Path], lm: GptjaxLM
     cases.append(("x" * 40, " y"))  # longer than the context: its start is cut
     got = lm.loglikelihood([req("loglikelihood", c, x) for c, x in cases])
     m = transformers.GPT2LMHeadModel.from_pretrained(gpt2[0]).eval()
-    greedy_seen = False
     for (ctx, cont), (lp, greedy) in zip(cases, got):
         c, x = ([256], list(cont.encode())) if not ctx else (list(ctx.encode()),
                                                              list(cont.encode()))
@@ -73,9 +72,8 @@ def test_loglikelihood_equals_transformers(gpt2: tuple[Path, Path], lm: GptjaxLM
         assert greedy == all(int(np.argmax(logp[p])) == t for p, t in zip(pos, x))
     # A continuation that is greedy by construction: its flag must be True.
     gen = lm.generate_until([req("generate_until", "def f", {"until": [], "max_gen_toks": 3})])
-    (lp, greedy), = lm.loglikelihood([req("loglikelihood", "def f", gen[0])])
-    greedy_seen = greedy
-    assert greedy_seen and len(gen[0].encode()) == 3
+    ((_, greedy),) = lm.loglikelihood([req("loglikelihood", "def f", gen[0])])
+    assert greedy and len(gen[0].encode()) == 3
 
 
 def test_rolling_equals_sliding_window_total(lm: GptjaxLM) -> None:
