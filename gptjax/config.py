@@ -249,6 +249,8 @@ class TrainConfig:
     init_from: str = ""  # a run directory or Hugging Face GPT-2 directory to fine-tune from
     # XLA flags train.py and the benchmarks set: auto | none | flags ("auto" = gptjax.xla_flags.DEFAULT)
     xla_flags: str = "auto"
+    fewshot_tasks: tuple[str, ...] = ()  # task files scored at each evaluation (docs/fewshot.md)
+    fewshot_shots: int = 4  # examples per prompt for fewshot_tasks
 
     def __post_init__(self) -> None:
         _expand_user(self, ("run_dir", "init_from"))
@@ -261,14 +263,13 @@ class TrainConfig:
             "batch_size", "microbatches", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "max_bad_steps")})
         _require("train", "nonneg", {k: getattr(self, k) for k in (
-            "steps", "total_tokens", "eval_batches", "peak_tflops")})
+            "steps", "total_tokens", "eval_batches", "peak_tflops", "fewshot_shots")})
         if self.batch_size % self.microbatches:
             raise ConfigError(f"train.microbatches={self.microbatches} does not divide "
                               f"train.batch_size={self.batch_size}")
         if self.steps == 0 and self.total_tokens == 0:
             raise ConfigError("train.steps and train.total_tokens are both 0: nothing to train")
         expand_xla_flags(self.xla_flags)  # a malformed flag is a config error before anything starts
-
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:

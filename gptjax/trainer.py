@@ -22,7 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gptjax import checkpoint, hf, optim, sharding
+from gptjax import checkpoint, fewshot, hf, optim, sharding
 from gptjax import data as data_lib
 from gptjax.budget import choose_remat, device_peak_flops, remat_needs_text
 from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
@@ -228,6 +228,8 @@ class Evaluator:
         self.losses.append((step, loss))
         self.log.write({"step": step, "val_loss": loss, "val_ppl": ppl})
         self.run.say(f"step {step} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+        fewshot.during_training(params, self.run.cfg, step, self.log.write, self.run.say)
+        self.progress.restart_clock()  # nor does few-shot scoring count as training time
 
 
 class BatchFeed:

@@ -12,6 +12,7 @@ from gptjax import xla_flags
 from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
+from gptjax.bench.fewshot import bench_loglikelihood
 from gptjax.bench.provenance import append, provenance
 from gptjax.bench.serve import bench_serve
 from gptjax.bench.torch_peer import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
@@ -79,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
     g.add_argument("--seq", type=positive_int, default=2048)
     g.add_argument("--batch", type=positive_int, default=8)
-    for q in (a, t, h, d, v, g):
+    ll = sub.add_parser("loglikelihood", help="few-shot/lm-eval scoring tokens/s against the "
+                                              "train step's forward pass")
+    ll.add_argument("--config", default="default")
+    ll.add_argument("--requests", type=positive_int, default=256)
+    ll.add_argument("--score-batch", type=positive_int, default=None)
+    ll.add_argument("--batch", type=positive_int, default=None)
+    ll.add_argument("--repeats", type=positive_int, default=5)
+    ll.add_argument("overrides", nargs="*", metavar="section.key=value")
+    for q in (a, t, h, d, v, g, ll):
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
                        help="also append the result, with its provenance, to this results file "
@@ -129,6 +138,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
                           requests=args.requests, prompt_len=args.prompt_len,
                           new_tokens=args.new_tokens, max_batch=args.max_batch,
                           steps_per_call=args.steps_per_call)
+    elif args.what == "loglikelihood":
+        out = bench_loglikelihood(args.config, args.overrides, requests=args.requests,
+                                  batch=args.score_batch, train_batch=args.batch,
+                                  repeats=args.repeats)
     else:
         out = bench_data(seq=args.seq, batch=args.batch)
     if args.what in ("train", "decode", "serve"):
