@@ -47,7 +47,7 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
                         f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
-    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
+    prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
     per_batch: dict[int, dict[str, float]] = {}
     for B in batch_sizes:
         rng = np.random.default_rng(seed)
