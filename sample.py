@@ -3,8 +3,10 @@
     python sample.py --checkpoint runs/default --prompt 'def ' [--max-new-tokens N --temperature T
         --top-k K --top-p P --seed S --num-samples N --greedy --step N --json]
 
-Settings not given on the command line come from the run's `sample` config section. Mistakes
-(missing checkpoint, empty or too long prompt, bad settings) print one line and exit with code 2.
+Settings not given on the command line come from the run's `sample` config section;
+--max-new-tokens may exceed the model's context (the window slides). Mistakes (missing
+checkpoint, empty prompt or one longer than the context, bad settings) print one line and exit
+with code 2.
 """
 
 from __future__ import annotations

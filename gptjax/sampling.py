@@ -1,11 +1,10 @@
-"""Sampling: one prefill call over the whole prompt, then a jitted `lax.while_loop` decoder over an
-explicit KV cache.
+"""Sampling from the GPT: one prefill call over the whole prompt, then a jitted `lax.while_loop`
+decoder (sampler.py) over an explicit KV cache, sliding the window past the context.
 
-The loop (`sample_loop`) only sees a logits function `logits_fn(tokens_B1, cache) -> (logits_BV,
-cache)` and a small `SamplerState`, so tests can drive it with a fake model. `generate` and
-`generate_stream` wire it to the GPT: ragged prompts are right-padded and prefilled together,
-every row gets its own random stream (prompt rows sampled alone or in a batch give the same
-tokens), and the batch may be sharded on a mesh.
+`generate` and `generate_stream` wire the loop to the GPT: ragged prompts are right-padded and
+prefilled together, every row gets its own random stream (prompt rows sampled alone or in a batch
+give the same tokens), and the batch may be sharded on a mesh. A row whose text outgrows the
+context keeps its last `kept_tokens(context)` tokens and prefills them again (`slide`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +24,22 @@ from gptjax import model, sharding
 from gptjax.config import ModelConfig, check_sampling
 from gptjax.errors import UserError
 from gptjax.model import GPT, init_cache
+from gptjax.sampler import (
+    PAD,
+    Cache,
+    LogitsFn,
+    SamplerState,
+    Sampling,
+    commit_tokens,
+    step_keys,
+    filter_logits,
+    init_state,
+    sample_loop,
+    sample_tokens,
+)
 
 __all__ = [
+    "PAD",
     "Sampling",
     "SamplerState",
     "programs",
@@ -36,188 +48,12 @@ __all__ = [
     "generate_stream",
     "init_cache",
     "init_state",
+    "kept_tokens",
     "sample_loop",
     "sample_tokens",
 ]
 
-Cache = Any
-LogitsFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
-PAD = 0  # what the token buffer holds after a row has ended
 PROMPT_BUCKET = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How tokens are chosen and when a row ends. Hashable: it is a static argument of the jitted
-    programs, so each distinct setting compiles once.
-
-    temperature 0 means greedy (top_k and top_p are then ignored); top_k 0 and top_p 1 disable
-    those filters. A row ends after `eos_id` (which is not returned) or after any of
-    `stop_sequences` (which is returned: streamed tokens are never taken back)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_id: int | None = None
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@flax.struct.dataclass
-class SamplerState:
-    """The decode loop's carry. Row b's output is tokens_BN[b, :num_B[b]]."""
-
-    tokens_BN: jax.Array  # int32 [B, max_new]: sampled tokens, PAD once a row has ended
-    last_B: jax.Array  # int32 [B]: the latest sampled token, fed to the next step
-    num_B: jax.Array  # int32 [B]: tokens each row keeps
-    done_B: jax.Array  # bool [B]
-    recent_BM: jax.Array  # int32 [B, M]: the last M tokens, to match stop sequences
-    step: jax.Array  # int32 []: tokens sampled so far (every row advances together)
-    keys_B: jax.Array  # typed PRNG keys [B], one stream per row
-    cache: Cache
-
-
-def _candidates(logits_BV: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
-    """The kept tokens in descending order: (logits, ids) [B, K], -inf where top-p drops one."""
-    V = logits_BV.shape[-1]
-    if 0 < top_k < V:
-        vals, idx = jax.lax.top_k(logits_BV, top_k)
-    else:
-        idx = jnp.argsort(-logits_BV, axis=-1, stable=True)
-        vals = jnp.take_along_axis(logits_BV, idx, axis=-1)
-    if top_p < 1.0:
-        probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
-        # A token is kept while the mass strictly before it is below p: the smallest set whose
-        # mass reaches p. The first token always stays.
-        cum = jnp.cumsum(probs, axis=-1)
-        before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
-        vals = jnp.where(before < top_p, vals, -jnp.inf)
-    return vals, idx
-
-
-def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Logits with every token outside the top-k / top-p set at -inf (top-p is applied to the
-    distribution renormalized over the top-k tokens). What `sample_tokens` samples from."""
-    vals, idx = _candidates(logits_BV, top_k, top_p)
-    rows = jnp.arange(logits_BV.shape[0])[:, None]
-    return jnp.full_like(logits_BV, -jnp.inf).at[rows, idx].set(vals)
-
-
-def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row: argmax when greedy, else from softmax(logits / T) after top-k/top-p."""
-    if sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k == 0 and sampling.top_p >= 1.0:
-        return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-    # Sample in sorted order and map back: no scatter over the vocabulary.
-    vals, idx = _candidates(logits_BV, sampling.top_k, sampling.top_p)
-    j_B = jax.vmap(jax.random.categorical)(keys_B, vals)
-    return jnp.take_along_axis(idx, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def _stop_table(sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """Stop sequences left-padded to M: (ids [S, M], used [S, M])."""
-    seqs = [s for s in sampling.stop_sequences if s]
-    M = max((len(s) for s in seqs), default=1)
-    ids = np.zeros((len(seqs), M), np.int32)
-    used = np.zeros((len(seqs), M), bool)
-    for i, s in enumerate(seqs):
-        ids[i, M - len(s):] = s
-        used[i, M - len(s):] = True
-    return ids, used
-
-
-def _commit(state: SamplerState, tok_B: jax.Array, sampling: Sampling) -> SamplerState:
-    """Records the tokens just sampled at column `step` and marks the rows that end with them."""
-    ended_B = jnp.zeros_like(state.done_B)
-    if sampling.eos_id is not None:
-        ended_B = tok_B == sampling.eos_id
-    keep_B = ~state.done_B & ~ended_B
-    recent = state.recent_BM
-    if sampling.stop_sequences:
-        recent = jnp.concatenate([recent[:, 1:], tok_B[:, None]], axis=1)
-        ids_SM, used_SM = _stop_table(sampling)
-        hit_BSM = (recent[:, None, :] == ids_SM[None]) | ~used_SM[None]
-        stopped = hit_BSM.all(-1).any(-1) & keep_B
-        ended_B = ended_B | stopped
-    tokens = state.tokens_BN.at[:, state.step].set(jnp.where(keep_B, tok_B, PAD))
-    return state.replace(
-        tokens_BN=tokens,
-        last_B=tok_B,
-        num_B=state.num_B + keep_B.astype(jnp.int32),
-        done_B=state.done_B | ended_B,
-        recent_BM=recent,
-        step=state.step + 1,
-    )
-
-
-def _step_keys(keys_B: jax.Array, step: jax.Array) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
-
-
-def init_state(logits_BV: jax.Array, cache: Cache, keys_B: jax.Array, *, max_new_tokens: int,
-               sampling: Sampling, active_B: jax.Array | None = None) -> SamplerState:
-    """The state after sampling the first token from the prefill's last-position logits.
-
-    Args:
-      logits_BV: logits at each row's last prompt token.
-      cache: whatever the logits function carries (the KV cache after prefill).
-      keys_B: one typed PRNG key per row.
-      max_new_tokens: size of the token buffer; the loop never runs past it.
-      sampling: see `Sampling`.
-      active_B: bool [B]; False rows (batch padding) are ended from the start.
-    Returns:
-      A `SamplerState` with step 1.
-    """
-    B = logits_BV.shape[0]
-    M = _stop_table(sampling)[0].shape[1]
-    done = jnp.zeros((B,), bool) if active_B is None else ~active_B
-    state = SamplerState(
-        tokens_BN=jnp.full((B, max_new_tokens), PAD, jnp.int32),
-        last_B=jnp.zeros((B,), jnp.int32),
-        num_B=jnp.zeros((B,), jnp.int32),
-        done_B=done,
-        recent_BM=jnp.full((B, M), -1, jnp.int32),  # -1 matches no token: prompts never stop
-        step=jnp.zeros((), jnp.int32),
-        keys_B=keys_B,
-        cache=cache,
-    )
-    tok_B = sample_tokens(logits_BV, _step_keys(keys_B, state.step), sampling)
-    return _commit(state, tok_B, sampling)
-
-
-def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int, *,
-                sampling: Sampling) -> SamplerState:
-    """Feeds each row's last token back until `step` reaches `limit` (at most the buffer size) or
-    every row has ended. Traceable; jit it with `logits_fn` closed over.
-
-    Args:
-      logits_fn: (tokens [B, 1], cache) -> (logits [B, V], cache).
-      state: from `init_state` or a previous call (so decoding can go on in chunks).
-      limit: stop once this many tokens have been sampled (a traced scalar is fine).
-      sampling: see `Sampling`.
-    Returns:
-      The state after the last step.
-    """
-    limit = jnp.minimum(limit, state.tokens_BN.shape[1])
-
-    def cond(s: SamplerState) -> jax.Array:
-        return (s.step < limit) & ~s.done_B.all()
-
-    def body(s: SamplerState) -> SamplerState:
-        logits_BV, cache = logits_fn(s.last_B[:, None], s.cache)
-        tok_B = sample_tokens(logits_BV, _step_keys(s.keys_B, s.step), sampling)
-        return _commit(s.replace(cache=cache), tok_B, sampling)
-
-    return jax.lax.while_loop(cond, body, state)
-
-
-# --- the GPT behind the loop -------------------------------------------------------------------
-
 
 def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
     """The cache prefixes a decode call's dense layers may read: powers of two from `smallest`
@@ -230,12 +66,32 @@ def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
     return [*out, max_len]
 
 
+def kept_tokens(context_length: int) -> int:
+    """Tokens a row keeps when its text outgrows the context: the last half. The model then
+    always sees at least half its context, and a slide (a prefill of the kept tokens, O(context)
+    work, done in parallel) comes once every context + 1 - kept new tokens, so it costs about
+    one prefilled token per generated token."""
+    return max(1, context_length // 2)
+
+
+def window_start(n: int, context_length: int) -> int:
+    """Where the window the model sees begins when a row's text (prompt + new tokens) has `n`
+    tokens and the next one is to be predicted: 0 while the text fits; once it would hold
+    context + 1 tokens, it keeps its last `kept` and grows again, so it slides every
+    context + 1 - kept tokens. The rule `generate` follows, for references that recompute it
+    naively."""
+    if n <= context_length:
+        return 0
+    keep = kept_tokens(context_length)
+    return n - keep - (n - context_length - 1) % (context_length + 1 - keep)
+
+
 def decode_segment(step: int, end: int, longest: int, max_len: int) -> tuple[int, int]:
-    """(segment end, attend_len) for decoding from `step` towards `end` when the longest row's
-    prompt has `longest` tokens: the step at `s` attends positions < longest + s, so the
-    segment stops where that outgrows the smallest bucket that covers its first step. A long
-    generation thus crosses a few buckets (a few calls), each step reading only the cache
-    prefix the text so far needs."""
+    """(segment end, attend_len) for decoding from `step` towards `end` when the step at `s`
+    attends positions < longest + s (longest: the furthest row's window length at step 0's
+    reckoning), so the segment stops where that outgrows the smallest bucket that covers its
+    first step. A long generation thus crosses a few buckets (a few calls), each step reading
+    only the cache prefix the text so far needs."""
     L = next(b for b in attend_buckets(max_len) if b >= longest + step)
     return min(end, L - longest + 1), L
 
@@ -248,11 +104,24 @@ def _model_logits_fn(cfg: ModelConfig, params: Any, attend_len: int | None = Non
     return fn
 
 
-@functools.lru_cache(maxsize=32)
-def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable, Callable]:
-    """(prefill, decode), jitted once per model, sampling setting and mesh.
+def _prefill_logits(cfg: ModelConfig, params: Any, tokens_BT: jax.Array, lengths_B: jax.Array,
+                    max_len: int, mesh: Any) -> tuple[jax.Array, Cache]:
+    """Logits at each row's last valid token, and a fresh cache holding the rows' tokens."""
+    cache = init_cache(cfg, tokens_BT.shape[0], max_len)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, mesh))
+    # Hidden states, not logits: [B, T, V] logits of a long batched prompt would not fit.
+    x_BTD, cache = GPT(cfg).apply({"params": params}, tokens_BT, cache=cache,
+                                  num_valid_B=lengths_B, return_hidden=True)
+    x_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
+    return model.logits_from_hidden(x_B1D, params["wte"], cfg)[:, 0], cache
 
-    Both run the layers unrolled (`scan_layers=False`) on per-layer weights taken out of the
+
+@functools.lru_cache(maxsize=32)
+def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable, ...]:
+    """(prefill, decode, slide), jitted once per model, sampling setting and mesh.
+
+    All run the layers unrolled (`scan_layers=False`) on per-layer weights taken out of the
     stack once per call, and keep one KV buffer per layer: inside the token loop nothing slices
     a stacked array, and each step writes its token into each layer's cache in place."""
     stacked = cfg
@@ -264,16 +133,8 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
 
     def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, keys_B: jax.Array,
                 active_B: jax.Array, max_len: int, max_new: int) -> SamplerState:
-        params = layer_params(params)
-        B = tokens_BT.shape[0]
-        cache = init_cache(cfg, B, max_len)
-        if mesh is not None:
-            cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, mesh))
-        # Hidden states, not logits: [B, T, V] logits of a long batched prompt would not fit.
-        x_BTD, cache = GPT(cfg).apply({"params": params}, tokens_BT, cache=cache,
-                                      num_valid_B=lengths_B, return_hidden=True)
-        x_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
-        logits_BV = model.logits_from_hidden(x_B1D, params["wte"], cfg)[:, 0]
+        logits_BV, cache = _prefill_logits(cfg, layer_params(params), tokens_BT, lengths_B,
+                                           max_len, mesh)
         return init_state(logits_BV, cache, keys_B, max_new_tokens=max_new, sampling=sampling,
                           active_B=active_B)
 
@@ -283,8 +144,29 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
         return sample_loop(_model_logits_fn(cfg, params, attend_len), state, limit,
                            sampling=sampling)
 
+    def slide(params: Any, state: SamplerState, window_BK: jax.Array, slide_B: jax.Array,
+              max_len: int) -> SamplerState:
+        """One step: rows in slide_B prefill their kept window into a fresh cache, the others
+        decode as usual (so a row's tokens do not depend on its batch); both are computed and
+        each row takes its own."""
+        params = layer_params(params)
+        B, K = window_BK.shape
+        lengths_B = jnp.full((B,), K, jnp.int32)
+        slid_BV, fresh = _prefill_logits(cfg, params, window_BK, lengths_B, max_len, mesh)
+        # Sliding rows' caches are full: this step's write for them is clamped and discarded.
+        kept_BV, cache = _model_logits_fn(cfg, params)(state.last_B[:, None], state.cache)
+
+        def pick(new: jax.Array, old: jax.Array) -> jax.Array:
+            return jnp.where(slide_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
+
+        logits_BV = pick(slid_BV, kept_BV)
+        tok_B = sample_tokens(logits_BV, step_keys(state.keys_B, state.step), sampling)
+        return commit_tokens(state.replace(cache=jax.tree.map(pick, fresh, cache)), tok_B,
+                             sampling)
+
     return (jax.jit(prefill, static_argnames=("max_len", "max_new")),
-            jax.jit(decode, donate_argnames=("state",), static_argnames=("attend_len",)))
+            jax.jit(decode, donate_argnames=("state",), static_argnames=("attend_len",)),
+            jax.jit(slide, donate_argnames=("state",), static_argnames=("max_len",)))
 
 
 def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -296,10 +178,6 @@ def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if not prompts:
         raise UserError("no prompts given")
     ctx = cfg.context_length
-    room = ctx - max_new_tokens
-    if room < 1:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-                        f"model's context of {ctx} tokens")
     out = []
     for i, p in enumerate(prompts):
         p = [int(t) for t in p]
@@ -309,13 +187,12 @@ def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
         if bad:
             raise UserError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary "
                             f"of {cfg.vocab_size}")
-        if len(p) > room:
+        # New tokens slide the window (see kept_tokens); the prompt itself must fit.
+        if len(p) > ctx:
             if not truncate_prompt:
-                raise UserError(
-                    f"prompt of {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                    f"context length of {ctx} tokens (the prompt may have at most {room})"
-                )
-            p = p[-room:]
+                raise UserError(f"prompt of {len(p)} tokens exceeds the context length of "
+                                f"{ctx} tokens")
+            p = p[-ctx:]
         out.append(p)
     return out
 
@@ -349,52 +226,85 @@ def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
     rows += [([0], 0)] * (B - n_rows)
     # Prompt lengths rounded up to a multiple of PROMPT_BUCKET: one compile serves many lengths.
     longest = max(len(p) for p, _ in rows)
-    T = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.context_length - max_new_tokens)
+    T = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.context_length)
     tokens = np.zeros((B, T), np.int32)
     for b, (p, _) in enumerate(rows):
         tokens[b, : len(p)] = p
-    lengths = np.array([len(p) for p, _ in rows], np.int32)
     active = np.arange(B) < n_rows
     # A row's stream depends only on (seed, sample index): a prompt sampled alone or in any
     # batch gets the same tokens.
     base = jax.random.key(seed)
     keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.array([s for _, s in rows]))
+    job = _Job(cfg, sampling, mesh, [p for p, _ in rows], n_rows, max_new_tokens, chunk_size)
+    return job.stream(params, tokens, keys, active)
 
-    return _stream(params, cfg, sampling, mesh, tokens, lengths, keys, active, n_rows,
-                   max_new_tokens, chunk_size)
 
+@dataclasses.dataclass
+class _Job:
+    """One generation's host side: when to decode, when to slide, what to yield."""
 
-def _stream(params: Any, cfg: ModelConfig, sampling: Sampling, mesh: Any, tokens: np.ndarray,
-            lengths: np.ndarray, keys: jax.Array, active: np.ndarray, n_rows: int,
-            max_new_tokens: int, chunk_size: int) -> Iterator[list[list[int]]]:
-    B, T = tokens.shape
-    max_len, longest = T + max_new_tokens, int(np.max(lengths))  # host values, before any put
-    prefill, decode = programs(cfg, sampling, mesh)
-    scope: Callable[[], Any] = contextlib.nullcontext
-    if mesh is not None:
-        scope = functools.partial(sharding.activate, mesh)
-        put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh, 1))
-        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
-        lengths, keys, active = put(lengths), put(keys), put(active)
+    cfg: ModelConfig
+    sampling: Sampling
+    mesh: Any
+    prompts: list[list[int]]  # per batch row, padding rows included
+    n_rows: int
+    max_new_tokens: int
+    chunk_size: int
 
-    with scope():
-        state = prefill(params, tokens, lengths, keys, active, max_len=max_len,
-                        max_new=max_new_tokens)
-    seen = np.zeros((B,), np.int64)
-    want = 0
-    while True:
-        # The whole buffer (small): slicing on the device would compile a program per size.
-        num, done, step, buf = jax.device_get(
-            (state.num_B, state.done_B, state.step, state.tokens_BN))
-        if step >= want or done.all():
-            yield [buf[b, seen[b] : num[b]].tolist() for b in range(n_rows)]
-            seen = num.astype(np.int64)
-            if done.all() or step >= max_new_tokens:
-                return
-            want = min(int(step) + chunk_size, max_new_tokens)
-        end, attend_len = decode_segment(int(step), want, longest, max_len)
+    def put(self, x: Any, ndim: int) -> Any:
+        if self.mesh is None:
+            return x
+        return jax.device_put(x, sharding.batch_sharding(self.mesh, ndim))
+
+    def stream(self, params: Any, tokens: np.ndarray, keys: jax.Array,
+               active: np.ndarray) -> Iterator[list[list[int]]]:
+        B, T = tokens.shape
+        ctx, new = self.cfg.context_length, self.max_new_tokens
+        max_len = min(T + new, ctx)  # no row's cache outgrows this: slides keep it in bounds
+        lengths = np.array([len(p) for p in self.prompts], np.int32)
+        prefill, decode, slide = programs(self.cfg, self.sampling, self.mesh)
+        scope: Callable[[], Any] = contextlib.nullcontext
+        if self.mesh is not None:
+            scope = functools.partial(sharding.activate, self.mesh)
+        # Row b's decode step at `s` feeds the token at cache position base[b] + s.
+        base = lengths.astype(np.int64) - 1
         with scope():
-            state = decode(params, state, jnp.int32(end), attend_len=attend_len)
+            state = prefill(params, self.put(tokens, 2), self.put(lengths, 1),
+                            self.put(keys, 1), self.put(active, 1), max_len=max_len,
+                            max_new=new)
+        seen, want = np.zeros((B,), np.int64), 0
+        while True:
+            # The whole buffer (small): slicing on the device would compile a program per size.
+            num, done, step, buf = jax.device_get(
+                (state.num_B, state.done_B, state.step, state.tokens_BN))
+            step = int(step)
+            if step >= want or done.all():
+                yield [buf[b, seen[b] : num[b]].tolist() for b in range(self.n_rows)]
+                seen = num.astype(np.int64)
+                if done.all() or step >= new:
+                    return
+                want = min(step + self.chunk_size, new)
+            full = max_len - base  # the step at which each row's cache is full
+            slide_B = ~done & (full == step)
+            with scope():
+                if slide_B.any():
+                    window = self.windows(buf, step, kept_tokens(ctx))
+                    state = slide(params, state, self.put(window, 2), self.put(slide_B, 1),
+                                  max_len=max_len)
+                    base[slide_B] = kept_tokens(ctx) - step - 1
+                    continue
+                end = min(want, int(full[~done].min()))
+                end, attend_len = decode_segment(step, end, int(base[~done].max()) + 1, max_len)
+                state = decode(params, state, jnp.int32(end), attend_len=attend_len)
+
+    def windows(self, buf: np.ndarray, step: int, keep: int) -> np.ndarray:
+        """Each row's last `keep` tokens of prompt + new tokens, [B, keep] (rows that do not
+        slide get whatever: their result is not taken)."""
+        out = np.zeros((len(self.prompts), keep), np.int32)
+        for b, p in enumerate(self.prompts):
+            text = [*p, *buf[b, :step].tolist()]
+            out[b, -min(keep, len(text)):] = text[-keep:]
+        return out
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
@@ -402,26 +312,29 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              seed: int = 0, num_samples: int = 1, eos_id: int | None = None,
              stop_sequences: Sequence[Sequence[int]] = (), truncate_prompt: bool = False,
              mesh: Any = None) -> list[list[int]]:
-    """Samples continuations of token prompts: one prefill, then one jitted while_loop.
+    """Samples continuations of token prompts: one prefill, then one jitted while_loop. A row
+    whose text outgrows the context slides its window: it keeps its last `kept_tokens(context)`
+    tokens, prefills them again and goes on, as often as needed (each slide costs a prefill of
+    the kept tokens, one every context + 1 - kept new tokens).
 
     Args:
       params: the model's parameters (the training tree; sharded on `mesh` if given).
       cfg: the model's config.
-      prompts: token-id lists, of any lengths (each row equals sampling that prompt alone).
-      max_new_tokens: tokens to generate per row, at most.
+      prompts: token-id lists, of any lengths up to the context (each row equals sampling that
+        prompt alone).
+      max_new_tokens: tokens to generate per row, at most; any number (the window slides).
       temperature: 0 is greedy; top_k (0: off) and top_p (1: off) combine with it.
       seed: the random stream; sample s of every prompt uses the stream (seed, s).
       num_samples: samples per prompt.
       eos_id: a row ends when it emits this id, which is left out of its result.
       stop_sequences: a row ends after emitting any of these (kept in its result).
-      truncate_prompt: keep only a prompt's last tokens when it and max_new_tokens do not fit
-        the context, instead of raising.
+      truncate_prompt: keep only a prompt's last context_length tokens when it is longer,
+        instead of raising.
       mesh: a `jax.sharding.Mesh` to decode on (batch over data×fsdp, heads over tensor).
     Returns:
       The new tokens of every sample, in prompt order × num_samples.
     Raises:
-      UserError: an empty prompt, a prompt + max_new_tokens over the context length, or bad
-        sampling settings.
+      UserError: an empty prompt, a prompt over the context length, or bad sampling settings.
     """
     out: list[list[int]] | None = None
     for new in generate_stream(params, cfg, prompts, max_new_tokens=max_new_tokens,

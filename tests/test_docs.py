@@ -16,7 +16,7 @@ README_MAX_CHARS = 12_000
 # Scripts whose argparse flags must be documented. The benchmark CLI is gptjax/bench.py or the
 # package gptjax/bench/ (its parser in cli.py): glob both.
 CLI_SCRIPTS = ("train.py", "sample.py", "gptjax/hf.py", "gptjax/eval.py", "gptjax/serve.py",
-               "gptjax/fewshot.py")
+               "gptjax/fewshot.py", "gptjax/plot.py", "gptjax/sweep.py")
 CLI_GLOBS = ("gptjax/bench.py", "gptjax/bench/*.py")
 
 KEY_RE = r"[a-z]+\.[a-z0-9_]+"

@@ -91,7 +91,7 @@ def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
     """Exactly one loop (over tokens: the layers are unrolled), no conditional, no custom call
     (so no host callback), with and without a bucketed cache read."""
     cfg = tiny(dtype="bfloat16")
-    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
+    prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     B = 4
     state = jax.eval_shape(

@@ -75,10 +75,22 @@ def test_greedy_prompt_file_and_step(run_dir: Path, tmp_path: Path) -> None:
     assert a["samples"][0]["tokens"] <= 5
 
 
+def test_more_new_tokens_than_the_context(run_dir: Path) -> None:
+    """The window slides: 150 new tokens from a model whose context is 64, streamed and not."""
+    args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "150",
+            "--seed", "1"]
+    js, text = sample(*args, "--json"), sample(*args)
+    assert js.returncode == 0 and text.returncode == 0, js.stderr + text.stderr
+    s = json.loads(js.stdout)["samples"][0]
+    assert s["tokens"] == 150 or s["finish_reason"] == "end_of_text"
+    assert s["tokens"] > 64, "ended before the first slide: the test would not test it"
+    assert text.stdout == "def " + s["text"] + "\n"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "{missing}", "--prompt", "x"], "no checkpoint found"),
     (["--checkpoint", "{run}", "--prompt", ""], "the prompt is empty"),
-    (["--checkpoint", "{run}", "--prompt", "a" * 50], "exceeds the context length of 64"),
+    (["--checkpoint", "{run}", "--prompt", "a" * 70], "exceeds the context length of 64"),
     (["--checkpoint", "{run}", "--prompt", "x", "--temperature", "-0.5"], "--temperature"),
     (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),

@@ -199,14 +199,84 @@ def test_sampler_loop_on_fake_logits_fn() -> None:
 
 
 def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:
-    long = list(range(1, 41))  # 40 tokens + 12 new > context 48
-    with pytest.raises(UserError, match="exceeds the context length of 48 tokens"):
+    # max_new_tokens past the context no longer raises (the window slides: tests below); only a
+    # prompt longer than the context does.
+    long = list(range(1, 51))  # 50 tokens > context 48
+    with pytest.raises(UserError, match="prompt of 50 tokens exceeds the context length of 48"):
         sampling.generate(params(), CFG, [long], max_new_tokens=NEW)
     with pytest.raises(UserError, match="prompt 1 is empty"):
         sampling.generate(params(), CFG, [[1], []], max_new_tokens=NEW)
-    with pytest.raises(UserError, match="no room for a prompt"):
-        sampling.generate(params(), CFG, [[1]], max_new_tokens=48)
     kept = sampling.generate(params(), CFG, [long], max_new_tokens=NEW, temperature=0.0,
                              truncate_prompt=True)
-    assert kept == sampling.generate(params(), CFG, [long[-36:]], max_new_tokens=NEW,
+    assert kept == sampling.generate(params(), CFG, [long[-48:]], max_new_tokens=NEW,
                                      temperature=0.0)
+
+
+# --- generation past the context: the window slides ---------------------------------------------
+
+SLIDE_CFG = tiny(init_std=0.3, context_length=32)
+SLIDE_PROMPTS = [[5, 17, 3], list(range(1, 21)), list(range(60, 92))]  # 3, 20 and 32 = context
+LONG = 100
+
+
+@functools.cache
+def slide_params():
+    return model.init_params(SLIDE_CFG, jax.random.key(3))
+
+
+@functools.cache
+def slid_greedy():
+    return sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, max_new_tokens=LONG,
+                             temperature=0.0)
+
+
+def test_window_rule() -> None:
+    ctx, keep = 32, sampling.kept_tokens(32)
+    assert keep == 16
+    assert [sampling.window_start(n, ctx) for n in (1, 32, 33, 49, 50, 66, 67)] == \
+        [0, 0, 17, 17, 34, 34, 51]
+    for n in range(1, 400):
+        start = sampling.window_start(n, ctx)
+        assert keep <= n - start <= ctx or n < keep  # the model sees half to all its context
+
+
+def test_greedy_past_the_context_equals_naive_sliding_reference() -> None:
+    """100 new tokens with context 32: each step's argmax over a full forward pass on the
+    window the slide rule gives (within a window this is the KV-cache equality)."""
+    ctx = SLIDE_CFG.context_length
+    forward = jax.jit(lambda p, t: model.GPT(SLIDE_CFG).apply({"params": p}, t[None])[0])
+    for prompt, out in zip(SLIDE_PROMPTS, slid_greedy()):
+        assert len(out) == LONG
+        toks = list(prompt)
+        for _ in range(LONG):
+            window = toks[sampling.window_start(len(toks), ctx):]
+            padded = jnp.array(window + [0] * (ctx - len(window)))
+            toks.append(int(jnp.argmax(forward(slide_params(), padded)[len(window) - 1])))
+        assert out == toks[len(prompt):]
+    assert len(set(slid_greedy()[0][40:])) > 2, "degenerate output would make this test weak"
+
+
+def test_past_the_context_streamed_equals_whole_and_rows_alone() -> None:
+    kw = dict(max_new_tokens=LONG, seed=4, num_samples=2, **SAMPLED)
+    whole = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, **kw)
+    chunks = list(sampling.generate_stream(slide_params(), SLIDE_CFG, SLIDE_PROMPTS,
+                                           chunk_size=7, **kw))
+    assert len(chunks) > 10
+    streamed = [sum((c[b] for c in chunks), []) for b in range(len(whole))]
+    assert streamed == whole
+    assert all(len(r) == LONG for r in whole)
+    alone = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[1:2], **kw)
+    assert alone == whole[2:4]  # rows slide on their own schedules, whatever the batch
+
+
+def test_end_of_text_and_stop_sequences_after_a_slide() -> None:
+    out = slid_greedy()[0]
+    # A token first emitted after the first slide (new token 30 of a 3-token prompt).
+    i = next(i for i, t in enumerate(out) if i > 40 and t not in out[:i])
+    got = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
+                            temperature=0.0, eos_id=out[i])
+    assert got == [out[:i]]
+    stop = tuple(out[i - 1 : i + 1])  # first seen ending at i: out[i] is new there
+    got = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
+                            temperature=0.0, stop_sequences=[stop])
+    assert got == [out[:i + 1]]

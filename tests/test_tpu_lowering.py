@@ -78,7 +78,7 @@ def test_train_step_runs_splash_for_both_layer_kinds() -> None:
 def test_decoder_keeps_its_kv_cache_path_on_tpu() -> None:
     """Decoding lowers for TPU with no custom call at all: splash only serves full sequences."""
     cfg = tiny(dtype="bfloat16", attention_impl="splash")
-    prefill, decode = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
+    prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     n = 4
     state = jax.eval_shape(

@@ -1,0 +1,196 @@
+"""The sampler: a model-agnostic decode loop. It only sees a logits function
+`logits_fn(tokens_B1, cache) -> (logits_BV, cache)` and a small `SamplerState`, so tests can drive
+it with a fake model; sampling.py wires it to the GPT."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Sampling",
+    "SamplerState",
+    "filter_logits",
+    "init_state",
+    "sample_loop",
+    "sample_tokens",
+]
+
+Cache = Any
+LogitsFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+PAD = 0  # what the token buffer holds after a row has ended
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen and when a row ends. Hashable: it is a static argument of the jitted
+    programs, so each distinct setting compiles once.
+
+    temperature 0 means greedy (top_k and top_p are then ignored); top_k 0 and top_p 1 disable
+    those filters. A row ends after `eos_id` (which is not returned) or after any of
+    `stop_sequences` (which is returned: streamed tokens are never taken back)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int | None = None
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """The decode loop's carry. Row b's output is tokens_BN[b, :num_B[b]]."""
+
+    tokens_BN: jax.Array  # int32 [B, max_new]: sampled tokens, PAD once a row has ended
+    last_B: jax.Array  # int32 [B]: the latest sampled token, fed to the next step
+    num_B: jax.Array  # int32 [B]: tokens each row keeps
+    done_B: jax.Array  # bool [B]
+    recent_BM: jax.Array  # int32 [B, M]: the last M tokens, to match stop sequences
+    step: jax.Array  # int32 []: tokens sampled so far (every row advances together)
+    keys_B: jax.Array  # typed PRNG keys [B], one stream per row
+    cache: Cache
+
+
+def _candidates(logits_BV: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """The kept tokens in descending order: (logits, ids) [B, K], -inf where top-p drops one."""
+    V = logits_BV.shape[-1]
+    if 0 < top_k < V:
+        vals, idx = jax.lax.top_k(logits_BV, top_k)
+    else:
+        idx = jnp.argsort(-logits_BV, axis=-1, stable=True)
+        vals = jnp.take_along_axis(logits_BV, idx, axis=-1)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
+        # A token is kept while the mass strictly before it is below p: the smallest set whose
+        # mass reaches p. The first token always stays.
+        cum = jnp.cumsum(probs, axis=-1)
+        before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
+        vals = jnp.where(before < top_p, vals, -jnp.inf)
+    return vals, idx
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Logits with every token outside the top-k / top-p set at -inf (top-p is applied to the
+    distribution renormalized over the top-k tokens). What `sample_tokens` samples from."""
+    vals, idx = _candidates(logits_BV, top_k, top_p)
+    rows = jnp.arange(logits_BV.shape[0])[:, None]
+    return jnp.full_like(logits_BV, -jnp.inf).at[rows, idx].set(vals)
+
+
+def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, sampling: Sampling) -> jax.Array:
+    """One token per row: argmax when greedy, else from softmax(logits / T) after top-k/top-p."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k == 0 and sampling.top_p >= 1.0:
+        return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+    # Sample in sorted order and map back: no scatter over the vocabulary.
+    vals, idx = _candidates(logits_BV, sampling.top_k, sampling.top_p)
+    j_B = jax.vmap(jax.random.categorical)(keys_B, vals)
+    return jnp.take_along_axis(idx, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _stop_table(sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """Stop sequences left-padded to M: (ids [S, M], used [S, M])."""
+    seqs = [s for s in sampling.stop_sequences if s]
+    M = max((len(s) for s in seqs), default=1)
+    ids = np.zeros((len(seqs), M), np.int32)
+    used = np.zeros((len(seqs), M), bool)
+    for i, s in enumerate(seqs):
+        ids[i, M - len(s):] = s
+        used[i, M - len(s):] = True
+    return ids, used
+
+
+def commit_tokens(state: SamplerState, tok_B: jax.Array, sampling: Sampling) -> SamplerState:
+    """Records the tokens just sampled at column `step` and marks the rows that end with them."""
+    ended_B = jnp.zeros_like(state.done_B)
+    if sampling.eos_id is not None:
+        ended_B = tok_B == sampling.eos_id
+    keep_B = ~state.done_B & ~ended_B
+    recent = state.recent_BM
+    if sampling.stop_sequences:
+        recent = jnp.concatenate([recent[:, 1:], tok_B[:, None]], axis=1)
+        ids_SM, used_SM = _stop_table(sampling)
+        hit_BSM = (recent[:, None, :] == ids_SM[None]) | ~used_SM[None]
+        stopped = hit_BSM.all(-1).any(-1) & keep_B
+        ended_B = ended_B | stopped
+    tokens = state.tokens_BN.at[:, state.step].set(jnp.where(keep_B, tok_B, PAD))
+    return state.replace(
+        tokens_BN=tokens,
+        last_B=tok_B,
+        num_B=state.num_B + keep_B.astype(jnp.int32),
+        done_B=state.done_B | ended_B,
+        recent_BM=recent,
+        step=state.step + 1,
+    )
+
+
+def step_keys(keys_B: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
+
+
+def init_state(logits_BV: jax.Array, cache: Cache, keys_B: jax.Array, *, max_new_tokens: int,
+               sampling: Sampling, active_B: jax.Array | None = None) -> SamplerState:
+    """The state after sampling the first token from the prefill's last-position logits.
+
+    Args:
+      logits_BV: logits at each row's last prompt token.
+      cache: whatever the logits function carries (the KV cache after prefill).
+      keys_B: one typed PRNG key per row.
+      max_new_tokens: size of the token buffer; the loop never runs past it.
+      sampling: see `Sampling`.
+      active_B: bool [B]; False rows (batch padding) are ended from the start.
+    Returns:
+      A `SamplerState` with step 1.
+    """
+    B = logits_BV.shape[0]
+    M = _stop_table(sampling)[0].shape[1]
+    done = jnp.zeros((B,), bool) if active_B is None else ~active_B
+    state = SamplerState(
+        tokens_BN=jnp.full((B, max_new_tokens), PAD, jnp.int32),
+        last_B=jnp.zeros((B,), jnp.int32),
+        num_B=jnp.zeros((B,), jnp.int32),
+        done_B=done,
+        recent_BM=jnp.full((B, M), -1, jnp.int32),  # -1 matches no token: prompts never stop
+        step=jnp.zeros((), jnp.int32),
+        keys_B=keys_B,
+        cache=cache,
+    )
+    tok_B = sample_tokens(logits_BV, step_keys(keys_B, state.step), sampling)
+    return commit_tokens(state, tok_B, sampling)
+
+
+def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int, *,
+                sampling: Sampling) -> SamplerState:
+    """Feeds each row's last token back until `step` reaches `limit` (at most the buffer size) or
+    every row has ended. Traceable; jit it with `logits_fn` closed over.
+
+    Args:
+      logits_fn: (tokens [B, 1], cache) -> (logits [B, V], cache).
+      state: from `init_state` or a previous call (so decoding can go on in chunks).
+      limit: stop once this many tokens have been sampled (a traced scalar is fine).
+      sampling: see `Sampling`.
+    Returns:
+      The state after the last step.
+    """
+    limit = jnp.minimum(limit, state.tokens_BN.shape[1])
+
+    def cond(s: SamplerState) -> jax.Array:
+        return (s.step < limit) & ~s.done_B.all()
+
+    def body(s: SamplerState) -> SamplerState:
+        logits_BV, cache = logits_fn(s.last_B[:, None], s.cache)
+        tok_B = sample_tokens(logits_BV, step_keys(s.keys_B, s.step), sampling)
+        return commit_tokens(s.replace(cache=cache), tok_B, sampling)
+
+    return jax.lax.while_loop(cond, body, state)
