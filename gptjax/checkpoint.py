@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from gptjax.config import Config, config_from_dict, config_to_dict
@@ -243,8 +244,12 @@ class Checkpointer:
 
     def _move_aside(self, step: int, why: str) -> None:
         target = self.directory.parent / UNREADABLE_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        epath.Path(self.directory / str(step)).rename(target)
+        # The run directory is shared by every process: one moves, all wait, all re-list.
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            epath.Path(self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"gptjax: moved aside checkpoint step {step}")
         self.manager.reload()
         warn(f"checkpoint step {step} is unreadable ({why}); moved to {target} and resuming "
              f"from an older step")

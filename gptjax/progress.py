@@ -174,7 +174,7 @@ class Progress:
         self.console.say(line)
         self.pending.clear()
         self.clock, self.tokens_at_clock = now, tokens
-        streak = int(last["bad_streak"])
+        streak = max(int(m["bad_streak"]) for m in got)  # any step of the interval
         if streak >= self.max_bad_steps:
             raise UserError(f"{streak} training steps in a row had a non-finite loss or gradient "
                             f"(train.max_bad_steps={self.max_bad_steps}); stopping. Lower "

@@ -270,9 +270,13 @@ class Engine:
             T = min(-(-max(n, 1) // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_len)
             tokens, targets = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
             tokens[0, :n], targets[0, :n] = c.prompt[:-1], c.prompt[1:]
-            self._cache, lp = self._prefill(self.params, self._cache, tokens, targets,
-                                            np.int32(n), np.int32(slot),
-                                            with_logprobs=c.echo_logprobs)
+            try:
+                self._cache, lp = self._prefill(self.params, self._cache, tokens, targets,
+                                                np.int32(n), np.int32(slot),
+                                                with_logprobs=c.echo_logprobs)
+            except Exception as e:  # noqa: BLE001 - popped from the queue: finish it here too
+                c.emit(Event(finish=f"error: {type(e).__name__}"))
+                raise
             first = Event()
             if lp is not None:
                 tok_lp, top_lp, top_id = jax.device_get(lp)

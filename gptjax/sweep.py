@@ -107,19 +107,40 @@ def read_points(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _logged_val_losses(cfg: Config) -> list[tuple[int, float]]:
+    """(step, validation loss) from a run's metrics.jsonl: a point whose run finished but whose
+    line in points.jsonl was lost resumes at its last step and evaluates nothing."""
+    path = Path(cfg.train.run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if "val_loss" in rec:
+            out.append((rec["step"], rec["val_loss"]))
+    return out
+
+
 def run_point(cfg: Config, size: Size, budget: float) -> dict[str, Any]:
     """Trains (or resumes) one point; returns its record for points.jsonl."""
     t0 = time.perf_counter()
     summary = train(cfg, quiet=True)
     seconds = time.perf_counter() - t0
-    if not summary.get("val_losses"):
-        raise UserError(f"{cfg.train.run_dir}: no validation loss (does data.source have a "
-                        "validation split?)")
+    if summary.get("preempted"):
+        # Stopped by a signal, saved: the point is unfinished, and so is the sweep.
+        raise KeyboardInterrupt
+    losses = summary.get("val_losses") or _logged_val_losses(cfg)
+    if not losses or losses[-1][0] != cfg.train.steps:
+        raise UserError(f"{cfg.train.run_dir}: no validation loss at step {cfg.train.steps} "
+                        "(does data.source have a validation split?)")
     n = matmul_params(cfg.model)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.model.context_length
     return {"size": size.name, "n_layer": size.n_layer, "d_model": size.d_model, "params": n,
             "budget": budget, "flops": 6.0 * n * tokens, "tokens": tokens,
-            "steps": cfg.train.steps, "val_loss": summary["val_losses"][-1][1],
+            "steps": cfg.train.steps, "val_loss": losses[-1][1],
             "seconds": seconds, "resumed": summary["start_step"] > 0,
             "run_dir": cfg.train.run_dir}
 

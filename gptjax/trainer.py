@@ -282,6 +282,8 @@ class Preemption:
     def _watch(self, r: int) -> None:
         while data := os.read(r, 1):
             sig = signal.Signals(data[0])
+            if sig not in (signal.SIGTERM, signal.SIGINT):
+                continue  # the wakeup fd hears every signal with a Python handler
             if self.requested and sig == signal.SIGINT:
                 self.console.warn("second interrupt: exiting now; committed checkpoints are kept")
                 os._exit(130)
@@ -289,6 +291,7 @@ class Preemption:
                 self.console.warn(f"{sig.name}: stopping after this step with a checkpoint "
                                   f"(interrupt again to exit at once)")
             self.requested = True
+        os.close(r)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():

@@ -252,3 +252,47 @@ def test_object_store_run_dirs_keep_their_scheme(capsys) -> None:
     lock.release()
     assert "object store" in capsys.readouterr().err
     assert str(checkpoint.checkpoint_dir("~/r")) == os.path.expanduser("~/r/checkpoints")
+
+
+def test_watcher_stops_only_on_sigint_or_sigterm_and_closes_its_pipe() -> None:
+    from gptjax.progress import Console
+    from gptjax.trainer import Preemption
+
+    fds = len(os.listdir("/proc/self/fd"))
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # another handler's signal
+    try:
+        with Preemption(Console(quiet=True)) as p:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.3)
+            assert not p.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not p.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert p.requested
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    time.sleep(0.3)  # the watcher reads EOF and closes its end
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_bad_streak_anywhere_in_a_log_interval_stops_the_run() -> None:
+    """Seven non-finite steps then three good ones in one interval of 10: the old check read
+    the interval's last step only (streak 0) and went on."""
+    from gptjax.errors import UserError
+    from gptjax.progress import Console, Progress
+
+    class Log:
+        def write(self, record: dict) -> None:
+            pass
+
+    progress = Progress(Console(quiet=True), Log(), total_steps=100, tokens=0,
+                        flops_per_token=1.0, hardware_flops_per_token=1.0, peak_flops=None,
+                        max_bad_steps=5)
+    streaks = [1, 2, 3, 4, 5, 6, 7, 0, 0, 0]
+    for i, b in enumerate(streaks, 1):
+        progress.record(i, 1e-3, i * 10, 1, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1),
+                                            "skipped": jnp.bool_(b > 0),
+                                            "bad_streak": jnp.int32(b)})
+    with pytest.raises(UserError, match="7 training steps in a row"):
+        progress.flush(10, 100)

@@ -78,3 +78,22 @@ def test_bad_flags_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -
         assert e.value.code == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("python -m gptjax.sweep: error: "), err
+
+
+def test_a_stopped_point_is_not_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal stops train() with a checkpoint and preempted=True: the point is unfinished
+    (its step-0 loss is no result), so the sweep stops instead of recording it."""
+    from gptjax.config import load_config
+
+    cfg = load_config("default", [f"train.run_dir={tmp_path / 'run'}", "train.steps=4"])
+    monkeypatch.setattr(sweep, "train", lambda c, quiet: {
+        "preempted": True, "start_step": 0, "val_losses": [(0, 5.5)]})
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_point(cfg, sweep.parse_sizes("2x64")[0], 1e12)
+    # A finished run whose points.jsonl line was lost: its last logged validation loss counts.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "val_loss": 5.5}) + "\n" + json.dumps({"step": 4, "val_loss": 3.25})
+        + "\n")
+    monkeypatch.setattr(sweep, "train", lambda c, quiet: {"start_step": 4})
+    assert sweep.run_point(cfg, sweep.parse_sizes("2x64")[0], 1e12)["val_loss"] == 3.25
