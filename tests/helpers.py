@@ -60,3 +60,19 @@ def write_corpus(d: Path) -> Path:
     for i in range(30):
         (d / f"doc{i:02d}.txt").write_text(text[i * 3000 : i * 3000 + 4000])
     return d
+
+
+def write_run(d: Path, cfg: object, params: object = None, step: int = 0) -> Path:
+    """A run directory holding `params` (default: fresh ones of cfg.model) at `step`, as the
+    readers (sample.py, gptjax.eval, fewshot, the server, hf export) see a trained run; the
+    optimizer state is a stand-in, which none of them reads."""
+    import jax.numpy as jnp
+
+    from gptjax import checkpoint, model
+
+    if params is None:
+        params = model.init_params(cfg.model, jax.random.key(0))
+    c = checkpoint.Checkpointer(d, async_save=False)
+    c.save(step, params, {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, step))
+    c.close()
+    return d

@@ -12,16 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy as safetensors_numpy
 
-from gptjax import checkpoint, config, hf, model
+from gptjax import config, hf
 from gptjax import eval as gptjax_eval
 from gptjax.bench import cli as bench_cli
 from gptjax.config import ConfigError
+from helpers import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["train.steps=1", "train.batch_size=2", "train.eval_batches=1", "model.n_layer=2",
@@ -203,11 +202,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory holding a dense (exportable) model at step 0."""
     cfg = config.Config(model=DENSE)
     d = tmp_path_factory.mktemp("run")
-    c = checkpoint.Checkpointer(d, async_save=False)
-    c.save(0, model.init_params(cfg.model, jax.random.key(0)),
-           {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 0))
-    c.close()
-    return d
+    return write_run(d, cfg, step=0)
 
 
 @pytest.mark.parametrize("command", ["import", "export"])

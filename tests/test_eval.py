@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, config, eval as ev, losses, model, sampling
+from gptjax import config, eval as ev, losses, model, sampling
 from gptjax.config import UserError
 
-from helpers import tiny
+from helpers import tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = tiny(context_length=16, vocab_size=257, vocab_multiple=128)
@@ -123,10 +123,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Path:
         "model": config.config_to_dict(config.Config(model=CFG))["model"],
         "data": {"tokenizer": "byte", "cache_dir": str(d / "cache")},
     })
-    c = checkpoint.Checkpointer(d)
-    c.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 3))
-    c.close()
-    return d
+    return write_run(d, cfg, params, step=3)
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:

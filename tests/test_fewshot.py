@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, config, fewshot, model, sampling, scoring
+from gptjax import config, fewshot, model, sampling, scoring
 from gptjax.errors import UserError
 from gptjax.fewshot_tasks import Item, Task, fit_prompt, read_task, render, shot_indices
 from gptjax.tokenizer import get_tokenizer
 
-from helpers import tiny
+from helpers import tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -39,10 +38,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Path:
         "model": config.config_to_dict(config.Config(model=CFG))["model"],
         "data": {"tokenizer": "byte", "cache_dir": str(d / "cache")},
     })
-    c = checkpoint.Checkpointer(d)
-    c.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 3))
-    c.close()
-    return d
+    return write_run(d, cfg, params, step=3)
 
 
 @jax.jit

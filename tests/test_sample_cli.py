@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from gptjax import checkpoint, config, model
+from gptjax import config
+from helpers import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
@@ -25,11 +24,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "sample": {"max_new_tokens": MAX_NEW, "temperature": 0.9, "top_k": 50, "seed": 0},
     })
     d = tmp_path_factory.mktemp("run")
-    c = checkpoint.Checkpointer(d)
-    c.save(7, model.init_params(cfg.model, jax.random.key(0)),
-           {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 7))
-    c.close()
-    return d
+    return write_run(d, cfg, step=7)
 
 
 def sample(*args: str) -> subprocess.CompletedProcess:

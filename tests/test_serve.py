@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from gptjax import checkpoint, config, model
+from helpers import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -35,11 +36,7 @@ def make_run(d: Path) -> Path:
                   "n_head": 4, "d_ff": 64, "local_window": 8, "vocab_multiple": 128},
         "data": {"tokenizer": "byte"},
     })
-    c = checkpoint.Checkpointer(d)
-    c.save(7, model.init_params(cfg.model, jax.random.key(0)),
-           {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, 7))
-    c.close()
-    return d
+    return write_run(d, cfg, step=7)
 
 
 def env() -> dict[str, str]:
