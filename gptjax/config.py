@@ -27,6 +27,7 @@ ATTENTION_KINDS = ("dense", "local")
 REMAT_CHOICES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+PIPELINES = ("auto", "tf.data", "threads")
 # JAX's random keys (64-bit mode off, its default) keep a seed's low 32 bits only: a larger seed
 # would silently repeat a smaller one's stream. One range for every seed.
 SEED_MAX = 2**32 - 1
@@ -184,6 +185,7 @@ class DataConfig:
     val_fraction: float = 0.01
     num_workers: int = 0  # tokenizer processes; 0 means one per core
     prefetch: int = 2
+    pipeline: str = "auto"  # tf.data | threads (no TensorFlow) | auto: the same batches
 
     def __post_init__(self) -> None:
         _expand_user(self, ("cache_dir", "tfds_data_dir"))
@@ -198,6 +200,7 @@ class DataConfig:
             "source", "cache_dir", "text_key", "train_split", "val_split")})
         _check_rule("data.num_workers", "workers", self.num_workers)
         _require_choice("data.tokenizer", self.tokenizer, ("byte", "gpt2"))
+        _require_choice("data.pipeline", self.pipeline, PIPELINES)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -420,9 +423,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, dict[st
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        if value is None:
-            value = ""
-        out.setdefault(section, {})[name] = value
+        out.setdefault(section, {})[name] = "" if value is None else value
     return out
 
 
@@ -472,12 +473,8 @@ def model_config(name: str | Path) -> ModelConfig:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
-    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
-            for s in SECTIONS}
+    return {s: {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
 
 
 def override_help() -> str:

@@ -19,6 +19,7 @@ import pytest
 from test_data import T, make_cfg, one_line, write_corpus
 
 from gptjax import data
+from gptjax.config import replace_cfg
 from gptjax.data import DataError, TrainIterator, eval_batches, load_split, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +239,9 @@ def test_cache_whose_mask_has_no_checksum_is_rebuilt(tmp_path, capsys):
 # Token ids against the vocabulary
 
 
-def test_out_of_range_id_stops_training_at_its_batch_through_tf_data(cfg, capfd):
+@pytest.mark.parametrize("pipeline", ["tf.data", "threads"])
+def test_out_of_range_id_stops_training_at_its_batch(cfg, capfd, pipeline):
+    cfg = replace_cfg(cfg, data={"pipeline": pipeline})
     manifest, path = built(cfg)
     n = data.num_windows(manifest["tokens"], T, T)
     bad_window = n // 2
@@ -260,7 +263,7 @@ def test_out_of_range_id_stops_training_at_its_batch_through_tf_data(cfg, capfd)
     assert f"token id {0xFFFF} at token {position} of {path / 'tokens.bin'}" in msg
     assert "(train split)" in msg and f"vocabulary size {VOCAB}" in msg
     assert "delete the token cache directory" in msg
-    # Raised in Python, not logged by TensorFlow's threads; the position stays at the bad batch.
+    # Raised in Python, not logged by the pipeline's threads; the position stays at the bad batch.
     assert "Traceback" not in capfd.readouterr().err
     assert it.get_state() == state
     with pytest.raises(DataError, match="token id"):

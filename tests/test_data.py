@@ -12,6 +12,7 @@ import string
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -209,6 +210,35 @@ def test_restore_with_another_batch_size_continues_the_stream(tmp_path, corpus):
         with TrainIterator(cfg, 4, state=small.get_state()) as big:
             rest = np.concatenate([b["inputs"] for b in take(big, 2)])
     np.testing.assert_array_equal(np.concatenate([first, rest]), rows)
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_thread_pipeline_yields_the_tf_data_batches(tmp_path, corpus, prefetch):
+    """data.pipeline=threads: the same batches as tf.data, in order, from any resumed state, and
+    its threads end when the iterator closes."""
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, seed=3, pipeline="tf.data")
+    threads = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, seed=3,
+                       pipeline="threads", prefetch=prefetch)
+    with TrainIterator(cfg, 4) as it:
+        n = it.windows
+        want = take(it, n // 4 + 3)  # into the second epoch
+    with TrainIterator(threads, 4) as it:
+        got = take(it, 5)
+        state = it.get_state()
+    with TrainIterator(threads, 4, state=state) as it:
+        got += take(it, len(want) - 5)
+        assert it.get_state() == {**state, "epoch": 1, "index": len(want) * 4 - n}
+    for w, g in zip(want, got, strict=True):
+        assert set(g) == set(w)
+        for key in w:
+            assert g[key].dtype == w[key].dtype
+            np.testing.assert_array_equal(g[key], w[key])
+    for _ in range(50):  # shutdown(wait=False): the running ones finish their batch
+        if not [t for t in threading.enumerate() if t.name.startswith("gptjax-batches")]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the pipeline's threads outlive its iterator")
 
 
 def test_bad_states(tmp_path, corpus):
@@ -501,7 +531,8 @@ def test_fewer_tokens_than_one_window(tmp_path):
 
 
 def test_import_without_tensorflow(tmp_path, corpus):
-    """`import gptjax.data` and file caches need no TF; tf.data users get one clear line."""
+    """Without TF: `import gptjax.data`, file caches and training batches (data.pipeline=auto
+    takes threads) work; asking for tf.data is one clear line."""
     script = textwrap.dedent(
         f"""
         import sys
@@ -514,6 +545,10 @@ def test_import_without_tensorflow(tmp_path, corpus):
             "cache_dir": "{tmp_path}/cache", "val_fraction": 0.2}}}})
         assert len(data.load_tokens(cfg, "train")) > 0
         assert next(data.eval_batches(cfg, 2, process_index=0, process_count=1))["mask"].any()
+        assert next(data.TrainIterator(cfg, 2, process_index=0, process_count=1))["mask"].all()
+        cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
+            "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
+            "cache_dir": "{tmp_path}/cache", "val_fraction": 0.2, "pipeline": "tf.data"}}}})
         try:
             next(data.TrainIterator(cfg, 2, process_index=0, process_count=1))
         except data.DataError as e:
@@ -606,5 +641,7 @@ def test_benchmark_smoke(tmp_path, corpus):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
     out = bench_data(cfg, seq=32, batch=2, seconds=0.2, text_mb=0.05, workers=1)
     assert out["byte_mb_per_s"] > 0 and out["tokens_per_s"] > 0 and out["batches"] > 0
+    assert out["pipeline"] == "tf.data" and set(out["pipelines"]) == {"tf.data", "threads"}
+    assert all(r["tokens_per_s"] > 0 for r in out["pipelines"].values())
     assert out["cache_build_s"] is not None
     json.dumps(out)

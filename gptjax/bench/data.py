@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gptjax.config import Config
-from gptjax.data.batches import TrainIterator
+from gptjax.data.batches import TrainIterator, pipeline_kind
 from gptjax.data.cache import ensure_cache, num_workers
 from gptjax.data.encode import CHUNK_BYTES, decode_utf8, encode_texts, init_worker, run_in_worker
 from gptjax.data.sources import stdlib_files
@@ -78,7 +78,8 @@ def bench_data(
     Returns:
         A flat dict: tokenizer MB/s (byte; gpt2 on one core and on `workers` cores, None without
         the ranks file), the cache's size and build time (None when it was reused) and training
-        batches from it in tokens/s.
+        batches from it in tokens/s: by `pipelines` (tf.data where TensorFlow is installed, and
+        threads), and at the top level for the one data.pipeline picks.
     """
     cfg = cfg or Config()
     cfg = dataclasses.replace(
@@ -110,8 +111,18 @@ def bench_data(
     out["cache_tokens"] = manifest["tokens"]
     out["cache_build_s"] = round(time.perf_counter() - start, 2) if built else None
 
+    out.update(seq=seq, batch=batch, pipeline=pipeline_kind(cfg.data.pipeline), pipelines={})
+    kinds = ["tf.data", "threads"] if pipeline_kind("auto") == "tf.data" else ["threads"]
+    for kind in kinds:  # each available pipeline, the same batches: which keeps up better
+        kind_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline=kind))
+        out["pipelines"][kind] = _batch_rate(kind_cfg, batch, seconds)
+    out.update(out["pipelines"][out["pipeline"]])
+    return out
+
+
+def _batch_rate(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
     it = TrainIterator(cfg, batch, process_index=0, process_count=1)
-    for _ in range(20):  # warm up tf.data
+    for _ in range(20):  # warm up: threads started, pages in cache
         next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -119,11 +130,6 @@ def bench_data(
         n += 1
     elapsed = time.perf_counter() - start
     it.close()
-    out.update(
-        seq=seq,
-        batch=batch,
-        batches=n,
-        batches_per_s=round(n / elapsed, 1),
-        tokens_per_s=round(n * batch * seq / elapsed),
-    )
-    return out
+    T = cfg.model.context_length
+    return {"batches": n, "batches_per_s": round(n / elapsed, 1),
+            "tokens_per_s": round(n * batch * T / elapsed)}

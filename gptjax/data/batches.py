@@ -9,6 +9,10 @@ uninterrupted one would.
 from __future__ import annotations
 
 import atexit
+import collections
+import concurrent.futures
+import importlib.util
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -146,6 +150,34 @@ def _window_mask(mask: np.ndarray | None, starts: np.ndarray, T: int) -> np.ndar
     return _rows(mask, np.asarray(starts) + 1, T, np.float32)
 
 
+def pipeline_kind(pipeline: str) -> str:
+    """data.pipeline resolved: `auto` is tf.data where TensorFlow is installed, else threads."""
+    if pipeline != "auto":
+        return pipeline
+    return "tf.data" if importlib.util.find_spec("tensorflow") is not None else "threads"
+
+
+def _threaded(rows: Callable[[np.int64], tuple[np.ndarray, np.ndarray]], prefetch: int
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """What the tf.data pipeline yields, from a pool of threads: batch b = rows(b), in order,
+    with `prefetch` batches (at least one per thread) in flight. Cutting a batch is numpy
+    copies that release the GIL, so a few threads keep ahead of any accelerator."""
+    threads = min(4, os.cpu_count() or 1)
+    ahead = max(prefetch, threads) if prefetch else 0
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gptjax-batches")
+    queued: collections.deque = collections.deque()
+    b = 0
+    try:
+        while True:
+            while len(queued) <= ahead:
+                queued.append(pool.submit(rows, np.int64(b)))
+                b += 1
+            x, m = queued.popleft().result()
+            yield {"inputs": x[:, :-1], "targets": x[:, 1:], "mask": m}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 # Live pipelines, closed before interpreter shutdown: tf.data threads still calling
 # numpy_function while Python finalizes can deadlock the exit.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -195,6 +227,7 @@ class TrainIterator:
         self.windows = num_windows(len(self.tokens), self.context_length, self.stride)
         self.seed = cfg.data.seed
         self.prefetch = cfg.data.prefetch
+        self.pipeline = pipeline_kind(cfg.data.pipeline)
         self._position = 0  # of the next window, counted over all epochs
         if state is not None:
             self._restore(state)
@@ -263,6 +296,8 @@ class TrainIterator:
         return rows
 
     def _make(self) -> Iterator:
+        if self.pipeline == "threads":
+            return _threaded(self._batch_fn(), self.prefetch)
         tf = import_tf()
         rows = self._batch_fn()
         L, T = self.local_batch_size, self.context_length
@@ -297,8 +332,10 @@ class TrainIterator:
         return batch
 
     def close(self) -> None:
-        """Stops the tf.data pipeline; the iterator can go on (it restarts where it was)."""
-        self._it = None
+        """Stops the pipeline; the iterator can go on (it restarts where it was)."""
+        it, self._it = self._it, None
+        if hasattr(it, "close"):
+            it.close()  # the thread pool's generator: cancels what it queued
         self._failed = {}
 
     def __enter__(self) -> TrainIterator:
