@@ -171,7 +171,7 @@ def init_state(logits_BV: jax.Array, cache: Cache, keys_B: jax.Array, *, max_new
 
 
 def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int, *,
-                sampling: Sampling) -> SamplerState:
+                sampling: Sampling, unroll: int = 1) -> SamplerState:
     """Feeds each row's last token back until `step` reaches `limit` (at most the buffer size) or
     every row has ended. Traceable; jit it with `logits_fn` closed over.
 
@@ -180,17 +180,28 @@ def sample_loop(logits_fn: LogitsFn, state: SamplerState, limit: jax.Array | int
       state: from `init_state` or a previous call (so decoding can go on in chunks).
       limit: stop once this many tokens have been sampled (a traced scalar is fine).
       sampling: see `Sampling`.
+      unroll: steps per iteration of the device loop while `unroll` more fit under `limit`
+        (then one at a time): an accelerator reads the loop's condition back once per
+        iteration, so fewer, longer iterations wait on the host less. The tokens are the same
+        for any value; only `step` may pass where every row ended, by less than `unroll`.
     Returns:
       The state after the last step.
     """
     limit = jnp.minimum(limit, state.tokens_BN.shape[1])
 
-    def cond(s: SamplerState) -> jax.Array:
-        return (s.step < limit) & ~s.done_B.all()
-
-    def body(s: SamplerState) -> SamplerState:
+    def step(s: SamplerState) -> SamplerState:
         logits_BV, cache = logits_fn(s.last_B[:, None], s.cache)
         tok_B = sample_tokens(logits_BV, step_keys(s.keys_B, s.step), sampling)
         return commit_tokens(s.replace(cache=cache), tok_B, sampling)
 
-    return jax.lax.while_loop(cond, body, state)
+    def room(k: int) -> Callable[[SamplerState], jax.Array]:
+        return lambda s: (s.step + k <= limit) & ~s.done_B.all()
+
+    def steps(s: SamplerState) -> SamplerState:
+        for _ in range(unroll):
+            s = step(s)
+        return s
+
+    if unroll > 1:
+        state = jax.lax.while_loop(room(unroll), steps, state)
+    return jax.lax.while_loop(room(1), step, state)

@@ -55,6 +55,11 @@ __all__ = [
 
 PROMPT_BUCKET = 64
 
+# Decode steps per iteration of the device loop. 1 until a GPU measures more (bench decode
+# --unroll; bench/gpu.sh times 1 and 8): on CPU the loop's overhead is small beside a step.
+DECODE_UNROLL = 1
+
+
 def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
     """The cache prefixes a decode call's dense layers may read: powers of two from `smallest`
     below max_len, then max_len."""
@@ -118,13 +123,15 @@ def _prefill_logits(cfg: ModelConfig, params: Any, tokens_BT: jax.Array, lengths
 
 
 @functools.lru_cache(maxsize=32)
-def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable, ...]:
-    """(prefill, decode, slide), jitted once per model, sampling setting and mesh.
+def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any,
+             unroll: int | None = None) -> tuple[Callable, ...]:
+    """(prefill, decode, slide), jitted once per model, sampling setting and mesh; decode runs
+    `unroll` steps (default DECODE_UNROLL) per iteration of its loop (`sampler.sample_loop`).
 
     All run the layers unrolled (`scan_layers=False`) on per-layer weights taken out of the
     stack once per call, and keep one KV buffer per layer: inside the token loop nothing slices
     a stacked array, and each step writes its token into each layer's cache in place."""
-    stacked = cfg
+    stacked, unroll = cfg, unroll or DECODE_UNROLL
     cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
 
     def layer_params(params: Any) -> Any:
@@ -142,7 +149,7 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any) -> tuple[Callable,
                attend_len: int | None = None) -> SamplerState:
         params = layer_params(params)
         return sample_loop(_model_logits_fn(cfg, params, attend_len), state, limit,
-                           sampling=sampling)
+                           sampling=sampling, unroll=unroll)
 
     def slide(params: Any, state: SamplerState, window_BK: jax.Array, slide_B: jax.Array,
               max_len: int) -> SamplerState:

@@ -169,12 +169,14 @@ def test_sampler_loop_on_fake_logits_fn() -> None:
     def plus_one(tokens_B1, calls):
         return 10.0 * jax.nn.one_hot(tokens_B1[:, 0] + 1, V), calls + 1
 
-    def run(sampling_: Sampling, starts: list[int], max_new: int, limits: list[int]):
+    def run(sampling_: Sampling, starts: list[int], max_new: int, limits: list[int],
+            unroll: int = 1):
         first, calls = plus_one(jnp.array(starts)[:, None], jnp.int32(0))
         keys = jax.random.split(jax.random.key(0), len(starts))
         state = sampling.init_state(first, calls, keys, max_new_tokens=max_new,
                                     sampling=sampling_)
-        loop = jax.jit(functools.partial(sampling.sample_loop, plus_one, sampling=sampling_))
+        loop = jax.jit(functools.partial(sampling.sample_loop, plus_one, sampling=sampling_,
+                                         unroll=unroll))
         for limit in limits:
             state = loop(state, limit)
         rows = [np.asarray(state.tokens_BN[b, : state.num_B[b]]).tolist()
@@ -196,6 +198,24 @@ def test_sampler_loop_on_fake_logits_fn() -> None:
     s = Sampling(temperature=0.0, stop_sequences=((12, 13), (30,), (6, 9)))
     rows, calls = run(s, [10, 27, 0], 8, [8])
     assert rows == [[11, 12, 13], [28, 29, 30], [1, 2, 3, 4, 5, 6, 7, 8]]
+    # Several steps per loop iteration: the same tokens, never a step past a limit (chunks of
+    # 2, 3, 6 with unroll 4 take the single-step tail), and past the end of every row by less
+    # than the unroll.
+    for unroll in (2, 4):
+        assert run(greedy_, [3, 10], 6, [6], unroll) == ([[4, 5, 6, 7, 8, 9],
+                                                          [11, 12, 13, 14, 15, 16]], 6)
+        assert run(greedy_, [3, 10], 6, [2, 3, 6, 6], unroll)[1] == 6
+        rows, calls = run(Sampling(temperature=0.0, eos_id=7), [3, 4], 20, [20], unroll)
+        assert rows == [[4, 5, 6], [5, 6]] and 4 <= calls < 4 + unroll
+        assert run(s, [10, 27, 0], 8, [8], unroll)[0] == [[11, 12, 13], [28, 29, 30],
+                                                         [1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
+    want = sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1, **SAMPLED)
+    monkeypatch.setattr(sampling, "DECODE_UNROLL", 3)
+    assert sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1,
+                             **SAMPLED) == want
 
 
 def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:

@@ -60,7 +60,7 @@ def _time_batch(params: Any, programs: tuple[Any, Any], B: int, prompt_len: int,
 def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
               prompt_len: int | None = None, new_tokens: int | None = None,
               dtype: str | None = None, max_len: int | None = None, repeats: int = 5,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, unroll: int | None = None) -> dict[str, Any]:
     """Prefill time and decode speed of the jitted sampler, random weights, greedy decoding.
 
     Args:
@@ -73,6 +73,8 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
       max_len: KV cache length; None means the model's context length (dense layers still
         read only the bucket of it the text needs: see `decode_segment`).
       repeats: timed runs per figure (after one untimed compile run); medians are reported.
+      unroll: decode steps per iteration of the device loop; None means the sampler's
+        default, `sampling.DECODE_UNROLL`.
     Returns:
       {"prefill_ms_b1", "decode_ms_per_token_b1", "tokens_per_s_b<largest>", "per_batch": {B:
       {"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"}}, plus the settings}.
@@ -88,7 +90,8 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
                         f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
-    programs = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None)
+    unroll = unroll or sampling.DECODE_UNROLL
+    programs = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None, unroll)
     per_batch = {B: _time_batch(params, programs, B, prompt_len, new_tokens, max_len,
                                 cfg.vocab_size, repeats, seed) for B in batch_sizes}
     result: dict[str, Any] = {
@@ -98,6 +101,7 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         "n_params": model.count_params(cfg),
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "unroll": unroll,
         "max_len": max_len,
         "repeats": repeats,
         "per_batch": per_batch,
