@@ -7,13 +7,20 @@
 # figures come from those files.
 #   on the device machine, from the repo root:  bash bench/gpu.sh
 # JAX, flax, optax, orbax, torch and transformers are on that machine; TensorFlow is not (the
-# benchmarks use synthetic batches). Runs go most important first; once BUDGET seconds have
-# passed the rest are skipped (and listed), so the call ends inside its limit.
+# benchmarks use synthetic batches; the as-run row, the thread pipeline). Runs go most important
+# first; once BUDGET seconds have passed the rest are skipped (and listed), so the call ends
+# inside its limit. Two things travel with the call (both in .git/info/exclude; name them in
+# `carry`), made here once by `bash bench/gpu_carry.sh`: .whl/ (wheels the GPU image lacks:
+# tensorboardX) and .bpe/r50k_base.tiktoken (the GPT-2 BPE ranks, for the as-run row).
 set -uo pipefail
 BUDGET="${BUDGET:-450}"
 source "$(dirname "$0")/gpu_lib.sh"
 LONG_PROMPT=1536 LONG_NEW=512 TTFT_PROMPT=1024 TORCH_MODES="${TORCH_MODES:-default,max-autotune}"
-if [[ -n "${SMOKE:-}" ]]; then LONG_PROMPT=48 LONG_NEW=16 TTFT_PROMPT=32 TORCH_MODES=default; fi
+RUN_STEPS=200 RUN_LOG=20 RUN_DATA=()
+if [[ -n "${SMOKE:-}" ]]; then
+  LONG_PROMPT=48 LONG_NEW=16 TTFT_PROMPT=32 TORCH_MODES=default RUN_STEPS=6 RUN_LOG=2
+  RUN_DATA=(data.tokenizer=byte)  # the tiny model's vocabulary of 512 holds bytes, not BPE
+fi
 
 # TRAIN_ONLY=1 runs the train-step rows alone (1, 3, 4).
 # 1. gpt3-small at 2048 as GPT-3 has it (dense/local); MFU by PaLM's convention against 989.
@@ -24,12 +31,23 @@ if grep -q '"failed"' "$RES"; then tail -n 60 "$LOG"; exit 1; fi
 # 2. decode: batch 1 latency and batch 64 throughput, prompt 128 + 128 (a cache of 2048 of
 #    which each step reads the 256-position bucket the text needs).
 [[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64
+# 2b. the same with 8 decode steps per iteration of the device loop (sampling.DECODE_UNROLL is 1
+#    until this says more is faster): fewer reads of the loop's condition by the host.
+[[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64 --unroll 8
 # 3. like for like with the PyTorch peers (nanoGPT-style, best of TORCH_MODES; Hugging Face
 #    GPT-2), torch.compile'd, all-dense attention on both sides, in this same call.
 py 300 train --config gpt3-small --batch 16 --steps 10 --compare-torch --torch-modes "$TORCH_MODES" model.attention_pattern=dense
 # 4. larger models; xl keeps the least recomputation that fits the card.
 py 100 train --config gpt3-medium --batch 16 --steps 8 --remat auto
 py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
+# 8 (run here: it needs the BPE ranks). Training as train.py runs it: the stdlib in GPT-2 BPE
+#    through the thread pipeline (no TensorFlow on the GPU image), the host loop, an evaluation
+#    and a checkpoint; its tokens/s against row 1's (issue 18: within 3%).
+if [[ -n "${GPTJAX_GPT2_BPE:-}" || -n "${SMOKE:-}" ]]; then
+  [[ -z "${TRAIN_ONLY:-}" ]] && py 180 run --config gpt3-small --batch 16 --steps "$RUN_STEPS" --log-every "$RUN_LOG" train.microbatches=1 optim.ramp_tokens=0 train.eval_batches=8 "${RUN_DATA[@]}"
+else
+  record skipped "run: no GPT-2 BPE ranks (carry .bpe/r50k_base.tiktoken, see the header)"
+fi
 # 5. decode deep into the context: prompt 1536 + 512, every step reading the 2048 cache.
 [[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW"
 # 6. time to the first token of a 1,024-token prompt at batch 1 (issue 18: target <= 5 ms).

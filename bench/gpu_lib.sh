@@ -2,6 +2,11 @@
 # files, the environment, the run helper and the summary table.
 OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
+if [[ -z "${SMOKE:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then  # bench/gpu_carry.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gptjax-site .whl/*.whl && export PYTHONPATH="/tmp/gptjax-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [[ -f .bpe/r50k_base.tiktoken ]]; then export GPTJAX_GPT2_BPE="$PWD/.bpe/r50k_base.tiktoken"; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 RES="$OUT/gpu-results.jsonl" LOG="$OUT/gpu-bench.log"

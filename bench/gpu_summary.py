@@ -8,9 +8,15 @@ import sys
 def line(r: dict) -> str:
     if "failed" in r or "skipped" in r:
         return str(r)
+    if "loop_tokens_per_s" in r:  # bench run: training as train.py runs it
+        return (f"{r['config']:12} as run ({r['pipeline']} pipeline) B{r['batch']}x{r['seq']} "
+                f"{r['steps']} steps: {r['tokens_per_s']:>10,.0f} tok/s median of "
+                f"{r['intervals']} intervals (spread {r['tokens_per_s_spread']:,.0f}), "
+                f"{r['loop_tokens_per_s']:,.0f} over them; {r['seconds']:.0f} s in all")
     if "tokens_per_s" not in r:
         big = max(int(b) for b in r["per_batch"])
-        return (f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}: b1 "
+        return (f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}, unroll "
+                f"{r.get('unroll', 1)}: b1 "
                 f"{r['decode_ms_per_token_b1']:.3f} ms/token, time to first token "
                 f"{r['time_to_first_token_ms_b1']:.1f} ms; b{big} "
                 f"{r[f'tokens_per_s_b{big}']:,.0f} tokens/s")

@@ -71,18 +71,23 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
     r, rows = _smoke("bench/gpu.sh", tmp_path)
     assert not [x for x in rows if "failed" in x or "skipped" in x], rows
-    train = [x for x in rows if "tokens_per_s" in x]
+    train = [x for x in rows if "tokens_per_s" in x and "loop_tokens_per_s" not in x]
     assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",
                                             "gpt3-small"]
+    (run,) = [x for x in rows if "loop_tokens_per_s" in x]  # train.py's loop, real data
+    assert run["steps"] == 6 and run["intervals"] == 2 and run["loop_tokens_per_s"] > 0
+    assert run["pipeline"] in ("tf.data", "threads") and len(run["val_losses"]) == 2
     assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_nanogpt"] > 0
     assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
     decode = [x for x in rows if "tokens_per_s_b64" in x]
-    assert [x["prompt_len"] for x in decode] == [32, 48]  # short text; deep into the context
+    # short text, again with 8 steps per loop iteration; deep into the context
+    assert [(x["prompt_len"], x["unroll"]) for x in decode] == [(32, 1), (32, 8), (48, 1)]
     first = [x for x in rows if "tokens_per_s_b1" in x]  # time to the first token
     assert len(first) == 1 and first[0]["time_to_first_token_ms_b1"] > 0
     assert all(b["decode_steps_timed"] == x["new_tokens"] - 1
                for x in decode + first for b in x["per_batch"].values())
-    assert r.stdout.count("tok/s") == 5 and "decode" in r.stdout
+    assert r.stdout.count("tok/s") == 6 and "as run" in r.stdout and "decode" in r.stdout
+    assert "unroll 8" in r.stdout
 
 
 def _xplane_summary():

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from gptjax import xla_flags
+from gptjax.bench.asrun import bench_run, check_steps
 from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
@@ -19,15 +20,39 @@ from gptjax.bench.torch_peer import COMPILE_MODES, PEERS, bench_torch, torch_in_
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
 from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, user_path
-from gptjax.errors import warn
+from gptjax.errors import UserError, warn
 
 
 def main(argv: list[str] | None = None) -> int:
+    p, sub = build_parser()
+    args = p.parse_args(argv)
+    if args.what == "run":
+        try:
+            check_steps(args.steps, args.log_every)
+        except UserError as e:
+            sub.choices["run"].error(str(e))
+    return run_cli("gptjax.bench", lambda: _run(args, argv))
+
+
+def build_parser() -> tuple[OneLineParser, Any]:
+    """The parser and its subcommands' action (`.choices`: name -> parser)."""
     # Every count is checked by its type (positive_int, int_list): a bad value is one line before
     # any benchmark starts, as in the other commands.
     p = OneLineParser(prog="python -m gptjax.bench", description="Benchmarks (not tests); each "
                       "prints a table, or one JSON object with --json.")
     sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
+    _step_parsers(sub)
+    _use_parsers(sub)
+    for q in sub.choices.values():
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
+                       help="also append the result, with its provenance, to this results file "
+                            "(bench/results/*.jsonl: the docs' tables are made from those)")
+    return p, sub
+
+
+def _step_parsers(sub: Any) -> None:
+    """attention, train, torch: the model's kernels and train step."""
     a = sub.add_parser("attention", help="banded vs dense attention time as T grows")
     a.add_argument("--seqs", type=int_list, default=(1024, 2048, 4096))
     a.add_argument("--window", type=positive_int, default=256)
@@ -62,11 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--peer", choices=PEERS, default="nanogpt")
     h.add_argument("--mode", choices=COMPILE_MODES, default="default", help="torch.compile mode")
     h.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _use_parsers(sub: Any) -> None:
+    """decode, serve, run, data, loglikelihood: the model in use, and its input."""
     d = sub.add_parser("decode", help="prefill time, per-token latency, batched throughput")
     d.add_argument("--config", default="default")
     d.add_argument("--batch-sizes", type=int_list, default=(1, 64))
     d.add_argument("--prompt-len", type=positive_int, default=None)
     d.add_argument("--new-tokens", type=positive_int, default=None)
+    d.add_argument("--unroll", type=positive_int, default=None,
+                   help="decode steps per iteration of the device loop (default: the sampler's)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     v = sub.add_parser("serve", help="completion server: latency and tokens/s under load")
     v.add_argument("--config", default="default")
@@ -77,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--max-batch", type=positive_int, default=32)
     v.add_argument("--steps-per-call", type=positive_int, default=4)
     v.add_argument("overrides", nargs="*", metavar="section.key=value")
+    r = sub.add_parser("run", help="training as train.py runs it (real data, evaluation, a "
+                                   "checkpoint): tokens/s from its log")
+    r.add_argument("--config", default="default")
+    r.add_argument("--steps", type=positive_int, default=200)
+    r.add_argument("--batch", type=positive_int, default=None)
+    r.add_argument("--log-every", type=positive_int, default=20)
+    r.add_argument("--run-dir", type=out_dir, default=None,
+                   help="keep the run here (default: a temporary directory, removed)")
+    r.add_argument("overrides", nargs="*", metavar="section.key=value")
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
     g.add_argument("--seq", type=positive_int, default=2048)
     g.add_argument("--batch", type=positive_int, default=8)
@@ -88,17 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ll.add_argument("--batch", type=positive_int, default=None)
     ll.add_argument("--repeats", type=positive_int, default=5)
     ll.add_argument("overrides", nargs="*", metavar="section.key=value")
-    for q in (a, t, h, d, v, g, ll):
-        q.add_argument("--json", action="store_true", help="print one JSON object")
-        q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
-                       help="also append the result, with its provenance, to this results file "
-                            "(bench/results/*.jsonl: the docs' tables are made from those)")
-    args = p.parse_args(argv)
-    return run_cli("gptjax.bench", lambda: _run(args, argv))
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
-    if args.what == "train":
+    if args.what in ("train", "run"):
         # Before JAX starts a backend: the flags train.py would set, unless overridden
         # (train.xla_flags=none measures without them). Decoding sets none, as sample.py.
         setting = load_config(args.config, args.overrides).train.xla_flags
@@ -127,7 +160,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
         out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps, args.peer, args.mode)
     elif args.what == "decode":
         cfg = load_config(args.config, args.overrides).model
-        kw = {"batch_sizes": args.batch_sizes}
+        kw = {"batch_sizes": args.batch_sizes, "unroll": args.unroll}
         if args.prompt_len:
             kw["prompt_len"] = args.prompt_len
         if args.new_tokens:
@@ -138,16 +171,19 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
                           requests=args.requests, prompt_len=args.prompt_len,
                           new_tokens=args.new_tokens, max_batch=args.max_batch,
                           steps_per_call=args.steps_per_call)
+    elif args.what == "run":
+        out = bench_run(args.config, args.overrides, steps=args.steps, batch=args.batch,
+                        log_every=args.log_every, run_dir=args.run_dir)
     elif args.what == "loglikelihood":
         out = bench_loglikelihood(args.config, args.overrides, requests=args.requests,
                                   batch=args.score_batch, train_batch=args.batch,
                                   repeats=args.repeats)
     else:
         out = bench_data(seq=args.seq, batch=args.batch)
-    if args.what in ("train", "decode", "serve"):
+    if args.what in ("train", "run", "decode", "serve"):
         out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         out["overrides"] = args.overrides
-    if args.what == "train":
+    if args.what in ("train", "run"):
         out["xla_flags_added"] = out_flags
     out["provenance"] = provenance(argv)
     if args.record:
