@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax import plot
+from gptjax.bench.provenance import provenance
 from gptjax.cli import OneLineParser, out_dir, run_cli
 from gptjax.config import Config, load_config, replace_cfg
 from gptjax.errors import UserError
@@ -146,10 +149,12 @@ def run_point(cfg: Config, size: Size, budget: float) -> dict[str, Any]:
 
 
 def run_sweep(base: Config, sizes: tuple[Size, ...], budgets: tuple[float, ...], out: Path,
-              time_budget_min: float | None = None) -> list[dict[str, Any]]:
+              time_budget_min: float | None = None, record: dict[str, Any] | None = None
+              ) -> list[dict[str, Any]]:
     """Trains every point not yet in out/points.jsonl, cheapest first, within the time budget
     (a point whose predicted time, from the FLOP/s measured so far, would overrun it is skipped
-    with a note); returns every recorded point."""
+    with a note); returns every recorded point. `record` (the sweep's provenance: commit,
+    machine, versions, command) goes with each new point, dated when the point finished."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "points.jsonl"
     done = {(p["size"], p["budget"]) for p in read_points(path)}
@@ -170,6 +175,9 @@ def run_sweep(base: Config, sizes: tuple[Size, ...], budgets: tuple[float, ...],
                 bar.update(1)
                 continue
         rec = run_point(cfg, size, budget)
+        if record is not None:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            rec["provenance"] = {**record, "date": now}
         flops_done, secs_done = flops_done + rec["flops"], secs_done + rec["seconds"]
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
@@ -236,6 +244,8 @@ def fit_power_law(compute: list[float], loss: list[float], use_scipy: bool | Non
         method = "grid over c + log-linear least squares"
         if use_scipy is None or use_scipy:
             a0, b, c, method = _refine_scipy(x, L, a0, b, c, method, required=bool(use_scipy))
+        if len(C) == 3:
+            method += " (3 points fix 3 parameters: the curve passes through them)"
     return {"a": a0 * C0**b, "b": b, "c": c, "method": method, "points": len(C)}
 
 
@@ -243,14 +253,16 @@ def _refine_scipy(x: np.ndarray, L: np.ndarray, a0: float, b: float, c: float, m
                   required: bool) -> tuple[float, float, float, str]:
     try:
         # Here, not at the top: scipy is optional; without it the grid fit stands.
-        from scipy.optimize import curve_fit
+        from scipy.optimize import OptimizeWarning, curve_fit
     except ImportError:
         if required:
             raise UserError("use_scipy=True but scipy is not installed") from None
         return a0, b, c, method
     try:
-        (a1, b1, c1), _ = curve_fit(lambda x, a, b, c: a * np.exp(-b * x) + c, x, L,
-                                    p0=(a0, b, c), maxfev=20000)
+        with warnings.catch_warnings():  # three points leave no covariance to estimate: fine
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (a1, b1, c1), _ = curve_fit(lambda x, a, b, c: a * np.exp(-b * x) + c, x, L,
+                                        p0=(a0, b, c), maxfev=20000)
     except RuntimeError:  # no convergence: keep the grid's answer
         return a0, b, c, method
     return float(a1), float(b1), float(c1), "scipy.optimize.curve_fit from the grid fit"
@@ -275,8 +287,9 @@ def plot_sweep(points: list[dict[str, Any]], fit: dict[str, Any] | None, out: Pa
         ax.set_xscale("log")
         ax.set_yscale("log")
         plain = plt.FuncFormatter(lambda v, _: f"{v:.3g}")  # not 5.4×10^0 on a narrow range
+        ax.yaxis.set_major_locator(plt.MaxNLocator(8))  # 1.4, 1.6, … (not just 2 and 3)
+        ax.yaxis.set_minor_locator(plt.NullLocator())
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("compute (6·N·D FLOPs)")
         ax.set_ylabel("final validation loss (nats per token)")
         ax.grid(alpha=0.3, which="both")
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         plot.pyplot()  # a missing matplotlib fails now, not after the training
         base = load_config(a.config, a.overrides)
         out = Path(a.out)
-        points = run_sweep(base, a.sizes, a.budgets, out, a.time_budget)
+        record = provenance(argv, prog="python -m gptjax.sweep")
+        points = run_sweep(base, a.sizes, a.budgets, out, a.time_budget, record)
         report(points, out)
         return 0
 

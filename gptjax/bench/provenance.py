@@ -61,8 +61,10 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """The record that goes with a result."""
+def provenance(argv: list[str] | None = None, prog: str = "python -m gptjax.bench"
+               ) -> dict[str, Any]:
+    """The record that goes with a result: `prog` and argv (default sys.argv[1:]) make its
+    command."""
     dev = jax.devices()[0]
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
@@ -74,7 +76,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         **_gpu(),
         "versions": _versions(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "command": "python -m gptjax.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": f"{prog} " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
 
 
