@@ -1,6 +1,6 @@
 """The docs' result tables, made from the committed results files (bench/results/*.jsonl).
 
-    python bench/report.py            # rewrite the tables in docs/performance.md
+    python bench/report.py            # rewrite the tables in docs/performance.md, docs/sweep.md
     python bench/report.py --check    # exit 1 if a table there differs from its results
 
 A table sits between `<!-- results:NAME -->` and `<!-- /results -->` in the doc; TABLES says
@@ -23,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
+DOCS = (DOC, ROOT / "docs" / "sweep.md")  # the docs that hold results tables
 
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -60,8 +61,39 @@ def _attention_rows(r: dict[str, Any]) -> list[list[str]]:
              f"`{r['provenance']['command']}`", _source(r)] for row in r["rows"]]
 
 
-# name -> (results file, subcommand, header, row maker returning one row or a list of rows)
-TABLES: dict[str, tuple[str, str, list[str], Callable[[dict[str, Any]], Any]]] = {
+def _sweep_row(r: dict[str, Any]) -> list[str]:
+    return [r["size"], f"{r['params']:,}", f"{r['budget']:.0e}", f"{r['steps']:,}",
+            f"{r['tokens'] / 1e6:.2f}M", f"{r['val_loss']:.3f}", f"{r['seconds']:.0f}",
+            f"{r['flops'] / r['seconds'] / 1e9:.1f}"]
+
+
+RUN_HEADER = ["model", "learning rate", "steps × batch", "seconds", "tokens/s", "eval batches",
+              "validation loss at each evaluation", "whole split, at the end", "command",
+              "date, commit"]
+
+
+def _run_row(r: dict[str, Any]) -> list[str]:
+    m = r["config"]["model"]
+    losses = " → ".join(f"{loss:.3f}" for _, loss in r["val_losses"])
+    o = r["config"]["optim"]
+    lr = f"{o['learning_rate']:g} → {o['learning_rate'] * o['min_lr_ratio']:g}"
+    return [f"{m['n_layer']}x{m['d_model']}, {m['n_head']} head(s), T {m['context_length']}", lr,
+            f"{r['steps']:,} × {r['config']['train']['batch_size']}", f"{r['seconds']:.0f}",
+            _num(r["tokens_per_s_median"], 0), f"{r['config']['train']['eval_batches'] or 'all'}",
+            losses, f"{r['full_split_val_loss']:.3f}", f"`{r['provenance']['command']}`",
+            _source(r)]
+
+
+# name -> (results file, subcommand (None: every row), header, row maker returning one row or
+# a list of rows)
+TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], Any]]] = {
+    "demo-cpu": ("demo-cpu.jsonl", None,
+                 RUN_HEADER, _run_row),
+    "demo-cpu-tuning": ("demo-cpu-tuning.jsonl", None,
+                        RUN_HEADER, _run_row),
+    "sweep-cpu": ("sweep-cpu/points.jsonl", None,
+                  ["size", "N", "budget (FLOPs)", "steps", "tokens", "val loss", "seconds",
+                   "GFLOP/s"], _sweep_row),
     "cpu-train": ("cpu.jsonl", "train",
                   ["config", "batch × T", "pattern", "remat", "tokens/s", "step ms (± half spread)",
                    "MFU", "HFU", "compile s", "command", "date, commit"], _train_row),
@@ -88,7 +120,7 @@ def table(name: str) -> str:
     file, what, header, make = TABLES[name]
     rows: list[list[str]] = []
     for r in load(file):
-        if "provenance" in r and subcommand(r) == what:
+        if what is None or ("provenance" in r and subcommand(r) == what):
             made = make(r)
             rows.extend(made if made and isinstance(made[0], list) else [made])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -108,15 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if the doc's tables are stale")
     a = p.parse_args(argv)
-    doc = DOC.read_text()
-    new = render(doc)
-    if a.check:
-        if new != doc:
-            print(f"{DOC} differs from bench/results: run python bench/report.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new)
-    return 0
+    stale = 0
+    for path in DOCS:
+        doc = path.read_text()
+        new = render(doc)
+        if a.check and new != doc:
+            print(f"{path} differs from bench/results: run python bench/report.py",
+                  file=sys.stderr)
+            stale = 1
+        elif not a.check:
+            path.write_text(new)
+    return stale
 
 
 if __name__ == "__main__":
