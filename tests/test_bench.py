@@ -67,6 +67,18 @@ def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
     return r, [json.loads(line) for line in (out / "gpu-results.jsonl").read_text().splitlines()]
 
 
+def test_benchmarks_load_without_tensorflow_or_tensorboardx() -> None:
+    """The GPU image has neither: every benchmark but `run` must work there as it is."""
+    script = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorboardX'] = None; "
+              "from gptjax.bench import cli; sys.exit(cli.main(['train', '--steps', '1', '--batch', '8', "
+              "'--seq', '16', 'model.n_layer=2', 'model.d_model=32', 'model.n_head=2', "
+              "'model.d_ff=64', 'model.local_window=8', '--json']))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1])["tokens_per_s"] > 0
+
+
 def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
     r, rows = _smoke("bench/gpu.sh", tmp_path)

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gptjax import trainer
 from gptjax.config import config_to_dict, load_config, replace_cfg
 from gptjax.data.batches import pipeline_kind
 from gptjax.errors import UserError
@@ -40,6 +39,10 @@ def bench_run(config: str, overrides: list[str], *, steps: int, batch: int | Non
         training, the pipeline and the checkpoint write but not evaluation, which the run's
         `seconds` (wall time of the whole call: compile, evaluations, saves) includes.
     """
+    # Here, not at the top: the trainer brings tensorboardX, which the GPU image lacks, and the
+    # other benchmarks must run there without it.
+    from gptjax import trainer
+
     check_steps(steps, log_every)
     base = load_config(config, overrides)
     with tempfile.TemporaryDirectory(prefix="gptjax-bench-run-") as tmp:
