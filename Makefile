@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/ruff check gptjax tests train.py sample.py
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(JOBS) tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
 # Trains configs/default.yaml (about 4 minutes on 2 cores), samples 1,000 bytes (temperature,
 # top-k and length from the run's sample section), says how much of it is stdlib vocabulary,

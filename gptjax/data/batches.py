@@ -160,8 +160,8 @@ def pipeline_kind(pipeline: str) -> str:
 def _threaded(rows: Callable[[np.int64], tuple[np.ndarray, np.ndarray]], prefetch: int
               ) -> Iterator[dict[str, np.ndarray]]:
     """What the tf.data pipeline yields, from a pool of threads: batch b = rows(b), in order,
-    with `prefetch` batches (at least one per thread) in flight. Cutting a batch is numpy
-    copies that release the GIL, so a few threads keep ahead of any accelerator."""
+    with `prefetch` batches (at least one per thread) in flight while the caller's step runs.
+    Cutting a batch is a few numpy gathers over the memory-mapped cache."""
     threads = min(4, os.cpu_count() or 1)
     ahead = max(prefetch, threads) if prefetch else 0
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gptjax-batches")
