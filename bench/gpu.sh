@@ -40,7 +40,7 @@ py 300 train --config gpt3-small --batch 16 --steps 10 --compare-torch --torch-m
 # 4. larger models; xl keeps the least recomputation that fits the card.
 py 100 train --config gpt3-medium --batch 16 --steps 8 --remat auto
 py 150 train --config gpt3-xl --batch 8 --steps 6 --remat auto
-# 8 (run here: it needs the BPE ranks). Training as train.py runs it: the stdlib in GPT-2 BPE
+# 4b. Training as train.py runs it (with the BPE ranks carried): the stdlib in GPT-2 BPE
 #    through the thread pipeline (no TensorFlow on the GPU image), the host loop, an evaluation
 #    and a checkpoint; its tokens/s against row 1's (issue 18: within 3%).
 if [[ -n "${GPTJAX_GPT2_BPE:-}" || -n "${SMOKE:-}" ]]; then
