@@ -21,10 +21,11 @@ from gptjax.bench.provenance import provenance
 from gptjax.checkpoint import load_params
 from gptjax.config import config_to_dict
 from gptjax.eval import load_eval_tokens, score_tokens
+from gptjax.plot import metrics_records
 
 
 def run_row(run_dir: Path, seconds: float, command: str, sample: Path | None = None) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_records(run_dir)
     evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     steps = [r for r in rows if "loss" in r]
     rates = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s")][1:]  # after the compile

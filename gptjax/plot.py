@@ -29,6 +29,20 @@ class Curves:
     val: list[tuple[int, float]]  # validation loss
 
 
+def metrics_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run directory's metrics.jsonl, in order, less lines cut short by a kill.
+    OSError (FileNotFoundError: no such file) and UnicodeDecodeError pass through."""
+    out = []
+    for ln in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> Curves:
     """A run directory's metrics.jsonl as curves. Validation lines carry a step, not tokens: they
     take the tokens of the training line of the same step (0 before the first step).
@@ -41,20 +55,14 @@ def read_metrics(run_dir: str | Path) -> Curves:
         raise UserError(f"run directory {run_dir} does not exist")
     path = run_dir / "metrics.jsonl"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        records = metrics_records(run_dir)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist (not a training run directory?)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     tokens_at = {0: 0}
     train, lr, val_steps = [], [], []
-    for ln in lines:
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if not isinstance(rec, dict) or "step" not in rec:
-            continue
+    for rec in records:
         if "loss" in rec and "tokens" in rec:
             tokens_at[rec["step"]] = rec["tokens"]
             train.append((rec["tokens"], float(rec["loss"])))

@@ -113,18 +113,11 @@ def read_points(path: Path) -> list[dict[str, Any]]:
 def _logged_val_losses(cfg: Config) -> list[tuple[int, float]]:
     """(step, validation loss) from a run's metrics.jsonl: a point whose run finished but whose
     line in points.jsonl was lost resumes at its last step and evaluates nothing."""
-    path = Path(cfg.train.run_dir) / "metrics.jsonl"
-    if not path.exists():
+    try:
+        records = plot.metrics_records(cfg.train.run_dir)
+    except FileNotFoundError:
         return []
-    out = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if "val_loss" in rec:
-            out.append((rec["step"], rec["val_loss"]))
-    return out
+    return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
 def run_point(cfg: Config, size: Size, budget: float) -> dict[str, Any]:

@@ -4,7 +4,6 @@ run's own log; what the train-step benchmark's synthetic batches leave out."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from gptjax.config import config_to_dict, load_config, replace_cfg
 from gptjax.data.batches import pipeline_kind
 from gptjax.errors import UserError
+from gptjax.plot import metrics_records
 
 
 def check_steps(steps: int, log_every: int) -> None:
@@ -53,8 +53,7 @@ def bench_run(config: str, overrides: list[str], *, steps: int, batch: int | Non
         if (Path(cfg.train.run_dir) / "checkpoints").exists():
             raise UserError(f"{cfg.train.run_dir} holds a run: the benchmark starts from scratch")
         summary = trainer.train(cfg, quiet=True)
-        rows = [json.loads(line) for line in
-                (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_records(cfg.train.run_dir)
     timed = [r for r in rows if r.get("tokens_per_s")][1:]
     # Each interval's tokens: the difference of the cumulative counts at its ends.
     ends = [r["tokens"] for r in rows if r.get("tokens_per_s")]
