@@ -16,8 +16,9 @@ set -uo pipefail
 BUDGET="${BUDGET:-450}"
 source "$(dirname "$0")/gpu_lib.sh"
 LONG_PROMPT=1536 LONG_NEW=512 TTFT_PROMPT=1024 TORCH_MODES="${TORCH_MODES:-default,max-autotune}"
-RUN_STEPS=200 RUN_LOG=20 RUN_DATA=()
+RUN_STEPS=200 RUN_LOG=20 RUN_DATA=() STEP_ATTENTION=cudnn
 if [[ -n "${SMOKE:-}" ]]; then
+  STEP_ATTENTION=xla  # no cuDNN on CPU: the row's plumbing only
   LONG_PROMPT=48 LONG_NEW=16 TTFT_PROMPT=32 TORCH_MODES=default RUN_STEPS=6 RUN_LOG=2
   RUN_DATA=(data.tokenizer=byte)  # the tiny model's vocabulary of 512 holds bytes, not BPE
 fi
@@ -50,6 +51,9 @@ else
 fi
 # 5. decode deep into the context: prompt 1536 + 512, every step reading the 2048 cache.
 [[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW"
+# 5b. the same with cuDNN's fused attention for the one-token step (model.decode_attention_impl;
+#    xla until this says cudnn is faster and sane).
+[[ -z "${TRAIN_ONLY:-}" ]] && py 100 decode --config gpt3-small --batch-sizes 1,64 --prompt-len "$LONG_PROMPT" --new-tokens "$LONG_NEW" model.decode_attention_impl="$STEP_ATTENTION"
 # 6. time to the first token of a 1,024-token prompt at batch 1 (issue 18: target <= 5 ms).
 [[ -z "${TRAIN_ONLY:-}" ]] && py 60 decode --config gpt3-small --batch-sizes 1 --prompt-len "$TTFT_PROMPT" --new-tokens 2
 # 7. the XLA flags' effect: run 1 again without them.

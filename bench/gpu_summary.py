@@ -16,7 +16,7 @@ def line(r: dict) -> str:
     if "tokens_per_s" not in r:
         big = max(int(b) for b in r["per_batch"])
         return (f"decode {r['device']} prompt {r['prompt_len']} + {r['new_tokens']}, unroll "
-                f"{r.get('unroll', 1)}: b1 "
+                f"{r.get('unroll', 1)}, step attention {r.get('step_attention', 'xla')}: b1 "
                 f"{r['decode_ms_per_token_b1']:.3f} ms/token, time to first token "
                 f"{r['time_to_first_token_ms_b1']:.1f} ms; b{big} "
                 f"{r[f'tokens_per_s_b{big}']:,.0f} tokens/s")

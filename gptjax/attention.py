@@ -133,10 +133,27 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
     return banded_attention(q_BTHK, k_BTHK, v_BTHK, window)
 
 
+def step_attention(q_B1HK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
+                   kv_len_B: jax.Array, impl: str) -> jax.Array:
+    """The decoder's step: one query per row against the first kv_len_B[b] cache slots.
+
+    impl "xla": our masked einsum. "cudnn": cuDNN's fused attention under a padding mask, through
+    jax.nn.dot_product_attention: one kernel that reads the cache once, where XLA runs a matmul,
+    the mask and softmax, and a second matmul.
+    """
+    k_BSHK, v_BSHK = k_BSHK.astype(q_B1HK.dtype), v_BSHK.astype(q_B1HK.dtype)
+    if impl == "xla":
+        mask_B1S = (jnp.arange(k_BSHK.shape[1])[None, :] < kv_len_B[:, None])[:, None, :]
+        return masked_attention(q_B1HK, k_BSHK, v_BSHK, mask_B1S)
+    return jax.nn.dot_product_attention(
+        q_B1HK, k_BSHK, v_BSHK, key_value_seq_lengths=kv_len_B.astype(jnp.int32),
+        implementation="cudnn")
+
+
 def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
                      cache: dict[str, jax.Array], index_B: jax.Array,
                      num_valid_B: jax.Array, window: int | None, *,
-                     attend_len: int | None = None
+                     attend_len: int | None = None, step_impl: str = "xla"
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Attention for tokens at positions index_B + 0..T-1 against a KV cache, which it updates.
 
@@ -145,7 +162,8 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
     does not grow with the context. Only the first num_valid_B tokens of each row are committed
     (ragged prompts); the rest are padding whose outputs the caller ignores. attend_len: dense
     layers read only cache positions [0, attend_len), which the caller guarantees cover
-    index_B + T (the sampler picks it from a few buckets).
+    index_B + T (the sampler picks it from a few buckets). step_impl: the kernel of the
+    one-token step (see step_attention); a longer chunk (a prompt) always uses our masked einsum.
     """
     B, T = q_BTHK.shape[:2]
     q_pos_BT = index_B[:, None] + jnp.arange(T)[None, :]
@@ -155,6 +173,10 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
         write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0)))
         ck, cv = write(ck, k_BTHK, index_B), write(cv, v_BTHK, index_B)
         S = min(attend_len or ck.shape[1], ck.shape[1])
+        if T == 1:
+            # Positions 0..index hold keys; the rest of [0, S) is empty or a discarded future.
+            out = step_attention(q_BTHK, ck[:, :S], cv[:, :S], index_B + 1, step_impl)
+            return out, {"k": ck, "v": cv}
         k_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         mask = causal_mask(q_pos_BT, k_pos_BS, None)
         out = masked_attention(q_BTHK, ck[:, :S].astype(q_BTHK.dtype),
@@ -174,9 +196,9 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
             return c.at[rows, slot_B].set(new)
 
         ck, cv = put(ck, k_BTHK), put(cv, v_BTHK)
-        pos_BR = index_B[:, None] - jnp.mod(index_B[:, None] - slots, R)
-        mask = (pos_BR >= 0)[:, None, :]  # [B, 1, R]; in the band by construction
-        out = masked_attention(q_BTHK, ck.astype(q_BTHK.dtype), cv.astype(q_BTHK.dtype), mask)
+        # The ring fills slot by slot from position 0, so the slots written so far (all of them
+        # in the band by construction) are the first min(index + 1, R).
+        out = step_attention(q_BTHK, ck, cv, jnp.minimum(index_B + 1, R), step_impl)
         return out, {"k": ck, "v": cv}
 
     last_B1 = (index_B - 1)[:, None]

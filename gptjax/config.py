@@ -26,6 +26,7 @@ PRESETS = ("small", "medium", "large", "xl", "2.7b", "6.7b", "13b", "175b")
 ATTENTION_KINDS = ("dense", "local")
 REMAT_CHOICES = ("none", "dots", "full", "auto")
 ATTENTION_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
+DECODE_ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 PIPELINES = ("auto", "tf.data", "threads")
 # JAX's random keys (64-bit mode off, its default) keep a seed's low 32 bits only: a larger seed
@@ -120,6 +121,8 @@ class ModelConfig:
     remat: str = "none"  # none | dots | full | auto (train.py picks by memory; elsewhere none)
     scan_layers: bool = True
     attention_impl: str = "auto"  # auto | cudnn | xla | reference
+    # The decoder's one-token step against the KV cache (a prompt's prefill uses xla).
+    decode_attention_impl: str = "xla"  # xla | cudnn
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     # Training loss computed this many positions at a time (0: all at once), so the fp32
@@ -163,10 +166,10 @@ class ModelConfig:
         if "local" in self.attention_pattern and self.local_window > self.context_length:
             raise ConfigError(f"model.local_window={self.local_window} is larger than "
                               f"model.context_length={self.context_length}")
-        _require_choice("model.dtype", self.dtype, DTYPES)
-        _require_choice("model.param_dtype", self.param_dtype, DTYPES)
-        _require_choice("model.remat", self.remat, REMAT_CHOICES)
-        _require_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_CHOICES),
+                             ("attention_impl", ATTENTION_IMPLS),
+                             ("decode_attention_impl", DECODE_ATTENTION_IMPLS)):
+            _require_choice(f"model.{key}", getattr(self, key), allowed)
 
 
 @dataclasses.dataclass(frozen=True)

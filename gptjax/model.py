@@ -148,8 +148,9 @@ class Attention(nn.Module):
         if cache is None:
             o_BTHK = attention.causal_attention(q, k, v, window=window, impl=cfg.attention_impl)
         else:
-            o_BTHK, cache = attention.cached_attention(q, k, v, cache, index_B, num_valid_B, window,
-                                                       attend_len=self.attend_len)
+            o_BTHK, cache = attention.cached_attention(
+                q, k, v, cache, index_B, num_valid_B, window, attend_len=self.attend_len,
+                step_impl=cfg.decode_attention_impl)
         o_BTHK = constrain(o_BTHK, ("batch", "length", "heads", "kv"))
         y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt)) + b_out.astype(dt)
         return constrain(y, ("batch", "length", "embed")), cache

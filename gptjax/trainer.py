@@ -49,7 +49,7 @@ from gptjax.state import (
 )
 
 # Model fields that change how a step runs, not the parameters: a run resumes under new values.
-RUN_ONLY_FIELDS = ("remat", "attention_impl", "loss_chunk")
+RUN_ONLY_FIELDS = ("remat", "attention_impl", "decode_attention_impl", "loss_chunk")
 
 
 @dataclasses.dataclass

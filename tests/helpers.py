@@ -76,3 +76,19 @@ def write_run(d: Path, cfg: object, params: object = None, step: int = 0) -> Pat
     c.save(step, params, {"count": jnp.zeros((), jnp.int32)}, {}, checkpoint.make_meta(cfg, step))
     c.close()
     return d
+
+
+def cudnn_as_xla(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Stands in for cuDNN on this CPU: jax.nn.dot_product_attention runs its XLA version when
+    asked for cuDNN. Returns the implementations asked for, call by call (traced calls), so a
+    test can check that cuDNN was asked for at all."""
+    real, asked = jax.nn.dot_product_attention, []
+
+    def fake(*args, implementation=None, **kw):
+        asked.append(implementation)
+        return real(*args, implementation="xla" if implementation == "cudnn" else implementation,
+                    **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    return asked
+

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gptjax import attention
+from helpers import cudnn_as_xla
 
 
 def qkv(B: int, T: int, H: int = 2, K: int = 8, seed: int = 0):
@@ -49,9 +50,14 @@ def test_single_key_window_returns_values() -> None:
     np.testing.assert_allclose(attention.banded_attention(q, k, v, 1), v, atol=1e-6)
 
 
+@pytest.mark.parametrize("step_impl", ["xla", "cudnn"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_cached_attention_chunks_equal_full(window: int | None) -> None:
-    """Feeding a sequence in uneven chunks through the cache equals one causal pass."""
+def test_cached_attention_chunks_equal_full(window: int | None, step_impl: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feeding a sequence in uneven chunks through the cache equals one causal pass; the
+    one-token chunks (the decoder's steps: at position 0, one slot filled; at 6, 16 and 17,
+    wrapped) go through step_attention's kernel, cuDNN's done here by jax's XLA version."""
+    asked = cudnn_as_xla(monkeypatch)
     T, H, K = 23, 2, 8
     q, k, v = qkv(2, T, H, K, seed=3)
     full = attention.reference_attention(q, k, v, window)
@@ -59,12 +65,33 @@ def test_cached_attention_chunks_equal_full(window: int | None) -> None:
     cache = {"k": jnp.zeros((2, S, H, K)), "v": jnp.zeros((2, S, H, K))}
     index = jnp.zeros((2,), jnp.int32)
     outs, start = [], 0
-    for size in (5, 1, 9, 1, 1, 6):
+    for size in (1, 5, 1, 9, 1, 1, 5):
         sl = slice(start, start + size)
         o, cache = attention.cached_attention(
-            q[:, sl], k[:, sl], v[:, sl], cache, index, jnp.full((2,), size), window
-        )
+            q[:, sl], k[:, sl], v[:, sl], cache, index, jnp.full((2,), size), window,
+            step_impl=step_impl)
         outs.append(o)
         index = index + size
         start += size
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-6)
+    assert asked == (["cudnn"] * 4 if step_impl == "cudnn" else [])
+
+
+def test_step_attention_reads_only_the_filled_slots() -> None:
+    """Slots past kv_len hold garbage (a discarded future, an unwritten ring): neither kernel
+    may read them, and a row with kv_len 1 returns its one value."""
+    q, k, v = qkv(3, 1)
+    _, k2, v2 = qkv(3, 10, seed=1)
+    kv_len = jnp.array([1, 4, 10])
+    junk = jnp.arange(10)[None, :, None, None] >= kv_len[:, None, None, None]
+    dirty = [jnp.where(junk, 1e3, x) for x in (k2, v2)]
+    for impl in ("xla", "cudnn"):
+        with pytest.MonkeyPatch.context() as mp:
+            cudnn_as_xla(mp)
+            clean = attention.step_attention(q, k2, v2, kv_len, impl)
+            np.testing.assert_allclose(attention.step_attention(q, *dirty, kv_len, impl), clean,
+                                       atol=1e-6)
+        np.testing.assert_allclose(clean[0], v2[0, :1], atol=1e-6)
+        want = attention.masked_attention(q[1:2], k2[1:2, :4], v2[1:2, :4],
+                                          jnp.ones((1, 1, 4), bool))
+        np.testing.assert_allclose(clean[1:2], want, atol=2e-6)

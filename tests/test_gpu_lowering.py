@@ -86,11 +86,7 @@ def test_local_layers_pass_their_band_to_cudnn() -> None:
     assert band == {None: ["0"], 16: ["16"]}, band
 
 
-@pytest.mark.parametrize("attend_len", [None, 16])
-def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
-    """Exactly one loop (over tokens: the layers are unrolled), no conditional, no custom call
-    (so no host callback), with and without a bucketed cache read."""
-    cfg = tiny(dtype="bfloat16")
+def _decode_text(cfg, attend_len: int | None) -> str:
     prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     B = 4
@@ -98,8 +94,28 @@ def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
         lambda p: prefill(p, jnp.zeros((B, 8), jnp.int32), jnp.full((B,), 8, jnp.int32),
                           jax.random.split(jax.random.key(0), B), jnp.ones((B,), bool),
                           max_len=32, max_new=16), params)
-    text = decode.trace(params, state, jnp.int32(16), attend_len=attend_len).lower(
+    return decode.trace(params, state, jnp.int32(16), attend_len=attend_len).lower(
         lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("attend_len", [None, 16])
+def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
+    """Exactly one loop (over tokens: the layers are unrolled), no conditional, no custom call
+    (so no host callback), with and without a bucketed cache read."""
+    text = _decode_text(tiny(dtype="bfloat16"), attend_len)
     assert text.count("stablehlo.while") == 1
     assert "stablehlo.case" not in text and "stablehlo.if" not in text
     assert not _custom_calls(text), _custom_calls(text)
+
+
+@pytest.mark.usefixtures("_pretend_cudnn")
+def test_decoder_step_can_call_cudnn() -> None:
+    """model.decode_attention_impl=cudnn: each layer's step (dense and ring alike) is one cuDNN
+    call inside the same single loop, and still nothing calls the host."""
+    cfg = tiny(dtype="bfloat16", n_layer=2, decode_attention_impl="cudnn")
+    text = _decode_text(cfg, 16)
+    assert text.count("stablehlo.while") == 1
+    assert _custom_calls(text) == {"__cudnn$fmhaSoftmax"}, _custom_calls(text)
+    loop = text[text.index("stablehlo.while"):]
+    assert loop.count("custom_call @__cudnn$fmhaSoftmax") == 2  # one per layer
+

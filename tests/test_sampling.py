@@ -1,6 +1,7 @@
 """Sampling: the jitted decoder against full recomputation, the filters, seeds, ragged batches,
 end-of-text, a mesh, and the bare loop on a fake model."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from gptjax import model, sampling, sharding
 from gptjax.config import MeshConfig, UserError
 from gptjax.sampling import Sampling
-from helpers import tiny
+from helpers import cudnn_as_xla, tiny
 
 # A wide init makes the logits peaked, so no argmax hangs on a 1e-6 difference between cached
 # and recomputed attention.
@@ -216,6 +217,16 @@ def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
     monkeypatch.setattr(sampling, "DECODE_UNROLL", 3)
     assert sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1,
                              **SAMPLED) == want
+
+
+def test_cudnn_step_attention_gives_the_same_text(monkeypatch) -> None:
+    """model.decode_attention_impl=cudnn reaches every layer's step (cuDNN played by jax's XLA
+    version here; tests/test_gpu_lowering.py checks the CUDA program calls cuDNN)."""
+    asked = cudnn_as_xla(monkeypatch)
+    cfg = dataclasses.replace(CFG, decode_attention_impl="cudnn")
+    assert sampling.generate(params(), cfg, PROMPTS, max_new_tokens=NEW,
+                             temperature=0.0) == greedy()
+    assert asked and set(asked) == {"cudnn"}
 
 
 def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:
