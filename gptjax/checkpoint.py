@@ -36,6 +36,7 @@ from gptjax.config import Config, config_from_dict, config_to_dict
 from gptjax.errors import UserError, describe, warn
 from gptjax.model import param_shapes
 from gptjax.sharding import with_shardings
+from gptjax.state import all_finite
 
 ITEMS = ("params", "opt", "data", "meta")
 FORMAT_VERSION = 1
@@ -93,12 +94,6 @@ def tree_checksums(tree: Any) -> dict[str, int]:
     return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
-def _all_finite(tree: Any) -> bool:
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jnp.stack(leaves).all()) if leaves else True
-
-
 def verify(item: str, tree: Any, meta: dict[str, Any]) -> str | None:
     """Why a restored item is unusable (a checksum that differs from the one saved with it, or
     a value that is not finite), or None. Checkpoints from before checksums were recorded are
@@ -109,7 +104,7 @@ def verify(item: str, tree: Any, meta: dict[str, Any]) -> str | None:
         bad = [k for k in saved if got.get(k) != saved[k]]
         if bad or set(got) != set(saved):
             return f"{item} {bad[0] if bad else ''} fails its checksum".replace("  ", " ")
-    if not _all_finite(tree):
+    if not all_finite(tree):
         return f"{item} holds values that are not finite"
     return None
 

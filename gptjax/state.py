@@ -163,7 +163,14 @@ def state_at(step: int, params: Any, opt_state: Any, shardings: TrainState) -> T
                       bad_streak=jax.device_put(jnp.int32(0), shardings.bad_streak))
 
 
-def all_finite(tree: Any) -> bool:
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jnp.stack(leaves).all()) if leaves else True
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float array of a tree is finite: one program per tree structure (a check
+    per leaf would compile two small programs per leaf shape), one scalar read."""
+    return bool(_finite(tree))
