@@ -71,3 +71,28 @@ def test_record_appends_a_result_with_provenance(tmp_path: Path) -> None:
     p = rows[0]["provenance"]
     assert p["command"] == "python -m gptjax.bench " + " ".join(args)
     assert len(p["commit"]) == 40 and p["versions"]["jax"] and p["backend"] == "cpu"
+
+
+def test_only_changes_outside_the_results_files_make_a_tree_dirty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recording a result edits bench/results/: the next run's row must not say dirty for it."""
+    import subprocess
+
+    from gptjax.bench import provenance
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "train.py").write_text("pass\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    assert provenance.provenance([])["dirty"] is False
+    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n{}\n")
+    assert provenance.provenance([])["dirty"] is False
+    (tmp_path / "train.py").write_text("pass  # changed\n")
+    assert provenance.provenance([])["dirty"] is True

@@ -66,7 +66,9 @@ def provenance(argv: list[str] | None = None, prog: str = "python -m gptjax.benc
     """The record that goes with a result: `prog` and argv (default sys.argv[1:]) make its
     command."""
     dev = jax.devices()[0]
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Results files do not change what is measured: recording one run must not mark the next.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)bench/results")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
