@@ -61,6 +61,14 @@ def _attention_rows(r: dict[str, Any]) -> list[list[str]]:
              f"`{r['provenance']['command']}`", _source(r)] for row in r["rows"]]
 
 
+def _data_row(r: dict[str, Any]) -> list[str]:
+    rate = {k: f"{v['tokens_per_s'] / 1e6:.1f}M" for k, v in r["pipelines"].items()}
+    return [f"{r['batch']} × {r['seq']}", rate.get("tf.data", "n/a"), rate.get("threads", "n/a"),
+            _num(r["byte_mb_per_s"], 0), _num(r["gpt2_mb_per_s"]),
+            _num(r["gpt2_mb_per_s_parallel"]), _num(r["cache_build_s"], 2),
+            f"`{r['provenance']['command']}`", _source(r)]
+
+
 def _sweep_row(r: dict[str, Any]) -> list[str]:
     return [r["size"], f"{r['params']:,}", f"{r['budget']:.0e}", f"{r['steps']:,}",
             f"{r['tokens'] / 1e6:.2f}M", f"{r['val_loss']:.3f}", f"{r['seconds']:.0f}",
@@ -100,6 +108,10 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
     "cpu-decode": ("cpu.jsonl", "decode",
                    ["prompt + new", "cache", "dtype", "ms/token (batch 1)", "prefill ms",
                     "tokens/s", "command", "date, commit"], _decode_row),
+    "cpu-data": ("cpu.jsonl", "data",
+                 ["batch × T", "tf.data tokens/s", "threads tokens/s", "byte MB/s",
+                  "gpt2 MB/s (1 core)", "gpt2 MB/s (2 workers)", "stdlib byte cache build s",
+                  "command", "date, commit"], _data_row),
     "cpu-attention": ("cpu.jsonl", "attention",
                       ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),
 }
