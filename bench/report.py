@@ -34,6 +34,10 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
 def _source(r: dict[str, Any]) -> str:
     p = r["provenance"]
     dirty = " (dirty)" if p.get("dirty") else ""
@@ -41,7 +45,7 @@ def _source(r: dict[str, Any]) -> str:
 
 
 def _train_row(r: dict[str, Any]) -> list[str]:
-    return [r["config"], f"{r['batch']} × {r['seq']}", r["pattern"], r["remat"],
+    return [r["config"], _params(r["params"]), f"{r['batch']} × {r['seq']}", r["pattern"], r["remat"],
             _num(r["tokens_per_s"], 0),
             f"{_num(r['step_ms_median'])} (± {_num(r['step_ms_spread'] / 2)})",
             _pct(r.get("mfu")), _pct(r.get("hfu")), _num(r.get("compile_s")),
@@ -50,8 +54,9 @@ def _train_row(r: dict[str, Any]) -> list[str]:
 
 def _decode_row(r: dict[str, Any]) -> list[str]:
     big = max(int(b) for b in r["per_batch"])
-    return [f"{r['prompt_len']} + {r['new_tokens']}", str(r["max_len"]), r["dtype"],
-            _num(r.get("decode_ms_per_token_b1"), 2), _num(r.get("prefill_ms_b1"), 1),
+    return [_params(r["n_params"]), f"{r['prompt_len']} + {r['new_tokens']}", str(r["max_len"]),
+            r["dtype"],
+            _num(r.get("decode_ms_per_token_b1"), 3), _num(r.get("prefill_ms_b1"), 1),
             f"{_num(r[f'tokens_per_s_b{big}'], 0)} (batch {big})",
             f"`{r['provenance']['command']}`", _source(r)]
 
@@ -103,10 +108,10 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
                   ["size", "N", "budget (FLOPs)", "steps", "tokens", "val loss", "seconds",
                    "GFLOP/s"], _sweep_row),
     "cpu-train": ("cpu.jsonl", "train",
-                  ["config", "batch × T", "pattern", "remat", "tokens/s", "step ms (± half spread)",
+                  ["config", "params", "batch × T", "pattern", "remat", "tokens/s", "step ms (± half spread)",
                    "MFU", "HFU", "compile s", "command", "date, commit"], _train_row),
     "cpu-decode": ("cpu.jsonl", "decode",
-                   ["prompt + new", "cache", "dtype", "ms/token (batch 1)", "prefill ms",
+                   ["params", "prompt + new", "cache", "dtype", "ms/token (batch 1)", "prefill ms",
                     "tokens/s", "command", "date, commit"], _decode_row),
     "cpu-data": ("cpu.jsonl", "data",
                  ["batch × T", "tf.data tokens/s", "threads tokens/s", "byte MB/s",
