@@ -19,7 +19,9 @@ def line(r: dict) -> str:
                 f"{r.get('unroll', 1)}, step attention {r.get('step_attention', 'xla')}: b1 "
                 f"{r['decode_ms_per_token_b1']:.3f} ms/token, time to first token "
                 f"{r['time_to_first_token_ms_b1']:.1f} ms; b{big} "
-                f"{r[f'tokens_per_s_b{big}']:,.0f} tokens/s")
+                f"{r[f'tokens_per_s_b{big}']:,.0f} tokens/s"
+                + (f"; step attention max error vs xla {r['step_attention_max_error']:.1e}"
+                   if "step_attention_max_error" in r else ""))
 
     def f(k: str, s: str = "{:.1%}") -> str:
         return "n/a" if r.get(k) is None else s.format(r[k])

@@ -163,3 +163,27 @@ def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
         assert (tmp_path / f"prof-{name}.xplane.pb.gz").stat().st_size > 0
         assert (tmp_path / f"prof-{name}.hlo.txt.gz").stat().st_size > 0
     assert r.stdout.count("tok/s") == 8
+
+
+def test_decode_bench_checks_a_step_kernel_against_xla(monkeypatch) -> None:
+    """With model.decode_attention_impl=cudnn the decode row carries the kernel's largest error
+    against xla's step; a kernel that reads past each row's filled slots shows up in it."""
+    import dataclasses
+
+    import jax
+
+    from gptjax.bench.decode import bench_decode, step_attention_error
+    from helpers import cudnn_as_xla, tiny
+
+    cfg = tiny(decode_attention_impl="cudnn")
+    plain = bench_decode(dataclasses.replace(cfg, decode_attention_impl="xla"), batch_sizes=(2,),
+                         max_len=16, repeats=1)
+    assert "step_attention_max_error" not in plain
+    asked = cudnn_as_xla(monkeypatch)
+    row = bench_decode(cfg, batch_sizes=(2,), max_len=16, repeats=1)
+    assert row["step_attention"] == "cudnn" and "cudnn" in asked
+    assert row["step_attention_max_error"] < 1e-5
+    fake = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, key_value_seq_lengths=None, **kw: fake(*a, **kw))
+    assert step_attention_error(cfg, 4, 16) > 0.1
