@@ -210,11 +210,12 @@ def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
 
 def test_first_signal_is_reported_at_once_and_a_second_exits(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    # Every step evaluates the whole validation split: a step takes seconds, so the signals
-    # arrive mid-step.
+    # Every step evaluates the whole validation split with a model large enough that a step
+    # takes 1.5-3 s here, so both signals arrive mid-step. (With the loop's usual tiny model a
+    # step took 0.2 s: the run could stop cleanly before the second signal came.)
     args = loop_overrides(corpus, run_dir, steps=100000, **{
         "train.eval_every": 1, "train.eval_batches": 0, "train.checkpoint_every": 2,
-        "data.val_fraction": 0.5})
+        "data.val_fraction": 0.5, "model.n_layer": 4, "model.d_model": 256, "model.d_ff": 1024})
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=TRAIN_ENV,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors: list[tuple[float, str]] = []
@@ -232,10 +233,12 @@ def test_first_signal_is_reported_at_once_and_a_second_exits(corpus: Path, tmp_p
         assert committed, "no checkpoint was committed"
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        said = [(t, ln) for t, ln in errors if "SIGINT: stopping after this step" in ln]
+        said: list[tuple[float, str]] = []
+        while not said and time.monotonic() - sent < 0.5:
+            time.sleep(0.01)
+            said = [(t, ln) for t, ln in errors if "SIGINT: stopping after this step" in ln]
         assert said and said[0][0] - sent < 0.5, errors  # before the step in flight ended
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # at once: the step in flight has seconds to go
         proc.wait(timeout=30)
     finally:
         proc.kill()
