@@ -175,14 +175,14 @@ def test_decode_bench_checks_a_step_kernel_against_xla(monkeypatch) -> None:
     from gptjax.bench.decode import bench_decode, step_attention_error
     from helpers import cudnn_as_xla, tiny
 
-    cfg = tiny(decode_attention_impl="cudnn")
+    cfg = tiny(decode_attention_impl="cudnn", dtype="bfloat16")
     plain = bench_decode(dataclasses.replace(cfg, decode_attention_impl="xla"), batch_sizes=(2,),
                          max_len=16, repeats=1)
     assert "step_attention_max_error" not in plain
     asked = cudnn_as_xla(monkeypatch)
     row = bench_decode(cfg, batch_sizes=(2,), max_len=16, repeats=1)
     assert row["step_attention"] == "cudnn" and "cudnn" in asked
-    assert row["step_attention_max_error"] < 1e-5
+    assert row["step_attention_max_error"] < 2e-2  # bf16 rounding of two correct kernels
     fake = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention",
                         lambda *a, key_value_seq_lengths=None, **kw: fake(*a, **kw))

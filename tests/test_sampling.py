@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax import model, sampling, sharding
-from gptjax.config import MeshConfig, UserError
+from gptjax.config import ConfigError, MeshConfig, UserError
 from gptjax.sampling import Sampling
 from helpers import cudnn_as_xla, tiny
 
@@ -222,11 +222,16 @@ def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
 def test_cudnn_step_attention_gives_the_same_text(monkeypatch) -> None:
     """model.decode_attention_impl=cudnn reaches every layer's step (cuDNN played by jax's XLA
     version here; tests/test_gpu_lowering.py checks the CUDA program calls cuDNN)."""
+    with pytest.raises(ConfigError, match="decode_attention_impl=cudnn needs model.dtype"):
+        sampling.generate(params(), dataclasses.replace(CFG, decode_attention_impl="cudnn"),
+                          PROMPTS, max_new_tokens=NEW)
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    want = sampling.generate(params(), bf16, PROMPTS, max_new_tokens=NEW, temperature=0.0)
     asked = cudnn_as_xla(monkeypatch)
-    cfg = dataclasses.replace(CFG, decode_attention_impl="cudnn")
-    assert sampling.generate(params(), cfg, PROMPTS, max_new_tokens=NEW,
-                             temperature=0.0) == greedy()
+    got = sampling.generate(params(), dataclasses.replace(bf16, decode_attention_impl="cudnn"),
+                            PROMPTS, max_new_tokens=NEW, temperature=0.0)
     assert asked and set(asked) == {"cudnn"}
+    assert got == want
 
 
 def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:
