@@ -34,6 +34,21 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _command(r: dict[str, Any]) -> str:
+    """The row's command as a reader would rerun it: without --json and --record FILE."""
+    words, out = r["provenance"]["command"].split(), []
+    skip = False
+    for w in words:
+        if skip or w == "--json":
+            skip = False
+            continue
+        if w == "--record":
+            skip = True
+            continue
+        out.append(w)
+    return f"`{' '.join(out)}`"
+
+
 def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -45,11 +60,12 @@ def _source(r: dict[str, Any]) -> str:
 
 
 def _train_row(r: dict[str, Any]) -> list[str]:
-    return [r["config"], _params(r["params"]), f"{r['batch']} × {r['seq']}", r["pattern"], r["remat"],
+    return [r["config"], _params(r["params"]), f"{r['batch']} × {r['seq']}", r["pattern"],
+            r["remat"],
             _num(r["tokens_per_s"], 0),
             f"{_num(r['step_ms_median'])} (± {_num(r['step_ms_spread'] / 2)})",
             _pct(r.get("mfu")), _pct(r.get("hfu")), _num(r.get("compile_s")),
-            f"`{r['provenance']['command']}`", _source(r)]
+            _command(r), _source(r)]
 
 
 def _decode_row(r: dict[str, Any]) -> list[str]:
@@ -58,12 +74,12 @@ def _decode_row(r: dict[str, Any]) -> list[str]:
             r["dtype"],
             _num(r.get("decode_ms_per_token_b1"), 3), _num(r.get("prefill_ms_b1"), 1),
             f"{_num(r[f'tokens_per_s_b{big}'], 0)} (batch {big})",
-            f"`{r['provenance']['command']}`", _source(r)]
+            _command(r), _source(r)]
 
 
 def _attention_rows(r: dict[str, Any]) -> list[list[str]]:
     return [[str(row["T"]), _num(row["banded_ms"]), _num(row["dense_ms"]),
-             f"`{r['provenance']['command']}`", _source(r)] for row in r["rows"]]
+             _command(r), _source(r)] for row in r["rows"]]
 
 
 def _data_row(r: dict[str, Any]) -> list[str]:
@@ -71,7 +87,7 @@ def _data_row(r: dict[str, Any]) -> list[str]:
     return [f"{r['batch']} × {r['seq']}", rate.get("tf.data", "n/a"), rate.get("threads", "n/a"),
             _num(r["byte_mb_per_s"], 0), _num(r["gpt2_mb_per_s"]),
             _num(r["gpt2_mb_per_s_parallel"]), _num(r["cache_build_s"], 2),
-            f"`{r['provenance']['command']}`", _source(r)]
+            _command(r), _source(r)]
 
 
 def _sweep_row(r: dict[str, Any]) -> list[str]:
@@ -93,7 +109,7 @@ def _run_row(r: dict[str, Any]) -> list[str]:
     return [f"{m['n_layer']}x{m['d_model']}, {m['n_head']} head(s), T {m['context_length']}", lr,
             f"{r['steps']:,} × {r['config']['train']['batch_size']}", f"{r['seconds']:.0f}",
             _num(r["tokens_per_s_median"], 0), f"{r['config']['train']['eval_batches'] or 'all'}",
-            losses, f"{r['full_split_val_loss']:.3f}", f"`{r['provenance']['command']}`",
+            losses, f"{r['full_split_val_loss']:.3f}", _command(r),
             _source(r)]
 
 
@@ -108,7 +124,8 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
                   ["size", "N", "budget (FLOPs)", "steps", "tokens", "val loss", "seconds",
                    "GFLOP/s"], _sweep_row),
     "cpu-train": ("cpu.jsonl", "train",
-                  ["config", "params", "batch × T", "pattern", "remat", "tokens/s", "step ms (± half spread)",
+                  ["config", "params", "batch × T", "pattern", "remat", "tokens/s",
+                   "step ms (± half spread)",
                    "MFU", "HFU", "compile s", "command", "date, commit"], _train_row),
     "cpu-decode": ("cpu.jsonl", "decode",
                    ["params", "prompt + new", "cache", "dtype", "ms/token (batch 1)", "prefill ms",

@@ -9,11 +9,13 @@ t sees keys t - window < s <= t (itself included); `None` means dense causal att
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.errors import warn
 from gptjax.splash import splash_attention
 
 # The most negative fp32 rather than -inf: a row with every key masked then gets finite
@@ -133,21 +135,45 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
     return banded_attention(q_BTHK, k_BTHK, v_BTHK, window)
 
 
+def gpu_backend() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def step_kernel(impl: str, dtype: Any) -> str:
+    """The kernel the decoder's step runs for model.decode_attention_impl=`impl`: "cudnn" where
+    cuDNN can run it (a GPU, bf16 or fp16 compute), else "xla", with a warning when cudnn was
+    asked for. The setting is saved with a run, so a run trained on a GPU still samples on a
+    CPU."""
+    if impl != "cudnn":
+        return "xla"
+    if not gpu_backend():
+        why = f"no GPU here (backend {jax.default_backend()})"
+    elif jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        why = f"model.dtype is {jnp.dtype(dtype).name}, and cuDNN takes bfloat16 or float16"
+    else:
+        return "cudnn"
+    warn(f"model.decode_attention_impl=cudnn: {why}; decoding with xla")
+    return "xla"
+
+
 def step_attention(q_B1HK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
                    kv_len_B: jax.Array, impl: str) -> jax.Array:
-    """The decoder's step: one query per row against the first kv_len_B[b] cache slots.
+    """The decoder's step: one query per row against the first kv_len_B[b] cache slots (a
+    length past the cache means all of it: rows whose output the caller discards get there).
 
     impl "xla": our masked einsum. "cudnn": cuDNN's fused attention under a padding mask, through
     jax.nn.dot_product_attention: one kernel that reads the cache once, where XLA runs a matmul,
     the mask and softmax, and a second matmul.
     """
     k_BSHK, v_BSHK = k_BSHK.astype(q_B1HK.dtype), v_BSHK.astype(q_B1HK.dtype)
+    kv_len_B = jnp.minimum(kv_len_B, k_BSHK.shape[1]).astype(jnp.int32)
     if impl == "xla":
         mask_B1S = (jnp.arange(k_BSHK.shape[1])[None, :] < kv_len_B[:, None])[:, None, :]
         return masked_attention(q_B1HK, k_BSHK, v_BSHK, mask_B1S)
-    return jax.nn.dot_product_attention(
-        q_B1HK, k_BSHK, v_BSHK, key_value_seq_lengths=kv_len_B.astype(jnp.int32),
-        implementation="cudnn")
+    if impl != "cudnn":
+        raise ValueError(f"step attention: unknown kernel {impl!r}")
+    return jax.nn.dot_product_attention(q_B1HK, k_BSHK, v_BSHK, key_value_seq_lengths=kv_len_B,
+                                        implementation="cudnn")
 
 
 def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
@@ -174,8 +200,11 @@ def cached_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
         ck, cv = write(ck, k_BTHK, index_B), write(cv, v_BTHK, index_B)
         S = min(attend_len or ck.shape[1], ck.shape[1])
         if T == 1:
-            # Positions 0..index hold keys; the rest of [0, S) is empty or a discarded future.
-            out = step_attention(q_BTHK, ck[:, :S], cv[:, :S], index_B + 1, step_impl)
+            # Positions 0..index hold keys; the rest is empty or a discarded future. cuDNN gets
+            # the whole cache (its lengths stop it there; a custom call's operand would be a
+            # copy of the bucket's slice), the einsum the bucket.
+            n = ck.shape[1] if step_impl == "cudnn" else S
+            out = step_attention(q_BTHK, ck[:, :n], cv[:, :n], index_B + 1, step_impl)
             return out, {"k": ck, "v": cv}
         k_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         mask = causal_mask(q_pos_BT, k_pos_BS, None)

@@ -262,11 +262,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             error = e
         finally:
-            with _quiet_orbax():
-                try:
+            try:  # outside the quiet block, so that its failure path collects what is left
+                with _quiet_orbax():
                     self.manager.close()
-                except Exception:  # noqa: BLE001 - the write's own error is the one to report
-                    pass
+            except Exception:  # noqa: BLE001 - the write's own error is the one to report
+                pass
         if error is not None:
             self._raise_write_error(error)
 

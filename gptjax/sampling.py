@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model, sharding
+from gptjax import attention, model, sharding
 from gptjax.config import ModelConfig, check_sampling
-from gptjax.errors import ConfigError, UserError
+from gptjax.errors import UserError
 from gptjax.model import GPT, init_cache
 from gptjax.sampler import (
     PAD,
@@ -131,11 +131,9 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any,
     All run the layers unrolled (`scan_layers=False`) on per-layer weights taken out of the
     stack once per call, and keep one KV buffer per layer: inside the token loop nothing slices
     a stacked array, and each step writes its token into each layer's cache in place."""
-    if cfg.decode_attention_impl == "cudnn" and cfg.dtype not in ("bfloat16", "float16"):
-        raise ConfigError(f"model.decode_attention_impl=cudnn needs model.dtype bfloat16 or "
-                          f"float16 (cuDNN's fused attention), not {cfg.dtype}")
     stacked, unroll = cfg, unroll or DECODE_UNROLL
-    cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat="none", decode_attention_impl=(
+        attention.step_kernel(cfg.decode_attention_impl, cfg.dtype)))
 
     def layer_params(params: Any) -> Any:
         # One pass: the compute-dtype cast and the unstacking fuse into per-layer copies.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model
+from gptjax import attention, model
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
 from gptjax.model import GPT, init_cache
@@ -159,7 +159,8 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, max_batch: int, eos_id: int,
                  steps_per_call: int = 4) -> None:
         stacked = cfg
-        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
+        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none", decode_attention_impl=(
+            attention.step_kernel(cfg.decode_attention_impl, cfg.dtype)))
         # Cast and unstack once here, not in every call (sampling.programs does it per call).
         self.params = jax.device_put(model.unstack_layers(
             model.cast_to_compute_dtype(params, stacked), stacked))

@@ -79,9 +79,12 @@ def write_run(d: Path, cfg: object, params: object = None, step: int = 0) -> Pat
 
 
 def cudnn_as_xla(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Stands in for cuDNN on this CPU: jax.nn.dot_product_attention runs its XLA version when
-    asked for cuDNN. Returns the implementations asked for, call by call (traced calls), so a
-    test can check that cuDNN was asked for at all."""
+    """Stands in for cuDNN on this CPU: the backend counts as a GPU for the decoder's choice of
+    kernel, and jax.nn.dot_product_attention runs its XLA version when asked for cuDNN. Returns
+    the implementations asked for, call by call (traced calls), so a test can check that cuDNN
+    was asked for at all."""
+    from gptjax import attention
+
     real, asked = jax.nn.dot_product_attention, []
 
     def fake(*args, implementation=None, **kw):
@@ -90,5 +93,5 @@ def cudnn_as_xla(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                     **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(attention, "gpu_backend", lambda: True)
     return asked
-

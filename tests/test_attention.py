@@ -95,3 +95,27 @@ def test_step_attention_reads_only_the_filled_slots() -> None:
         want = attention.masked_attention(q[1:2], k2[1:2, :4], v2[1:2, :4],
                                           jnp.ones((1, 1, 4), bool))
         np.testing.assert_allclose(clean[1:2], want, atol=2e-6)
+
+
+def test_step_attention_lengths_past_the_cache_mean_all_of_it(monkeypatch) -> None:
+    """Rows past the cache (sliding or finished rows, idle server slots: their outputs are
+    discarded) read the whole cache, and cuDNN never gets a length beyond its keys."""
+    real, lengths = jax.nn.dot_product_attention, []
+
+    def record(*args, key_value_seq_lengths, implementation, **kw):
+        lengths.append((np.asarray(key_value_seq_lengths), args[1].shape[1]))
+        return real(*args, key_value_seq_lengths=key_value_seq_lengths, implementation="xla",
+                    **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    q, k, v = qkv(2, 1)
+    _, k2, v2 = qkv(2, 10, seed=1)
+    past = jnp.array([10, 25])
+    full = attention.step_attention(q, k2, v2, jnp.array([10, 10]), "xla")
+    for impl in ("xla", "cudnn"):
+        np.testing.assert_allclose(attention.step_attention(q, k2, v2, past, impl), full,
+                                   atol=2e-6)
+    ((got, S),) = lengths
+    assert S == 10 and got.tolist() == [10, 10]
+    with pytest.raises(ValueError, match="unknown kernel"):
+        attention.step_attention(q, k2, v2, past, "flash")

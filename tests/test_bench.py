@@ -92,10 +92,12 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_nanogpt"] > 0
     assert train[0]["xla_flags"] and train[-1]["xla_flags"] == ""
     decode = [x for x in rows if "tokens_per_s_b64" in x]
-    # short text, again with 8 steps per loop iteration; deep into the context, again with the
-    # step's attention from config (cuDNN on a GPU, xla here)
+    # short text, again with 8 steps per loop iteration; deep into the context, again asking
+    # for cuDNN's step (which falls back to xla here, and says so)
     assert [(x["prompt_len"], x["unroll"]) for x in decode] == [(32, 1), (32, 8), (48, 1), (48, 1)]
     assert [x["step_attention"] for x in decode] == ["xla"] * 4
+    log = (tmp_path / "gpu-bench.log").read_text()
+    assert "model.decode_attention_impl=cudnn: no GPU here" in log
     first = [x for x in rows if "tokens_per_s_b1" in x]  # time to the first token
     assert len(first) == 1 and first[0]["time_to_first_token_ms_b1"] > 0
     assert all(b["decode_steps_timed"] == x["new_tokens"] - 1

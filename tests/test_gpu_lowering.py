@@ -109,13 +109,20 @@ def test_decoder_is_one_device_loop_without_host_calls(attend_len) -> None:
 
 
 @pytest.mark.usefixtures("_pretend_cudnn")
-def test_decoder_step_can_call_cudnn() -> None:
+def test_decoder_step_can_call_cudnn(monkeypatch: pytest.MonkeyPatch) -> None:
     """model.decode_attention_impl=cudnn: each layer's step (dense and ring alike) is one cuDNN
-    call inside the same single loop, and still nothing calls the host."""
+    call inside the same single loop, and still nothing calls the host. The dense layer's call
+    reads the whole cache of 32 (no copy of the 16-position bucket), the ring layer's its 8
+    slots."""
+    from gptjax import attention
+
+    monkeypatch.setattr(attention, "gpu_backend", lambda: True)
     cfg = tiny(dtype="bfloat16", n_layer=2, decode_attention_impl="cudnn")
     text = _decode_text(cfg, 16)
     assert text.count("stablehlo.while") == 1
     assert _custom_calls(text) == {"__cudnn$fmhaSoftmax"}, _custom_calls(text)
     loop = text[text.index("stablehlo.while"):]
-    assert loop.count("custom_call @__cudnn$fmhaSoftmax") == 2  # one per layer
-
+    calls = [ln for ln in loop.splitlines() if "custom_call @__cudnn$fmhaSoftmax" in ln]
+    assert len(calls) == 2, calls  # one per layer
+    keys = sorted(re.findall(r"tensor<4x(\d+)x4x8xbf16>", " ".join(calls)))
+    assert set(keys) == {"1", "32", "8"}, calls  # queries, dense keys, ring keys; no 16

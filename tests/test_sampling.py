@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax import model, sampling, sharding
-from gptjax.config import ConfigError, MeshConfig, UserError
+from gptjax.config import MeshConfig, UserError
 from gptjax.sampling import Sampling
 from helpers import cudnn_as_xla, tiny
 
@@ -219,12 +219,21 @@ def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
                              **SAMPLED) == want
 
 
-def test_cudnn_step_attention_gives_the_same_text(monkeypatch) -> None:
+def test_cudnn_step_attention_gives_the_same_text(monkeypatch, capsys) -> None:
     """model.decode_attention_impl=cudnn reaches every layer's step (cuDNN played by jax's XLA
     version here; tests/test_gpu_lowering.py checks the CUDA program calls cuDNN)."""
-    with pytest.raises(ConfigError, match="decode_attention_impl=cudnn needs model.dtype"):
-        sampling.generate(params(), dataclasses.replace(CFG, decode_attention_impl="cudnn"),
-                          PROMPTS, max_new_tokens=NEW)
+    # Off a GPU, or in fp32 on one, cudnn falls back to xla with a warning: a run trained on a
+    # GPU still samples here.
+    fp32 = dataclasses.replace(CFG, decode_attention_impl="cudnn")
+    for pretend_gpu in (False, True):
+        sampling.programs.cache_clear()
+        with pytest.MonkeyPatch.context() as mp:
+            asked = cudnn_as_xla(mp) if pretend_gpu else []
+            assert sampling.generate(params(), fp32, PROMPTS, max_new_tokens=NEW,
+                                     temperature=0.0) == greedy()
+        assert asked == []
+        err = capsys.readouterr().err
+        assert ("model.dtype is float32" if pretend_gpu else "no GPU here") in err, err
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
     want = sampling.generate(params(), bf16, PROMPTS, max_new_tokens=NEW, temperature=0.0)
     asked = cudnn_as_xla(monkeypatch)

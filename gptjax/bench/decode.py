@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import model, sampling
+from gptjax.attention import step_attention, step_kernel
 from gptjax.bench.common import median_time
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
@@ -61,8 +62,6 @@ def step_attention_error(cfg: ModelConfig, B: int, S: int, seed: int = 0) -> flo
     """Largest |difference| between cfg.decode_attention_impl's one-token step and xla's, on
     random q, k, v of the model's heads at batch B against S cache slots, each row filled to a
     random length: the check that a faster kernel still computes the same attention."""
-    from gptjax.attention import step_attention
-
     dt = jnp.dtype(cfg.dtype)
     kq, kk, kv, kl = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(kq, (B, 1, cfg.n_head, cfg.head_dim), dt)
@@ -99,6 +98,9 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else cfg.dtype
     # Inference weights stored in the compute dtype, as a serving setup would hold them.
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    # The kernel the decoder will really run (cudnn falls back to xla off GPU, with a warning).
+    cfg = dataclasses.replace(cfg, decode_attention_impl=step_kernel(cfg.decode_attention_impl,
+                                                                     dtype))
     max_len = max_len or cfg.context_length
     prompt_len = prompt_len or min(128, max_len // 2)
     new_tokens = new_tokens or min(128, max_len - prompt_len)
