@@ -39,7 +39,7 @@ def run_row(run_dir: Path, seconds: float, command: str, sample: Path | None = N
         text = sample.read_text()
         share, n, unknown = known_share(text, stdlib_words())
         extra = {"sample": text, "sample_words": n, "sample_known_share": share}
-    return {**extra,"run_dir": str(run_dir), "steps": steps[-1]["step"], "tokens": steps[-1]["tokens"],
+    return {**extra, "run_dir": str(run_dir), "steps": steps[-1]["step"], "tokens": steps[-1]["tokens"],
             "seconds": seconds, "val_losses": evals, "final_val_loss": evals[-1][1],
             "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None,
             "full_split_val_loss": full["loss"], "full_split_tokens": full["tokens"],

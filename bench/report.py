@@ -36,17 +36,10 @@ def _pct(v: Any) -> str:
 
 def _command(r: dict[str, Any]) -> str:
     """The row's command as a reader would rerun it: without --json and --record FILE."""
-    words, out = r["provenance"]["command"].split(), []
-    skip = False
-    for w in words:
-        if skip or w == "--json":
-            skip = False
-            continue
-        if w == "--record":
-            skip = True
-            continue
-        out.append(w)
-    return f"`{' '.join(out)}`"
+    words = r["provenance"]["command"].split()
+    kept = [w for i, w in enumerate(words)
+            if w not in ("--json", "--record") and (i == 0 or words[i - 1] != "--record")]
+    return f"`{' '.join(kept)}`"
 
 
 def _params(n: int) -> str:

@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -262,11 +262,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             error = e
         finally:
-            try:  # outside the quiet block, so that its failure path collects what is left
-                with _quiet_orbax():
-                    self.manager.close()
-            except Exception:  # noqa: BLE001 - the write's own error is the one to report
-                pass
+            # The write's own error is the one to report. suppress sits outside the quiet
+            # block, so that block's failure path still collects what a failed close leaves.
+            with suppress(Exception), _quiet_orbax():
+                self.manager.close()
         if error is not None:
             self._raise_write_error(error)
 

@@ -122,6 +122,13 @@ def _prefill_logits(cfg: ModelConfig, params: Any, tokens_BT: jax.Array, lengths
     return model.logits_from_hidden(x_B1D, params["wte"], cfg)[:, 0], cache
 
 
+def decode_config(cfg: ModelConfig) -> ModelConfig:
+    """The model as the decoder runs it: layers unrolled, no remat, and the one-token step's
+    kernel that can run here (attention.step_kernel)."""
+    return dataclasses.replace(cfg, scan_layers=False, remat="none", decode_attention_impl=(
+        attention.step_kernel(cfg.decode_attention_impl, cfg.dtype)))
+
+
 @functools.lru_cache(maxsize=32)
 def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any,
              unroll: int | None = None) -> tuple[Callable, ...]:
@@ -132,8 +139,7 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any,
     stack once per call, and keep one KV buffer per layer: inside the token loop nothing slices
     a stacked array, and each step writes its token into each layer's cache in place."""
     stacked, unroll = cfg, unroll or DECODE_UNROLL
-    cfg = dataclasses.replace(cfg, scan_layers=False, remat="none", decode_attention_impl=(
-        attention.step_kernel(cfg.decode_attention_impl, cfg.dtype)))
+    cfg = decode_config(cfg)
 
     def layer_params(params: Any) -> Any:
         # One pass: the compute-dtype cast and the unstacking fuse into per-layer copies.

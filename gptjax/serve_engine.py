@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import attention, model
+from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
 from gptjax.model import GPT, init_cache
-from gptjax.sampling import PROMPT_BUCKET, attend_buckets
+from gptjax.sampling import PROMPT_BUCKET, attend_buckets, decode_config
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit)
 
@@ -159,8 +159,7 @@ class Engine:
     def __init__(self, params: Any, cfg: ModelConfig, *, max_batch: int, eos_id: int,
                  steps_per_call: int = 4) -> None:
         stacked = cfg
-        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none", decode_attention_impl=(
-            attention.step_kernel(cfg.decode_attention_impl, cfg.dtype)))
+        self.cfg = decode_config(cfg)
         # Cast and unstack once here, not in every call (sampling.programs does it per call).
         self.params = jax.device_put(model.unstack_layers(
             model.cast_to_compute_dtype(params, stacked), stacked))
