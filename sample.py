@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gptjax import checkpoint, sampling, tokenizer
+from gptjax import checkpoint, tokenizer
+from gptjax.decode import generate
 from gptjax.cli import OneLineParser, nonneg_int, run_cli, user_path
 from gptjax.config import check_sampling
 from gptjax.errors import UserError
@@ -131,9 +132,9 @@ def run(a: argparse.Namespace) -> int:
     ids = tok.encode(prompt)
     kw = dict(settings, eos_id=tok.eot_id)
     if a.json:
-        samples = sampling.generate(params, cfg.model, [ids], **kw)
+        samples = generate.generate(params, cfg.model, [ids], **kw)
     else:
-        chunks = sampling.generate_stream(params, cfg.model, [ids], **kw)
+        chunks = generate.generate_stream(params, cfg.model, [ids], **kw)
         samples = stream_text(chunks, tok.decode, prompt, a.num_samples)
     if a.json:
         record = {

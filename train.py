@@ -14,7 +14,9 @@ import sys
 import jax
 from absl import logging as absl_logging
 
-from gptjax import budget, sharding, trainer, xla_flags
+from gptjax import sharding, xla_flags
+from gptjax.train import plan
+from gptjax.train import trainer
 from gptjax.cli import OneLineParser, fraction, host_port, nonneg_int, positive_int, run_cli
 from gptjax.config import Config, load_config, override_help
 from gptjax.errors import UserError
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.5)")
     # A flag, not a config key: it plans for hardware that is not here, and must not follow a
     # run into its checkpoint's config, where a real run measures its own chip.
-    p.add_argument("--chip", choices=sorted(budget.TPU_CHIPS), default=None,
+    p.add_argument("--chip", choices=sorted(plan.TPU_CHIPS), default=None,
                    help="with --dry-run: plan for this Cloud TPU chip (its bf16 peak and HBM "
                         "per chip), whatever devices this machine has")
     p.add_argument("--coordinator", type=host_port, default=None,
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     start_distributed(args)
     mesh = sharding.make_mesh(cfg.mesh)
     if args.dry_run:
-        print(budget.dry_run(cfg, mesh, compile_step=True if args.compile else None,
+        print(plan.dry_run(cfg, mesh, compile_step=True if args.compile else None,
                              mfu=args.mfu, chip=args.chip))
         return 0
     summary = trainer.train(cfg, mesh=mesh)

@@ -16,18 +16,17 @@ from typing import Any
 
 from gptjax.config import (
     Config,
-    ConfigError,
     DataConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
     SampleConfig,
     TrainConfig,
-    UserError,
     load_config,
     model_config,
 )
-from gptjax.losses import cross_entropy
+from gptjax.errors import ConfigError, UserError
+from gptjax.model.losses import cross_entropy
 from gptjax.model import GPT, count_params, init_cache, init_params, param_shapes
 
 __version__ = "0.1.0"
@@ -35,7 +34,7 @@ __version__ = "0.1.0"
 # Imported on first use: the tokenizer pulls in tiktoken, sampling a few jitted programs.
 _LAZY = {
     "get_tokenizer": ("gptjax.tokenizer", "get_tokenizer"),
-    "generate": ("gptjax.sampling", "generate"),
+    "generate": ("gptjax.decode.generate", "generate"),
     "load_params": ("gptjax.checkpoint", "load_params"),
 }
 

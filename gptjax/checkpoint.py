@@ -36,7 +36,7 @@ from gptjax.config import Config, config_from_dict, config_to_dict
 from gptjax.errors import UserError, describe, warn
 from gptjax.model import param_shapes
 from gptjax.sharding import with_shardings
-from gptjax.state import all_finite
+from gptjax.train.state import all_finite
 
 ITEMS = ("params", "opt", "data", "meta")
 FORMAT_VERSION = 1

@@ -33,7 +33,7 @@ from gptjax.cli import OneLineParser, out_dir, run_cli
 from gptjax.config import Config, load_config, replace_cfg
 from gptjax.errors import UserError
 from gptjax.model import matmul_params
-from gptjax.trainer import train
+from gptjax.train.trainer import train
 
 HEAD_DIM = 64  # heads = d_model / 64 (at least one), as in GPT-3's smaller models
 DEFAULT_SIZES = "2x64,2x128,4x128,4x192,4x256"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.config import UserError
+from gptjax.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_BPE_ENV = "GPTJAX_GPT2_BPE"
@@ -183,6 +183,10 @@ def find_gpt2_bpe() -> Path:
         if path.is_file() and _sha256(path) == GPT2_BPE_SHA256:
             return path
     raise UserError(f"the gpt2 tokenizer needs the r50k_base.tiktoken ranks file: {how}")
+
+
+# name -> class: its vocab_size and eot_id are facts of the class, known without a ranks file.
+TOKENIZER_CLASSES: dict[str, type[Tokenizer]] = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}
 
 
 @functools.lru_cache(maxsize=4)

@@ -83,7 +83,7 @@ def cudnn_as_xla(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     kernel, and jax.nn.dot_product_attention runs its XLA version when asked for cuDNN. Returns
     the implementations asked for, call by call (traced calls), so a test can check that cuDNN
     was asked for at all."""
-    from gptjax import attention
+    from gptjax.model import attention
 
     real, asked = jax.nn.dot_product_attention, []
 

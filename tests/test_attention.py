@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import attention
+from gptjax.model import attention
 from helpers import cudnn_as_xla
 
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import safetensors.numpy as safetensors_numpy
 
-from gptjax import config, hf
-from gptjax import eval as gptjax_eval
+from gptjax import config
+from gptjax.hf import convert, gpt2
+from gptjax.eval import perplexity as gptjax_eval
 from gptjax.bench import cli as bench_cli
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 from helpers import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,9 +195,9 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A GPT-2 directory as transformers writes one (zeros: only the layout matters here)."""
     d = tmp_path_factory.mktemp("gpt2")
     tensors = {f"transformer.{k}": np.zeros(s, np.float32)
-               for k, s in hf.expected_shapes(DENSE).items()}
-    safetensors_numpy.save_file(tensors, str(d / hf.WEIGHTS_FILE))
-    (d / hf.CONFIG_FILE).write_text(json.dumps(hf.hf_config_from_model(DENSE)))
+               for k, s in gpt2.expected_shapes(DENSE).items()}
+    safetensors_numpy.save_file(tensors, str(d / gpt2.WEIGHTS_FILE))
+    (d / gpt2.CONFIG_FILE).write_text(json.dumps(gpt2.hf_config_from_model(DENSE)))
     return d
 
 
@@ -274,9 +275,9 @@ def test_cli_paths_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert (a.checkpoint, a.prompt_file) == (f"{tmp_path}/run", f"{tmp_path}/p.txt")
     a = gptjax_eval.parse_args(["--checkpoint=~/run", "--last-word=~/lw.jsonl"])
     assert (a.checkpoint, a.last_word) == (f"{tmp_path}/run", f"{tmp_path}/lw.jsonl")
-    a = hf._parser().parse_args(["import", "~/gpt2", "--out=~/run"])
+    a = convert._parser().parse_args(["import", "~/gpt2", "--out=~/run"])
     assert (a.hf_dir, a.out) == (f"{tmp_path}/gpt2", f"{tmp_path}/run")
-    a = hf._parser().parse_args(["export", "~/run", "--out=~/gpt2"])
+    a = convert._parser().parse_args(["export", "~/run", "--out=~/gpt2"])
     assert (a.run_dir, a.out) == (f"{tmp_path}/run", f"{tmp_path}/gpt2")
 
 

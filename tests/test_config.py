@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from gptjax import config, model
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 
-CONFIGS = sorted(Path(config.CONFIG_DIR).glob("*.yaml"))
+CONFIGS = sorted(Path(config.load.PRESET_DIR).glob("*.yaml"))
 PAPER_PARAMS = {  # Brown et al. 2020, Table 2.1
     "small": 125e6, "medium": 350e6, "large": 760e6, "xl": 1.3e9,
     "2.7b": 2.7e9, "6.7b": 6.7e9, "13b": 13e9, "175b": 175e9,

@@ -22,7 +22,7 @@ from gptjax.data import (
     load_mask,
     load_tokens,
 )
-from gptjax.losses import cross_entropy
+from gptjax.model.losses import cross_entropy
 from gptjax.model import GPT, init_params
 from gptjax.tokenizer import get_tokenizer
 

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import config, eval as ev, losses, model, sampling
-from gptjax.config import UserError
+from gptjax import config, model
+from gptjax.eval import perplexity as ev
+from gptjax.model import losses
+from gptjax.decode import generate
+from gptjax.errors import UserError
 
 from helpers import tiny, write_run
 
@@ -100,7 +103,7 @@ class Numbers:
 def test_last_word_accuracy_is_greedy_decoding(params: dict) -> None:
     rng = np.random.default_rng(2)
     contexts = [rng.integers(0, 256, int(n)).tolist() for n in (3, 9, 13)]
-    greedy = sampling.generate(params, CFG, contexts, max_new_tokens=3, temperature=0.0)
+    greedy = generate.generate(params, CFG, contexts, max_new_tokens=3, temperature=0.0)
     text = lambda ids: " ".join(map(str, ids))  # noqa: E731
     right = [(text(c) + " ", text(g)) for c, g in zip(contexts, greedy)]  # space moves to target
     wrong = [(text(c), text(g[:2] + [(g[2] + 1) % 256])) for c, g in zip(contexts, greedy)]

@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gptjax import checkpoint, config, model, optim
+from gptjax import checkpoint, config, model
+from gptjax.train import optim
 from helpers import write_corpus
 from test_train import ROOT, loop_overrides, run_train
 
@@ -259,8 +260,8 @@ def test_object_store_run_dirs_keep_their_scheme(capsys) -> None:
 
 
 def test_watcher_stops_only_on_sigint_or_sigterm_and_closes_its_pipe() -> None:
-    from gptjax.progress import Console
-    from gptjax.trainer import Preemption
+    from gptjax.train.progress import Console
+    from gptjax.train.trainer import Preemption
 
     fds = len(os.listdir("/proc/self/fd"))
     old = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # another handler's signal
@@ -284,7 +285,7 @@ def test_bad_streak_anywhere_in_a_log_interval_stops_the_run() -> None:
     """Seven non-finite steps then three good ones in one interval of 10: the old check read
     the interval's last step only (streak 0) and went on."""
     from gptjax.errors import UserError
-    from gptjax.progress import Console, Progress
+    from gptjax.train.progress import Console, Progress
 
     log = types.SimpleNamespace(write=lambda record: None)  # the records are not checked here
     progress = Progress(Console(quiet=True), log, total_steps=100, tokens=0,

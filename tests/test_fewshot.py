@@ -13,9 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import config, fewshot, model, sampling, scoring
+from gptjax import config, model
+from gptjax.eval import fewshot
+from gptjax.decode import generate
+from gptjax.eval import scoring
 from gptjax.errors import UserError
-from gptjax.fewshot_tasks import Item, Task, fit_prompt, read_task, render, shot_indices
+from gptjax.eval.tasks import Item, Task, fit_prompt, read_task, render, shot_indices
 from gptjax.tokenizer import get_tokenizer
 
 from helpers import tiny, write_run
@@ -64,7 +67,7 @@ def test_loglikelihoods_equal_a_plain_forward_pass(params: dict) -> None:
     pairs = [(rng.integers(0, 256, n).tolist(), rng.integers(0, 256, m).tolist())
              for n, m in [(1, 1), (5, 3), (20, 2), (40, 20), (3, 9), (60, 4)]]
     greedy_ctx = [7, 8, 9]  # a continuation that is greedy by construction
-    g = sampling.generate(params, CFG, [greedy_ctx], max_new_tokens=3, temperature=0.0)[0]
+    g = generate.generate(params, CFG, [greedy_ctx], max_new_tokens=3, temperature=0.0)[0]
     pairs.append((greedy_ctx, g))
     got = scoring.loglikelihoods(params, CFG, pairs, batch_size=1)  # several calls per bucket
     for (ctx, cont), (lp, greedy) in zip(pairs, got):

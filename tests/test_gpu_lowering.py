@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny
 
-from gptjax import model, sampling
-from gptjax import state as train_state
+from gptjax import model
+from gptjax.decode import generate
+from gptjax.train import state as train_state
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def _custom_calls(text: str) -> set[str]:
 
 
 def _train_step_text(cfg, B: int) -> str:
-    from gptjax import optim
+    from gptjax.train import optim
     from gptjax.config import OptimConfig
 
     tx = optim.make_optimizer(OptimConfig())
@@ -75,7 +76,7 @@ def test_train_step_uses_cudnn_flash_attention_and_chunked_loss() -> None:
 
 @pytest.mark.usefixtures("_pretend_cudnn")
 def test_local_layers_pass_their_band_to_cudnn() -> None:
-    from gptjax.attention import causal_attention
+    from gptjax.model.attention import causal_attention
 
     q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
     texts = {w: _cuda_text(functools.partial(causal_attention, window=w, impl="cudnn"), q, q, q)
@@ -87,7 +88,7 @@ def test_local_layers_pass_their_band_to_cudnn() -> None:
 
 
 def _decode_text(cfg, attend_len: int | None) -> str:
-    prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
+    prefill, decode, _ = generate.programs(cfg, generate.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     B = 4
     state = jax.eval_shape(
@@ -114,7 +115,7 @@ def test_decoder_step_can_call_cudnn(monkeypatch: pytest.MonkeyPatch) -> None:
     call inside the same single loop, and still nothing calls the host. The dense layer's call
     reads the whole cache of 32 (no copy of the 16-position bucket), the ring layer's its 8
     slots."""
-    from gptjax import attention
+    from gptjax.model import attention
 
     monkeypatch.setattr(attention, "gpu_backend", lambda: True)
     cfg = tiny(dtype="bfloat16", n_layer=2, decode_attention_impl="cudnn")

@@ -21,8 +21,9 @@ import safetensors.numpy as safetensors_numpy
 import torch
 import transformers
 
-from gptjax import checkpoint, hf, model
-from gptjax.config import UserError
+from gptjax import checkpoint, model
+from gptjax.hf import convert, gpt2
+from gptjax.errors import UserError
 from helpers import needs_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def tokens() -> np.ndarray:
 
 
 def test_import_matches_transformers(hf_dir: Path, tokens: np.ndarray) -> None:
-    params, cfg = hf.load_gpt2(hf_dir)
+    params, cfg = gpt2.load_gpt2(hf_dir)
     assert cfg.attention_pattern == ("dense",) and cfg.context_length == CTX
     assert cfg.vocab_size == 257 and cfg.d_ff == 128 and params["wte"].shape[0] == 384  # padded
     ours = np.asarray(model.GPT(cfg).apply({"params": params}, tokens))
@@ -86,26 +87,26 @@ def test_import_matches_transformers(hf_dir: Path, tokens: np.ndarray) -> None:
 
 def test_export_loads_in_transformers_and_round_trips(hf_dir: Path, tokens: np.ndarray,
                                                        tmp_path: Path) -> None:
-    params, cfg = hf.load_gpt2(hf_dir)
-    out = hf.save_gpt2(params, cfg, tmp_path / "out", tokenizer="byte")
+    params, cfg = gpt2.load_gpt2(hf_dir)
+    out = gpt2.save_gpt2(params, cfg, tmp_path / "out", tokenizer="byte")
     m, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         theirs = m.eval()(torch.from_numpy(tokens).long()).logits.numpy()
     np.testing.assert_allclose(theirs, torch_logits(hf_dir, tokens), atol=1e-5, rtol=0)
     # import -> export -> import is exact, in either parameter layout
-    again, cfg2 = hf.load_gpt2(out)
+    again, cfg2 = gpt2.load_gpt2(out)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, again, params)
     unscanned = dataclasses.replace(cfg, scan_layers=False)
-    tensors = hf.read_hf_tensors(out, cfg)
-    flat = hf.params_from_hf(tensors, unscanned)
+    tensors = gpt2.read_hf_tensors(out, cfg)
+    flat = gpt2.params_from_hf(tensors, unscanned)
     assert "layers_2" in flat and "layers" not in flat
-    back = hf.params_to_hf(flat, unscanned)
+    back = gpt2.params_to_hf(flat, unscanned)
     for k, v in back.items():
         np.testing.assert_array_equal(v, tensors[k.removeprefix("transformer.")])
     with pytest.raises(UserError, match="already holds a model"):
-        hf.save_gpt2(params, cfg, out)
+        gpt2.save_gpt2(params, cfg, out)
 
 
 def test_cli_import_export_exact(hf_dir: Path, tmp_path: Path) -> None:
@@ -118,7 +119,7 @@ def test_cli_import_export_exact(hf_dir: Path, tmp_path: Path) -> None:
     r = run_cli("export", str(run), "--out", str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr
     load = safetensors_numpy.load_file
-    src, back = load(hf_dir / hf.WEIGHTS_FILE), load(tmp_path / "back" / hf.WEIGHTS_FILE)
+    src, back = load(hf_dir / gpt2.WEIGHTS_FILE), load(tmp_path / "back" / gpt2.WEIGHTS_FILE)
     assert set(back) == set(src)
     for k in src:
         np.testing.assert_array_equal(back[k], src[k])
@@ -128,18 +129,18 @@ def test_cli_import_export_exact(hf_dir: Path, tmp_path: Path) -> None:
 
 def _break(src: Path, dst: Path, how: str) -> Path:
     dst.mkdir()
-    cfg = json.loads((src / hf.CONFIG_FILE).read_text())
+    cfg = json.loads((src / gpt2.CONFIG_FILE).read_text())
     if how == "missing weights":
         (dst / "pytorch_model.bin").write_bytes(b"")
     else:
-        (dst / hf.WEIGHTS_FILE).write_bytes((src / hf.WEIGHTS_FILE).read_bytes())
+        (dst / gpt2.WEIGHTS_FILE).write_bytes((src / gpt2.WEIGHTS_FILE).read_bytes())
     if how == "gpt-neo":
         cfg.update(model_type="gpt_neo", architectures=["GPTNeoForCausalLM"])
     if how == "shapes":
         cfg["n_positions"] = 64
     if how == "missing config":
         return dst
-    (dst / hf.CONFIG_FILE).write_text(json.dumps(cfg))
+    (dst / gpt2.CONFIG_FILE).write_text(json.dumps(cfg))
     return dst
 
 
@@ -159,19 +160,19 @@ def test_cli_bad_directories_one_line(hf_dir: Path, tmp_path: Path, how: str, ex
 
 
 def test_local_layers_do_not_export(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(hf.model_config_from_hf(hf.HF_DEFAULTS),
+    cfg = dataclasses.replace(gpt2.model_config_from_hf(gpt2.HF_DEFAULTS),
                               attention_pattern=("dense", "local"))
     with pytest.raises(UserError, match="banded"):
-        hf.hf_config_from_model(cfg)
+        gpt2.hf_config_from_model(cfg)
 
 
 def test_init_from_hf_dir(hf_dir: Path) -> None:
     """train.init_from=HF_DIR: converted into the fine-tuning config's layout and placement,
     with a one-line error naming the field that differs."""
-    from gptjax import trainer
+    from gptjax.train import trainer
     from gptjax.config import config_from_dict
 
-    params, hcfg = hf.load_gpt2(hf_dir)
+    params, hcfg = gpt2.load_gpt2(hf_dir)
     base = {"vocab_size": 257, "context_length": CTX, "n_layer": 3, "d_model": 32, "n_head": 4,
             "d_ff": 128, "attention_pattern": ["dense"]}
 
@@ -233,7 +234,7 @@ def test_few_shot_prompt_file_gpt2(tmp_path: Path) -> None:
 def test_import_vocab_without_tokenizer_warns(tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     src = make_hf(tmp_path / "small", vocab=101)
-    cfg = hf.import_run(src, tmp_path / "run")
+    cfg = convert.import_run(src, tmp_path / "run")
     assert cfg.data.tokenizer == "byte" and cfg.model.vocab_size == 101
     assert "byte tokenizer has 257 ids but the model's vocabulary is 101" in capsys.readouterr().err
     assert checkpoint.read_meta(tmp_path / "run")[0] == 0

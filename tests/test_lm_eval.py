@@ -20,10 +20,12 @@ import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from gptjax import eval as ev
-from gptjax import fewshot, hf, scoring
-from gptjax.fewshot_tasks import read_task
-from gptjax.lm_eval import GptjaxLM
+from gptjax.eval import perplexity as ev
+from gptjax.eval import fewshot
+from gptjax.hf import convert
+from gptjax.eval import scoring
+from gptjax.eval.tasks import read_task
+from gptjax.eval.lm_eval import GptjaxLM
 from test_hf import make_hf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,7 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(Hugging Face directory, the run directory imported from it); byte vocabulary."""
     d = tmp_path_factory.mktemp("lm")
     hf_dir = make_hf(d / "hf", ctx=CTX)
-    hf.import_run(hf_dir, d / "run", tokenizer="byte")
+    convert.import_run(hf_dir, d / "run", tokenizer="byte")
     return hf_dir, d / "run"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptjax.progress import MetricsLog
+from gptjax.train.progress import MetricsLog
 
 
 @pytest.mark.parametrize("remote", [False, True])

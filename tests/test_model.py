@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import losses, model
+from gptjax import model
+from gptjax.model import losses
 from gptjax.model import GPT
 from helpers import tiny
 

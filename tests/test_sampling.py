@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, sampling, sharding
-from gptjax.config import MeshConfig, UserError
-from gptjax.sampling import Sampling
+from gptjax import model, sharding
+from gptjax.decode import generate
+from gptjax.config import MeshConfig
+from gptjax.errors import UserError
+from gptjax.decode.generate import Sampling
 from helpers import cudnn_as_xla, tiny
 
 # A wide init makes the logits peaked, so no argmax hangs on a 1e-6 difference between cached
@@ -30,7 +32,7 @@ def params():
 
 @functools.cache
 def greedy():
-    return sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=0.0)
+    return generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=0.0)
 
 
 def test_greedy_equals_argmax_over_full_recomputation() -> None:
@@ -48,22 +50,22 @@ def test_greedy_equals_argmax_over_full_recomputation() -> None:
 def test_bucketed_cache_reads_equal_whole_cache_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps read only the cache prefix the longest row needs (buckets of 4, 8, 16, 32
     here, crossed as rows grow); the text is that of steps reading the whole cache."""
-    real, seen = sampling.attend_buckets, []
+    real, seen = generate.attend_buckets, []
 
     def run(smallest: int) -> list[list[int]]:
         def buckets(max_len: int) -> list[int]:
             seen.append(real(max_len, smallest))
             return seen[-1]
 
-        monkeypatch.setattr(sampling, "attend_buckets", buckets)
-        sampling.programs.cache_clear()
-        return sampling.generate(params(), CFG, PROMPTS, max_new_tokens=30, temperature=0.0)
+        monkeypatch.setattr(generate, "attend_buckets", buckets)
+        generate.programs.cache_clear()
+        return generate.generate(params(), CFG, PROMPTS, max_new_tokens=30, temperature=0.0)
 
     whole = run(10**6)
     assert len(seen[-1]) == 1
     bucketed = run(4)
     assert len(seen[-1]) >= 4, seen
-    sampling.programs.cache_clear()
+    generate.programs.cache_clear()
     assert bucketed == whole
     assert [row[:NEW] for row in whole] == greedy()
 
@@ -75,17 +77,17 @@ def test_decode_segments_cover_what_each_step_attends() -> None:
         longest = int(rng.integers(1, max_len))
         step = int(rng.integers(1, max_len - longest + 1))
         want = int(rng.integers(step + 1, max_len - longest + 2))
-        end, L = sampling.decode_segment(step, want, longest, max_len)
-        assert step < end <= want and L in sampling.attend_buckets(max_len)
+        end, L = generate.decode_segment(step, want, longest, max_len)
+        assert step < end <= want and L in generate.attend_buckets(max_len)
         # The step entered at s feeds position longest + s - 1: it reads positions < longest + s.
         assert longest + end - 1 <= L  # the segment's last step fits its bucket...
-        smaller = [b for b in sampling.attend_buckets(max_len) if b < L]
+        smaller = [b for b in generate.attend_buckets(max_len) if b < L]
         assert not smaller or longest + step > smaller[-1]  # ...and its first needs this one
         assert end == want or longest + end > L  # it stops early only at the bucket's edge
 
 
 def test_top_k_1_equals_greedy() -> None:
-    out = sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=1.3, top_k=1,
+    out = generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, temperature=1.3, top_k=1,
                             seed=7)
     assert out == greedy()
 
@@ -96,15 +98,15 @@ def test_top_p_keeps_exactly_the_smallest_set() -> None:
     expected = {0.3: {1}, 0.41: {1, 3}, 0.69: {1, 3}, 0.71: {1, 3, 4}, 0.92: {1, 3, 4, 0},
                 0.96: {1, 3, 4, 0, 5}, 0.99: {0, 1, 2, 3, 4, 5}, 1.0: {0, 1, 2, 3, 4, 5}}
     for p, keep in expected.items():
-        kept = np.flatnonzero(np.isfinite(sampling.filter_logits(logits, top_p=p)[0]))
+        kept = np.flatnonzero(np.isfinite(generate.filter_logits(logits, top_p=p)[0]))
         assert set(kept.tolist()) == keep, f"top_p={p}"
     # Combined with top-k, top-p acts on the distribution renormalized over the top k: there id 1
     # alone has 0.4/0.7 >= 0.5, while without top-k it needs id 3 too.
-    kept = np.isfinite(sampling.filter_logits(logits, top_k=2, top_p=0.5)[0])
+    kept = np.isfinite(generate.filter_logits(logits, top_k=2, top_p=0.5)[0])
     assert set(np.flatnonzero(kept).tolist()) == {1}
-    kept = np.isfinite(sampling.filter_logits(logits, top_p=0.5)[0])
+    kept = np.isfinite(generate.filter_logits(logits, top_p=0.5)[0])
     assert set(np.flatnonzero(kept).tolist()) == {1, 3}
-    kept_vals = sampling.filter_logits(logits, top_p=0.8)[0]
+    kept_vals = generate.filter_logits(logits, top_p=0.8)[0]
     np.testing.assert_array_equal(kept_vals[np.array([1, 3, 4])], logits[0, np.array([1, 3, 4])])
 
     # The sampler draws from that set and only from it (2048 draws).
@@ -113,9 +115,9 @@ def test_top_p_keeps_exactly_the_smallest_set() -> None:
 
     s = Sampling(temperature=1.0, top_p=0.71)
     keys = jax.random.split(jax.random.key(0), 256)
-    state = sampling.init_state(fixed(jnp.zeros((256, 1), jnp.int32), None)[0], None, keys,
+    state = generate.init_state(fixed(jnp.zeros((256, 1), jnp.int32), None)[0], None, keys,
                                 max_new_tokens=8, sampling=s)
-    state = jax.jit(functools.partial(sampling.sample_loop, fixed, sampling=s))(state, 8)
+    state = jax.jit(functools.partial(generate.sample_loop, fixed, sampling=s))(state, 8)
     drawn = np.asarray(state.tokens_BN)
     assert set(np.unique(drawn).tolist()) == {1, 3, 4}
     # Proportions follow the renormalized probabilities 0.4/0.9, 0.3/0.9, 0.2/0.9.
@@ -124,7 +126,7 @@ def test_top_p_keeps_exactly_the_smallest_set() -> None:
 
 
 def test_same_seed_same_text_other_seed_other_text() -> None:
-    run = functools.partial(sampling.generate, params(), CFG, PROMPTS[:1], max_new_tokens=NEW,
+    run = functools.partial(generate.generate, params(), CFG, PROMPTS[:1], max_new_tokens=NEW,
                             num_samples=2, **SAMPLED)
     a, b, c = run(seed=3), run(seed=3), run(seed=4)
     assert a == b
@@ -133,7 +135,7 @@ def test_same_seed_same_text_other_seed_other_text() -> None:
 
 
 def test_ragged_batch_equals_rows_alone() -> None:
-    run = functools.partial(sampling.generate, params(), CFG, max_new_tokens=NEW, num_samples=2,
+    run = functools.partial(generate.generate, params(), CFG, max_new_tokens=NEW, num_samples=2,
                             seed=5, **SAMPLED)
     together = run(PROMPTS)
     alone = [row for p in PROMPTS for row in run([p])]
@@ -146,7 +148,7 @@ def test_row_that_emits_eot_stops_while_others_go_on() -> None:
     # An id the first row emits (not first) and the second row never does.
     i = next(i for i, t in enumerate(out0) if i > 0 and t not in out1 and t not in out0[:i])
     eot = out0[i]
-    got = sampling.generate(params(), CFG, PROMPTS[:2], max_new_tokens=NEW, temperature=0.0,
+    got = generate.generate(params(), CFG, PROMPTS[:2], max_new_tokens=NEW, temperature=0.0,
                             eos_id=eot)
     assert got == [out0[:i], out1]  # end-of-text itself is not returned
 
@@ -158,8 +160,8 @@ def test_sharded_decode_equals_unsharded() -> None:
     plain = jax.device_get(sharded)
     # 3 rows on 4 data-parallel shards: the batch is padded with ended rows.
     kw = dict(max_new_tokens=NEW, seed=2, **SAMPLED)
-    got = sampling.generate(sharded, CFG, PROMPTS, mesh=mesh, **kw)
-    want = sampling.generate(plain, CFG, PROMPTS, **kw)
+    got = generate.generate(sharded, CFG, PROMPTS, mesh=mesh, **kw)
+    want = generate.generate(plain, CFG, PROMPTS, **kw)
     assert got == want
 
 
@@ -174,9 +176,9 @@ def test_sampler_loop_on_fake_logits_fn() -> None:
             unroll: int = 1):
         first, calls = plus_one(jnp.array(starts)[:, None], jnp.int32(0))
         keys = jax.random.split(jax.random.key(0), len(starts))
-        state = sampling.init_state(first, calls, keys, max_new_tokens=max_new,
+        state = generate.init_state(first, calls, keys, max_new_tokens=max_new,
                                     sampling=sampling_)
-        loop = jax.jit(functools.partial(sampling.sample_loop, plus_one, sampling=sampling_,
+        loop = jax.jit(functools.partial(generate.sample_loop, plus_one, sampling=sampling_,
                                          unroll=unroll))
         for limit in limits:
             state = loop(state, limit)
@@ -213,9 +215,9 @@ def test_sampler_loop_on_fake_logits_fn() -> None:
 
 
 def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
-    want = sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1, **SAMPLED)
-    monkeypatch.setattr(sampling, "DECODE_UNROLL", 3)
-    assert sampling.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1,
+    want = generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1, **SAMPLED)
+    monkeypatch.setattr(generate, "DECODE_UNROLL", 3)
+    assert generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=1,
                              **SAMPLED) == want
 
 
@@ -226,18 +228,18 @@ def test_cudnn_step_attention_gives_the_same_text(monkeypatch, capsys) -> None:
     # GPU still samples here.
     fp32 = dataclasses.replace(CFG, decode_attention_impl="cudnn")
     for pretend_gpu in (False, True):
-        sampling.programs.cache_clear()
+        generate.programs.cache_clear()
         with pytest.MonkeyPatch.context() as mp:
             asked = cudnn_as_xla(mp) if pretend_gpu else []
-            assert sampling.generate(params(), fp32, PROMPTS, max_new_tokens=NEW,
+            assert generate.generate(params(), fp32, PROMPTS, max_new_tokens=NEW,
                                      temperature=0.0) == greedy()
         assert asked == []
         err = capsys.readouterr().err
         assert ("model.dtype is float32" if pretend_gpu else "no GPU here") in err, err
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
-    want = sampling.generate(params(), bf16, PROMPTS, max_new_tokens=NEW, temperature=0.0)
+    want = generate.generate(params(), bf16, PROMPTS, max_new_tokens=NEW, temperature=0.0)
     asked = cudnn_as_xla(monkeypatch)
-    got = sampling.generate(params(), dataclasses.replace(bf16, decode_attention_impl="cudnn"),
+    got = generate.generate(params(), dataclasses.replace(bf16, decode_attention_impl="cudnn"),
                             PROMPTS, max_new_tokens=NEW, temperature=0.0)
     assert asked and set(asked) == {"cudnn"}
     assert got == want
@@ -248,12 +250,12 @@ def test_limits_prompt_too_long_truncation_and_empty_prompt() -> None:
     # prompt longer than the context does.
     long = list(range(1, 51))  # 50 tokens > context 48
     with pytest.raises(UserError, match="prompt of 50 tokens exceeds the context length of 48"):
-        sampling.generate(params(), CFG, [long], max_new_tokens=NEW)
+        generate.generate(params(), CFG, [long], max_new_tokens=NEW)
     with pytest.raises(UserError, match="prompt 1 is empty"):
-        sampling.generate(params(), CFG, [[1], []], max_new_tokens=NEW)
-    kept = sampling.generate(params(), CFG, [long], max_new_tokens=NEW, temperature=0.0,
+        generate.generate(params(), CFG, [[1], []], max_new_tokens=NEW)
+    kept = generate.generate(params(), CFG, [long], max_new_tokens=NEW, temperature=0.0,
                              truncate_prompt=True)
-    assert kept == sampling.generate(params(), CFG, [long[-48:]], max_new_tokens=NEW,
+    assert kept == generate.generate(params(), CFG, [long[-48:]], max_new_tokens=NEW,
                                      temperature=0.0)
 
 
@@ -271,17 +273,17 @@ def slide_params():
 
 @functools.cache
 def slid_greedy():
-    return sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, max_new_tokens=LONG,
+    return generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, max_new_tokens=LONG,
                              temperature=0.0)
 
 
 def test_window_rule() -> None:
-    ctx, keep = 32, sampling.kept_tokens(32)
+    ctx, keep = 32, generate.kept_tokens(32)
     assert keep == 16
-    assert [sampling.window_start(n, ctx) for n in (1, 32, 33, 49, 50, 66, 67)] == \
+    assert [generate.window_start(n, ctx) for n in (1, 32, 33, 49, 50, 66, 67)] == \
         [0, 0, 17, 17, 34, 34, 51]
     for n in range(1, 400):
-        start = sampling.window_start(n, ctx)
+        start = generate.window_start(n, ctx)
         assert keep <= n - start <= ctx or n < keep  # the model sees half to all its context
 
 
@@ -294,7 +296,7 @@ def test_greedy_past_the_context_equals_naive_sliding_reference() -> None:
         assert len(out) == LONG
         toks = list(prompt)
         for _ in range(LONG):
-            window = toks[sampling.window_start(len(toks), ctx):]
+            window = toks[generate.window_start(len(toks), ctx):]
             padded = jnp.array(window + [0] * (ctx - len(window)))
             toks.append(int(jnp.argmax(forward(slide_params(), padded)[len(window) - 1])))
         assert out == toks[len(prompt):]
@@ -303,14 +305,14 @@ def test_greedy_past_the_context_equals_naive_sliding_reference() -> None:
 
 def test_past_the_context_streamed_equals_whole_and_rows_alone() -> None:
     kw = dict(max_new_tokens=LONG, seed=4, num_samples=2, **SAMPLED)
-    whole = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, **kw)
-    chunks = list(sampling.generate_stream(slide_params(), SLIDE_CFG, SLIDE_PROMPTS,
+    whole = generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS, **kw)
+    chunks = list(generate.generate_stream(slide_params(), SLIDE_CFG, SLIDE_PROMPTS,
                                            chunk_size=7, **kw))
     assert len(chunks) > 10
     streamed = [sum((c[b] for c in chunks), []) for b in range(len(whole))]
     assert streamed == whole
     assert all(len(r) == LONG for r in whole)
-    alone = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[1:2], **kw)
+    alone = generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[1:2], **kw)
     assert alone == whole[2:4]  # rows slide on their own schedules, whatever the batch
 
 
@@ -318,10 +320,10 @@ def test_end_of_text_and_stop_sequences_after_a_slide() -> None:
     out = slid_greedy()[0]
     # A token first emitted after the first slide (new token 30 of a 3-token prompt).
     i = next(i for i, t in enumerate(out) if i > 40 and t not in out[:i])
-    got = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
+    got = generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
                             temperature=0.0, eos_id=out[i])
     assert got == [out[:i]]
     stop = tuple(out[i - 1 : i + 1])  # first seen ending at i: out[i] is new there
-    got = sampling.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
+    got = generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
                             temperature=0.0, stop_sequences=[stop])
     assert got == [out[:i + 1]]

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from gptjax import attention, model, sharding, splash
-from gptjax.attention import causal_attention, reference_attention
+from gptjax import model, sharding
+from gptjax.model import attention
+from gptjax.model import splash
+from gptjax.model.attention import causal_attention, reference_attention
 from gptjax.config import MeshConfig
 
 
@@ -102,9 +104,9 @@ def test_sharded_over_mesh_equals_reference() -> None:
 def test_five_train_steps_have_the_reference_losses() -> None:
     """Issue 17's bar: a tiny dense+local model trains under splash (interpret mode) with the
     losses reference attention gives, step for step."""
-    from gptjax import optim
+    from gptjax.train import optim
     from gptjax.config import OptimConfig
-    from gptjax.state import TrainState, train_step
+    from gptjax.train.state import TrainState, train_step
 
     cfg = tiny(context_length=48, local_window=8, n_layer=2, attention_impl="splash")
     tx = optim.make_optimizer(OptimConfig())

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from gptjax.config import UserError
+from gptjax.errors import UserError
 from helpers import encode_batch
 from gptjax.tokenizer import (
     GPT2_BPE_ENV,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train
-from gptjax import budget
+from gptjax.train import plan
 from gptjax.config import load_config
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "tpu.md"
@@ -35,7 +35,7 @@ def test_guide_command_parses_and_loads(args: str) -> None:
     ns = train.parse_args(shlex.split(args))
     cfg = load_config(ns.config, ns.overrides)
     if ns.chip is not None:
-        assert ns.chip in budget.TPU_CHIPS
+        assert ns.chip in plan.TPU_CHIPS
     m = cfg.mesh
     if -1 not in (m.data, m.fsdp, m.tensor):
         assert cfg.model.n_head % m.tensor == 0, "mesh.tensor must divide the heads"

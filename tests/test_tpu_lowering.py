@@ -15,9 +15,12 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny
 
-from gptjax import model, optim, sampling, sharding, splash
+from gptjax import model, sharding
+from gptjax.train import optim
+from gptjax.decode import generate
+from gptjax.model import splash
 from gptjax.config import Config, MeshConfig, OptimConfig
-from gptjax.state import abstract_state, batch_abstract, jit_train_step
+from gptjax.train.state import abstract_state, batch_abstract, jit_train_step
 
 T, WINDOW, B = 384, 16, 8  # 3 query tiles of 128; T×T (384×384) is no tile's shape
 
@@ -78,7 +81,7 @@ def test_train_step_runs_splash_for_both_layer_kinds() -> None:
 def test_decoder_keeps_its_kv_cache_path_on_tpu() -> None:
     """Decoding lowers for TPU with no custom call at all: splash only serves full sequences."""
     cfg = tiny(dtype="bfloat16", attention_impl="splash")
-    prefill, decode, _ = sampling.programs(cfg, sampling.Sampling(temperature=1.0, top_k=5), None)
+    prefill, decode, _ = generate.programs(cfg, generate.Sampling(temperature=1.0, top_k=5), None)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     n = 4
     state = jax.eval_shape(

@@ -20,8 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gptjax import budget, checkpoint, config, model, optim, sharding
-from gptjax import state as train_state
+from gptjax import checkpoint, config, model, sharding
+from gptjax.errors import UserError
+from gptjax.train import plan
+from gptjax.train import optim
+from gptjax.train import state as train_state
 from gptjax.config import OptimConfig, TrainConfig
 from helpers import tiny, write_corpus
 
@@ -383,28 +386,28 @@ def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
     cfg = tiny(remat="auto")
     for limit, want in ((100, "none"), (16, "dots"), (15, "full"), (None, "none")):
         compiled.clear()
-        m, c, tried = budget.choose_remat(cfg, compile_fn, limit_gib=limit)
+        m, c, tried = plan.choose_remat(cfg, compile_fn, limit_gib=limit)
         assert m.remat == want and c[1].gib == needs[want] and compiled == list(tried)
         assert compiled == list(needs)[: list(needs).index(want) + 1]  # stops at the first fit
         assert tried[want] == pytest.approx(needs[want])
     # 10% of the device is kept for what the analysis leaves out (workspaces, fragmentation).
-    assert budget.choose_remat(cfg, compile_fn, limit_gib=15.5, margin=1.0)[0].remat == "dots"
-    with pytest.raises(config.UserError, match="no remat policy fits"):
-        budget.choose_remat(cfg, compile_fn, limit_gib=9.5)
+    assert plan.choose_remat(cfg, compile_fn, limit_gib=15.5, margin=1.0)[0].remat == "dots"
+    with pytest.raises(UserError, match="no remat policy fits"):
+        plan.choose_remat(cfg, compile_fn, limit_gib=9.5)
 
     def refusing(m):  # a compiler that rejects a program too large for the device (TPU)
         if m.remat == "none":
             raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
         return compile_fn(m)
 
-    m, _, tried = budget.choose_remat(cfg, refusing, limit_gib=100)
+    m, _, tried = plan.choose_remat(cfg, refusing, limit_gib=100)
     assert m.remat == "dots" and tried["none"] is None
 
     def broken(m):
         raise RuntimeError("INVALID_ARGUMENT: something else")
 
     with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
-        budget.choose_remat(cfg, broken, limit_gib=100)
+        plan.choose_remat(cfg, broken, limit_gib=100)
 
 
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
@@ -482,7 +485,7 @@ def test_bad_input_exits_2_with_one_line(args: list[str], needle: str | None, tm
 def test_bf16_embedding_gradient_sums_in_fp32() -> None:
     """A token seen 8,192 times: its embedding row's gradient is a sum of 8,192 rows. Summed in
     bf16 it stalls (it came out at ~20% of the true value); the lookup gathers fp32 rows."""
-    from gptjax.losses import sum_loss
+    from gptjax.model.losses import sum_loss
 
     cfg = tiny(context_length=256, dtype="bfloat16", loss_chunk=64)
     params = model.init_params(cfg, jax.random.key(0))

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from gptjax import xla_flags
-from gptjax.config import UserError
+from gptjax.errors import UserError
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from gptjax import attention
+from gptjax.model import attention
 from gptjax.bench.common import median_time
 
 

@@ -9,14 +9,14 @@ import os
 from typing import Any
 
 from gptjax import xla_flags
-from gptjax.bench.asrun import bench_run, check_steps
+from gptjax.bench.run import bench_run, check_steps
 from gptjax.bench.attention import bench_attention
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
-from gptjax.bench.fewshot import bench_loglikelihood
+from gptjax.bench.loglikelihood import bench_loglikelihood
 from gptjax.bench.provenance import append, provenance
 from gptjax.bench.serve import bench_serve
-from gptjax.bench.torch_peer import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
+from gptjax.bench.torch import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
 from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, user_path

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model, sampling
-from gptjax.attention import step_attention, step_kernel
+from gptjax import model
+from gptjax.decode import generate
+from gptjax.model.attention import step_attention, step_kernel
 from gptjax.bench.common import median_time
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
@@ -28,14 +29,14 @@ def _time_batch(params: Any, programs: tuple[Any, Any], B: int, prompt_len: int,
     keys = jax.random.split(jax.random.key(seed), B)
     active = jnp.ones((B,), bool)
 
-    def run_prefill() -> sampling.SamplerState:
+    def run_prefill() -> generate.SamplerState:
         return prefill(params, tokens, lengths, keys, active, max_len=max_len,
                        max_new=new_tokens)
 
-    def run_decode(s: sampling.SamplerState) -> sampling.SamplerState:
+    def run_decode(s: generate.SamplerState) -> generate.SamplerState:
         step = 1  # the prefill samples the first token
         while step < new_tokens:  # one call unless the text crosses a bucket
-            step, L = sampling.decode_segment(step, new_tokens, prompt_len, max_len)
+            step, L = generate.decode_segment(step, new_tokens, prompt_len, max_len)
             s = decode(params, s, jnp.int32(step), attend_len=L)
         return s
 
@@ -89,7 +90,7 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         read only the bucket of it the text needs: see `decode_segment`).
       repeats: timed runs per figure (after one untimed compile run); medians are reported.
       unroll: decode steps per iteration of the device loop; None means the sampler's
-        default, `sampling.DECODE_UNROLL`.
+        default, `generate.DECODE_UNROLL`.
     Returns:
       {"prefill_ms_b1", "decode_ms_per_token_b1", "tokens_per_s_b<largest>", "per_batch": {B:
       {"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"}}, plus the settings}.
@@ -108,8 +109,8 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (at least 2) must fit "
                         f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
-    unroll = unroll or sampling.DECODE_UNROLL
-    programs = sampling.programs(cfg, sampling.Sampling(temperature=0.0), None, unroll)
+    unroll = unroll or generate.DECODE_UNROLL
+    programs = generate.programs(cfg, generate.Sampling(temperature=0.0), None, unroll)
     per_batch = {B: _time_batch(params, programs, B, prompt_len, new_tokens, max_len,
                                 cfg.vocab_size, repeats, seed) for B in batch_sizes}
     result: dict[str, Any] = {

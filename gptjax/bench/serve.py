@@ -39,8 +39,8 @@ def bench_serve(cfg: ModelConfig, *, clients: int = 32, requests: int = 2, promp
     import httpx
     import uvicorn
 
-    from gptjax.serve import make_app
-    from gptjax.serve_engine import Engine
+    from gptjax.serve.app import make_app
+    from gptjax.serve.engine import Engine
 
     if prompt_len + new_tokens > cfg.context_length:
         raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceed the context "

@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import attention, budget, config, optim, sharding
+from gptjax import config, sharding
+from gptjax.model import attention
+from gptjax.train import plan
+from gptjax.train import optim
 from gptjax.bench.common import median_time
 from gptjax.model import count_params, flops_per_token, hardware_flops_per_token
-from gptjax.state import abstract_state, compile_train_step, init_state
+from gptjax.train.state import abstract_state, compile_train_step, init_state
 
 
 def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20) -> float:
@@ -58,7 +61,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     """Train-step throughput with synthetic batches (no TensorFlow needed).
 
     remat "auto" (or the config's model.remat=auto) compiles none, dots, full in that order and
-    keeps the first whose memory (XLA's analysis) fits the device (budget.choose_remat). peak:
+    keeps the first whose memory (XLA's analysis) fits the device (plan.choose_remat). peak:
     also measure the bf16 matmul rate and report MFU against it (None: on GPU/TPU only).
     profile: a folder to write a profiler trace of 3 more steps into (TensorBoard/XProf's
     layout; `bench/xplane_summary.py` totals its device time by op)."""
@@ -90,16 +93,16 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
         batch_g = sharding.to_global(local, mesh, stacked=True)
         lr = jnp.float32(1e-4)
         if (remat or m.remat) == "auto":
-            m, (compiled,), tried = budget.choose_remat(cfg.model, lambda mc: [compile_for(mc)])
+            m, (compiled,), tried = plan.choose_remat(cfg.model, lambda mc: [compile_for(mc)])
         else:
             m = dataclasses.replace(cfg.model, remat=remat or m.remat)
             compiled = compile_for(m)
-            tried = {m.remat: budget.memory_need_gib(compiled)}
+            tried = {m.remat: plan.memory_need_gib(compiled)}
         compile_s, compile_total = compile_times[-1], sum(compile_times)
         state, metrics, times = _time_steps(compiled, state, batch_g, lr, steps, profile)
     med = statistics.median(times)
     tps = B * T / med
-    spec = budget.device_peak_flops(cfg.train.peak_tflops)
+    spec = plan.device_peak_flops(cfg.train.peak_tflops)
     fpt = flops_per_token(m)
     out = {
         "config": cfg_name, "params": count_params(m), "batch": B, "seq": T, "remat": m.remat,

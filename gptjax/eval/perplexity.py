@@ -41,8 +41,9 @@ from tqdm import tqdm
 
 from gptjax import checkpoint, data, tokenizer
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
-from gptjax.config import Config, ModelConfig, UserError
-from gptjax.losses import token_nll
+from gptjax.config import Config, ModelConfig
+from gptjax.errors import UserError
+from gptjax.model.losses import token_nll
 from gptjax.model import GPT
 
 DEFAULT_BATCH = 8
@@ -356,6 +357,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_cli("gptjax.eval", body)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention import NEG_INF
+from gptjax.model.attention import NEG_INF
 from gptjax.config import ModelConfig
 from gptjax.model import GPT, cast_to_compute_dtype, constrain
 

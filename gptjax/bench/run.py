@@ -41,7 +41,7 @@ def bench_run(config: str, overrides: list[str], *, steps: int, batch: int | Non
     """
     # Here, not at the top: the trainer brings tensorboardX, which the GPU image lacks, and the
     # other benchmarks must run there without it.
-    from gptjax import trainer
+    from gptjax.train import trainer
 
     check_steps(steps, log_every)
     base = load_config(config, overrides)

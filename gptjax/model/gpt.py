@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import attention
+from gptjax.model import attention
 from gptjax.config import ModelConfig
 
 Cache = dict[str, Any]

@@ -1,6 +1,6 @@
 """The training loop: set up a run, restore or initialize its state, build the step, then train
 with logging, evaluation, checkpoints and preemption. `train` reads top to bottom; the pure
-step functions live in state.py, the costs (remat auto, peak FLOPs) in budget.py."""
+step functions live in state.py, the costs (remat auto, peak FLOPs) in plan.py."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gptjax import checkpoint, fewshot, hf, optim, sharding
+from gptjax import checkpoint, sharding
+from gptjax.eval import fewshot
+from gptjax.hf import convert, gpt2
+from gptjax.train import optim
 from gptjax import data as data_lib
-from gptjax.budget import choose_remat, device_peak_flops, remat_needs_text
+from gptjax.train.plan import choose_remat, device_peak_flops, remat_needs_text
 from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
 from gptjax.errors import UserError
 from gptjax.model import (
@@ -35,8 +38,8 @@ from gptjax.model import (
     stack_layers,
     unstack_layers,
 )
-from gptjax.progress import Console, MetricsLog, Progress
-from gptjax.state import (
+from gptjax.train.progress import Console, MetricsLog, Progress
+from gptjax.train.state import (
     TrainState,
     abstract_state,
     all_finite,
@@ -47,10 +50,6 @@ from gptjax.state import (
     jit_train_step,
     state_at,
 )
-
-# Model fields that change how a step runs, not the parameters: a run resumes under new values.
-RUN_ONLY_FIELDS = ("remat", "attention_impl", "decode_attention_impl", "loss_chunk")
-
 
 @dataclasses.dataclass
 class Run:
@@ -135,7 +134,7 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer) -> tuple[TrainState
 
 def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     for k in sorted(set(saved) | set(current)):
-        if k not in RUN_ONLY_FIELDS and saved.get(k) != current.get(k):
+        if k not in ModelConfig.EXECUTION_FIELDS and saved.get(k) != current.get(k):
             return f"model.{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now"
     return None
 
@@ -143,8 +142,8 @@ def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
 def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
     """Parameters (only) of another run or a Hugging Face GPT-2 directory, restored straight into
     this run's shardings."""
-    if hf.is_hf_dir(source):
-        return hf.init_params_for(source, cfg.model, abstract_params)
+    if gpt2.is_hf_dir(source):
+        return convert.init_params_for(source, cfg.model, abstract_params)
     _, meta = checkpoint.read_meta(source)
     their_model = config_from_dict(meta["config"]).model
     # The same weights in the other layout (scanned stacks vs unrolled layers_i) convert.

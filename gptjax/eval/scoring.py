@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import eval as ev
-from gptjax import sampling
+from gptjax.eval import perplexity as ev
+from gptjax.decode import generate
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
-from gptjax.losses import token_nll
+from gptjax.model.losses import token_nll
 from gptjax.model import GPT
 
 DEFAULT_BATCH = 8  # rows of a full-context call; shorter buckets take proportionally more
@@ -173,7 +173,7 @@ def generate_texts(params: Any, cfg: ModelConfig, tok: Any, prompts: Sequence[Se
     """Generated text per token prompt, cut before the first stop string; greedy at temperature
     0. Decoding ends at end-of-text or at a stop string's tokens (the text is also cut where a
     stop string appears across token boundaries). Prompts are decoded batch_size at a time in
-    order of length; each row's random stream depends on seed alone (see sampling.generate).
+    order of length; each row's random stream depends on seed alone (see generate.generate).
 
     max_new_tokens is cut to what the context leaves after the longest prompt of a batch when
     truncate_prompt is set; otherwise a prompt that leaves no room raises UserError."""
@@ -183,7 +183,7 @@ def generate_texts(params: Any, cfg: ModelConfig, tok: Any, prompts: Sequence[Se
     bar = _bar(len(prompts), "prompts", progress)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        new = sampling.generate(params, cfg, [prompts[i] for i in idx],
+        new = generate.generate(params, cfg, [prompts[i] for i in idx],
                                 max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eot_id,
                                 stop_sequences=stop_ids, truncate_prompt=truncate_prompt)

@@ -5,7 +5,7 @@
 
 POST /v1/completions, GET /v1/models, GET /health, and the tokenizer endpoints lm-eval's
 `local-completions` uses to count tokens (/tokenizer_info, /tokenize, /detokenize). Requests share
-one engine thread (gptjax.serve_engine); this module only speaks HTTP. See docs/serve.md.
+one engine thread (gptjax/serve/engine.py); this module only speaks HTTP. See docs/serve.md.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 from gptjax import checkpoint, tokenizer
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.errors import UserError
-from gptjax.serve_engine import Choice, Engine, Event, key_data
-from gptjax.serve_protocol import (ApiError, CompletionRequest, find_stop, logprobs_json,
+from gptjax.serve.engine import Choice, Engine, Event, key_data
+from gptjax.serve.protocol import (ApiError, CompletionRequest, find_stop, logprobs_json,
                                    parse_completion, safe_end)
 from gptjax.tokenizer import Tokenizer
 
@@ -352,6 +352,3 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     return run_cli("python -m gptjax.serve", lambda: run(a))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from stdlib_words import known_share, stdlib_words  # beside this script
 from gptjax.bench.provenance import provenance
 from gptjax.checkpoint import load_params
 from gptjax.config import config_to_dict
-from gptjax.eval import load_eval_tokens, score_tokens
+from gptjax.eval.perplexity import load_eval_tokens, score_tokens
 from gptjax.plot import metrics_records
 
 

@@ -14,11 +14,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gptjax import optim, sharding
+from gptjax import sharding
+from gptjax.train import optim
 from gptjax.config import Config, ModelConfig
 from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token
-from gptjax.state import abstract_state, batch_abstract, compile_train_step
+from gptjax.train.state import abstract_state, batch_abstract, compile_train_step
 
 # Dense bf16 matmul peak per chip, FLOP/s, by jax's device_kind (first substring match wins, so a
 # form factor stands before its family). GPUs: H100/H200 SXM 989, PCIe 756, NVL 835 (NVIDIA's

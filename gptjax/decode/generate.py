@@ -1,5 +1,5 @@
 """Sampling from the GPT: one prefill call over the whole prompt, then a jitted `lax.while_loop`
-decoder (sampler.py) over an explicit KV cache, sliding the window past the context.
+decoder (loop.py) over an explicit KV cache, sliding the window past the context.
 
 `generate` and `generate_stream` wire the loop to the GPT: ragged prompts are right-padded and
 prefilled together, every row gets its own random stream (prompt rows sampled alone or in a batch
@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import attention, model, sharding
+from gptjax import model, sharding
+from gptjax.model import attention
 from gptjax.config import ModelConfig, check_sampling
 from gptjax.errors import UserError
 from gptjax.model import GPT, init_cache
-from gptjax.sampler import (
+from gptjax.decode.loop import (
     PAD,
     Cache,
     LogitsFn,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import warn
-from gptjax.splash import splash_attention
+from gptjax.model.splash import splash_attention
 
 # The most negative fp32 rather than -inf: a row with every key masked then gets finite
 # (uniform) weights instead of NaN, and padded vocabulary rows get no probability.

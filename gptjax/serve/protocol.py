@@ -8,7 +8,7 @@ import math
 import secrets
 from typing import Any
 
-from gptjax.serve_engine import TOP_LOGPROBS
+from gptjax.serve.engine import TOP_LOGPROBS
 from gptjax.tokenizer import Tokenizer
 
 MAX_CHOICES = 256  # prompts × n in one request: more is a client bug, not a workload

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from gptjax import sharding
 from gptjax.config import Config, ModelConfig
-from gptjax.losses import sum_loss
+from gptjax.model.losses import sum_loss
 from gptjax.model import init_params
 
 

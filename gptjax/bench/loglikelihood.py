@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import config, model, scoring
+from gptjax import config, model
+from gptjax.eval import scoring
 from gptjax.bench.common import median_time
-from gptjax.losses import cross_entropy
+from gptjax.model.losses import cross_entropy
 
 
 def _requests(cfg: config.ModelConfig, n: int, seed: int) -> list[tuple[list[int], list[int]]]:

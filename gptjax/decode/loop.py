@@ -1,6 +1,6 @@
 """The sampler: a model-agnostic decode loop. It only sees a logits function
 `logits_fn(tokens_B1, cache) -> (logits_BV, cache)` and a small `SamplerState`, so tests can drive
-it with a fake model; sampling.py wires it to the GPT."""
+it with a fake model; generate.py wires it to the GPT."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""GPT-2 weights from and to the Hugging Face format (`config.json` + `model.safetensors`).
-
-    python -m gptjax.hf import HF_DIR --out runs/gpt2 [--tokenizer gpt2|byte]
-    python -m gptjax.hf export RUN_DIR --out HF_DIR [--step N] [--force]
+"""GPT-2 weights in the Hugging Face format (`config.json` + `model.safetensors`): the mapping.
 
 GPT-2's block is ours with dense attention in every layer (pre-LayerNorm, tanh GELU, learned
 positions, tied embeddings), so the conversion is a renaming plus reshapes:
@@ -16,29 +13,23 @@ positions, tied embeddings), so the conversion is a renaming plus reshapes:
     ln_f.weight, .bias                ln_f/scale, bias
 
 Hugging Face's Conv1D stores weights [in, out] and computes x @ W, as our einsums do, so nothing
-is transposed. An imported run is an ordinary run directory (step 0, zero optimizer moments), so
-sample.py, gptjax.eval and `train.init_from` take it; `train.init_from` also takes a Hugging Face
-directory directly. Reading needs only `safetensors`; transformers and torch are for the tests.
+is transposed. Reading needs only `safetensors`; transformers and torch are for the tests. Run directories from
+and to this format: convert.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
-from gptjax import checkpoint, optim
-from gptjax.cli import OneLineParser, nonneg_int, out_dir, run_cli, user_path
-from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
-from gptjax.errors import UserError, warn
+from gptjax.config import ModelConfig, config_from_dict
+from gptjax.errors import UserError
+from gptjax.tokenizer import TOKENIZER_CLASSES
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,8 +43,6 @@ OTHER_WEIGHT_FILES = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
                "n_head": 12, "n_inner": None, "layer_norm_epsilon": 1e-5,
                "initializer_range": 0.02, "activation_function": "gelu_new"}
-EOT_IDS = {"gpt2": 50256, "byte": 256}
-SHAPE_FIELDS = ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "d_ff")
 
 
 # --------------------------------------------------------------------------- config
@@ -136,7 +125,7 @@ def hf_config_from_model(cfg: ModelConfig, tokenizer: str | None = None) -> dict
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
     }
-    eot = EOT_IDS.get(tokenizer or "")
+    eot = TOKENIZER_CLASSES[tokenizer].eot_id if tokenizer in TOKENIZER_CLASSES else None
     if eot is not None and eot < cfg.vocab_size:
         out["bos_token_id"] = out["eos_token_id"] = eot
     return out
@@ -375,126 +364,3 @@ def save_gpt2(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer: str
     os.replace(tmp, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     return out
-
-
-def init_params_for(hf_dir: str | Path, cfg: ModelConfig, abstract_params: Any,
-                    what: str = "train.init_from") -> Any:
-    """A GPT-2 directory's parameters in `cfg`'s layout, placed as `abstract_params` (a tree of
-    ShapeDtypeStructs with shardings) says: `train.init_from=HF_DIR`.
-
-    Raises:
-        UserError: when the checkpoint's shapes differ from cfg's (one line naming the field).
-    """
-    theirs = model_config_from_hf(read_hf_config(hf_dir), str(Path(hf_dir) / CONFIG_FILE))
-    if any(kind != "dense" for kind in cfg.attention_pattern):
-        raise UserError(f"{what}={hf_dir} is a GPT-2 (dense attention in every layer) but "
-                        f"model.attention_pattern={','.join(cfg.attention_pattern)}; "
-                        "set model.attention_pattern=dense")
-    for field in SHAPE_FIELDS:
-        a, b = getattr(theirs, field), getattr(cfg, field)
-        if a != b:
-            raise UserError(f"{what}={hf_dir}: model.{field} is {a} there but {b} in this config")
-    # Only the layout comes from cfg: padding, scanning and dtype are ours to choose.
-    target = dataclasses.replace(theirs, vocab_multiple=cfg.vocab_multiple,
-                                 scan_layers=cfg.scan_layers, param_dtype=cfg.param_dtype)
-    params = params_from_hf(read_hf_tensors(hf_dir, theirs), target)
-    checkpoint.check_param_shapes(params, abstract_params, f"{what}={hf_dir}")
-
-    def place(a: jax.ShapeDtypeStruct, x: np.ndarray) -> jax.Array:
-        x = x.astype(a.dtype)
-        # From a callback, so each process builds only its own shards (multi-host safe).
-        return jax.make_array_from_callback(a.shape, a.sharding, lambda idx: x[idx])
-
-    return jax.tree.map(place, abstract_params, params)
-
-
-def import_run(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None) -> Config:
-    """Writes a GPT-2 directory as a gptjax run directory (step 0) plus its `config.yaml`.
-
-    The step holds zero Adam moments from the default optimizer, so the run is complete: train.py
-    could resume it in place, though fine-tuning is meant to go through `train.init_from`
-    (fresh optimizer with the fine-tuning run's own settings, a new run directory).
-    """
-    out = Path(out)
-    if checkpoint.checkpoint_dir(out).is_dir() and any(checkpoint.checkpoint_dir(out).iterdir()):
-        raise UserError(f"{out} already holds checkpoints; choose another --out")
-    np_params, model_cfg = load_gpt2(hf_dir)
-    tok = tokenizer or default_tokenizer(model_cfg.vocab_size)
-    tok_vocab = {"gpt2": 50257, "byte": 257}[tok]
-    if tok_vocab > model_cfg.vocab_size:
-        # Still imported (its weights may be wanted); sampling and training will refuse the ids.
-        warn(f"the {tok} tokenizer has {tok_vocab} ids but the model's vocabulary is "
-                        f"{model_cfg.vocab_size}; no tokenizer of gptjax fits it")
-    cfg = config_from_dict({
-        "model": config_to_dict(Config(model=model_cfg))["model"],
-        "data": {"tokenizer": tok},
-        "train": {"run_dir": str(out)},
-    })
-    params = jax.tree.map(jax.numpy.asarray, np_params)
-    opt_state = optim.make_optimizer(cfg.optim).init(params)
-    # A data position at the start, so a resumed run starts its data from the beginning.
-    data_state = {"seed": cfg.data.seed, "epoch": 0, "index": 0}
-    meta = checkpoint.make_meta(cfg, 0, {"tokens": 0, "imported_from": str(Path(hf_dir))})
-    ckpt = checkpoint.Checkpointer(out, async_save=False)
-    try:
-        ckpt.save(0, params, opt_state, data_state, meta)
-    finally:
-        ckpt.close()
-    header = (f"# Imported from {hf_dir} by `python -m gptjax.hf import`. A starting point for\n"
-              f"# fine-tuning: python train.py --config {out / 'config.yaml'} "
-              f"train.init_from={out} train.run_dir=RUN data.source=...\n")
-    (out / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return cfg
-
-
-def export_run(run_dir: str | Path, out: str | Path, step: int | None = None,
-               force: bool = False) -> tuple[Path, int]:
-    """Writes a run's parameters (latest step, or `step`) as a Hugging Face GPT-2 directory.
-
-    Returns:
-        (the directory, the step exported).
-    """
-    params, cfg, meta, step = checkpoint.load_params(run_dir, step)
-    tok = meta.get("tokenizer", cfg.data.tokenizer)
-    return save_gpt2(params, cfg.model, out, tokenizer=tok, force=force), step
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m gptjax.hf", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    i = sub.add_parser("import", help="a Hugging Face GPT-2 directory -> a gptjax run directory")
-    i.add_argument("hf_dir", metavar="HF_DIR", type=user_path, help="config.json + safetensors")
-    i.add_argument("--out", required=True, metavar="RUN_DIR", type=out_dir)
-    i.add_argument("--tokenizer", choices=("gpt2", "byte"),
-                   help="recorded in the run (default: gpt2 for a vocabulary of 50257+, else byte)")
-    e = sub.add_parser("export", help="a gptjax run directory -> a Hugging Face GPT-2 directory")
-    e.add_argument("run_dir", metavar="RUN_DIR", type=user_path)
-    e.add_argument("--out", required=True, metavar="HF_DIR", type=out_dir)
-    e.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
-    e.add_argument("--force", action="store_true", help="overwrite a model already in HF_DIR")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-
-    def body() -> None:
-        if a.command == "import":
-            cfg = import_run(a.hf_dir, a.out, a.tokenizer)
-            m = cfg.model
-            print(f"imported {a.hf_dir} -> {a.out} (step 0): {m.n_layer} layers, d_model "
-                  f"{m.d_model}, {m.n_head} heads, context {m.context_length}, vocab "
-                  f"{m.vocab_size}, tokenizer {cfg.data.tokenizer}; config in "
-                  f"{Path(a.out) / 'config.yaml'}")
-        else:
-            out, step = export_run(a.run_dir, a.out, a.step, a.force)
-            print(f"exported {a.run_dir} (step {step}) -> {out}")
-
-    return run_cli("gptjax.hf", body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

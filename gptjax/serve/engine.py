@@ -30,7 +30,7 @@ from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
 from gptjax.model import GPT, init_cache
-from gptjax.sampling import PROMPT_BUCKET, attend_buckets, decode_config
+from gptjax.decode.generate import PROMPT_BUCKET, attend_buckets, decode_config
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit)
 
