@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/python train.py
 	$(BIN)/python sample.py --checkpoint runs/default --prompt 'def ' --seed 0 > runs/default/sample.txt
 	cat runs/default/sample.txt
-	$(BIN)/python bench/stdlib_words.py runs/default/sample.txt
+	$(BIN)/python -m gptjax.bench.stdlib_words runs/default/sample.txt
 	$(BIN)/python -m gptjax.plot runs/default --out runs/default/loss.png
 
 clean:

@@ -55,7 +55,7 @@ def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
 
 
 def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Runs a bench/ GPU script with SMOKE=1 (a tiny model, on CPU) into `out`: (the finished
+    """Runs a gptjax/bench/ GPU script with SMOKE=1 (a tiny model, on CPU) into `out`: (the finished
     process, the rows of its gpu-results.jsonl)."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -80,8 +80,8 @@ def test_benchmarks_load_without_tensorflow_or_tensorboardx() -> None:
 
 
 def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
-    """bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
-    r, rows = _smoke("bench/gpu.sh", tmp_path)
+    """gptjax/bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
+    r, rows = _smoke("gptjax/bench/gpu.sh", tmp_path)
     assert not [x for x in rows if "failed" in x or "skipped" in x], rows
     train = [x for x in rows if "tokens_per_s" in x and "loop_tokens_per_s" not in x]
     assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",
@@ -107,13 +107,9 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
 
 
 def _xplane_summary():
-    import importlib.util
+    from gptjax.bench import xplane_summary
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "xplane_summary.py"
-    spec = importlib.util.spec_from_file_location("xplane_summary", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return xplane_summary
 
 
 def test_profile_trace_is_summarized_by_op_class(tmp_path, capsys) -> None:
@@ -157,11 +153,11 @@ ENTRY %main (a: f32[8,8]) -> f32[8] {
 
 
 def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
-    """bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked here."""
-    r, rows = _smoke("bench/gpu_profile.sh", tmp_path)
+    """gptjax/bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked here."""
+    r, rows = _smoke("gptjax/bench/gpu_profile.sh", tmp_path)
     assert len(rows) == 8 and not [x for x in rows if "failed" in x or "skipped" in x], rows
     assert [x["remat"] for x in rows[-2:]] == ["none", "dots"]
-    for name in ("small", "medium"):  # what bench/xplane_summary.py reads back here
+    for name in ("small", "medium"):  # what gptjax/bench/xplane_summary.py reads back here
         assert (tmp_path / f"prof-{name}.xplane.pb.gz").stat().st_size > 0
         assert (tmp_path / f"prof-{name}.hlo.txt.gz").stat().st_size > 0
     assert r.stdout.count("tok/s") == 8

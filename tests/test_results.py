@@ -1,9 +1,8 @@
-"""Results are data: every row of bench/results carries its provenance, and the tables in
-docs/performance.md are exactly what bench/report.py makes from those files."""
+"""Results are data: every row of results/ carries its provenance, and the tables in
+docs/performance.md are exactly what gptjax/bench/report.py makes from those files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,16 +15,15 @@ PROVENANCE = ("date", "commit", "dirty", "device", "backend", "versions", "xla_f
 
 
 def _report():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "bench" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from gptjax.bench import report
+
+    return report
 
 
 def test_every_result_row_has_its_provenance() -> None:
-    """Each row carries it; a sweep recorded before the sweep did (bench/results/sweep-cpu) has
+    """Each row carries it; a sweep recorded before the sweep did (results/sweep-cpu) has
     one provenance.json beside its points."""
-    files = sorted((ROOT / "bench" / "results").glob("**/*.jsonl"))
+    files = sorted((ROOT / "results").glob("**/*.jsonl"))
     assert len(files) >= 4
     for path in files:
         beside = path.parent / "provenance.json"
@@ -44,7 +42,7 @@ def test_docs_tables_match_the_results_files() -> None:
     assert "<!-- results:sweep-cpu -->" in (ROOT / "docs" / "sweep.md").read_text()
     for path in report.DOCS:
         doc = path.read_text()
-        assert report.render(doc) == doc, f"{path}: run python bench/report.py"
+        assert report.render(doc) == doc, f"{path}: run python -m gptjax.bench.report"
     assert report.main(["--check"]) == 0
 
 
@@ -75,7 +73,7 @@ def test_record_appends_a_result_with_provenance(tmp_path: Path) -> None:
 
 def test_only_changes_outside_the_results_files_make_a_tree_dirty(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Recording a result edits bench/results/: the next run's row must not say dirty for it."""
+    """Recording a result edits results/: the next run's row must not say dirty for it."""
     import subprocess
 
     from gptjax.bench import provenance
@@ -84,15 +82,15 @@ def test_only_changes_outside_the_results_files_make_a_tree_dirty(
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
                        check=True, capture_output=True)
 
-    (tmp_path / "bench" / "results").mkdir(parents=True)
-    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "results").mkdir(parents=True)
+    (tmp_path / "results" / "cpu.jsonl").write_text("{}\n")
     (tmp_path / "train.py").write_text("pass\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "x")
     monkeypatch.setattr(provenance, "ROOT", tmp_path)
     assert provenance.provenance([])["dirty"] is False
-    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n{}\n")
+    (tmp_path / "results" / "cpu.jsonl").write_text("{}\n{}\n")
     assert provenance.provenance([])["dirty"] is False
     (tmp_path / "train.py").write_text("pass  # changed\n")
     assert provenance.provenance([])["dirty"] is True

@@ -1,22 +1,17 @@
-"""bench/stdlib_words.py: the share of a sample's words that occur in the stdlib's source, the
+"""gptjax/bench/stdlib_words.py: the share of a sample's words that occur in the stdlib's source, the
 figure the docs give for the demo's sample."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "stdlib_words.py"
+from gptjax.bench import stdlib_words
 
 
 @pytest.fixture(scope="module")
 def words():
-    spec = importlib.util.spec_from_file_location("stdlib_words", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return stdlib_words
 
 
 def test_share_of_known_words(words):
@@ -32,10 +27,10 @@ def test_share_of_known_words(words):
 def test_command_line(tmp_path):
     sample = tmp_path / "s.txt"
     sample.write_text("import os\nxqzzyv = os.path\n")
-    r = subprocess.run([sys.executable, str(SCRIPT), str(sample)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "gptjax.bench.stdlib_words", str(sample)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("80% of the sample's 5 words") and "not: xqzzyv" in r.stdout
-    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "missing")],
+    r = subprocess.run([sys.executable, "-m", "gptjax.bench.stdlib_words", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read" in r.stderr

@@ -47,7 +47,7 @@ def build_parser() -> tuple[OneLineParser, Any]:
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--record", metavar="FILE.jsonl", type=user_path,
                        help="also append the result, with its provenance, to this results file "
-                            "(bench/results/*.jsonl: the docs' tables are made from those)")
+                            "(results/*.jsonl: the docs' tables are made from those)")
     return p, sub
 
 

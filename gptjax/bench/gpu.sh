@@ -3,14 +3,14 @@
 # Results: $OUT/gpu-results.jsonl (one JSON object per run, each with its provenance: commit,
 # GPU, driver, versions, flags, command, date; {"failed": ...} for a run that did not finish),
 # the full log in $OUT/gpu-bench.log, a summary table at the end of stdout. Commit the rows as
-# bench/results/<device>-<date>.jsonl and add their tables to bench/report.py: the docs' GPU
+# results/<device>-<date>.jsonl and add their tables to gptjax/bench/report.py: the docs' GPU
 # figures come from those files.
-#   on the device machine, from the repo root:  bash bench/gpu.sh
+#   on the device machine, from the repo root:  bash gptjax/bench/gpu.sh
 # JAX, flax, optax, orbax, torch and transformers are on that machine; TensorFlow is not (the
 # benchmarks use synthetic batches; the as-run row, the thread pipeline). Runs go most important
 # first; once BUDGET seconds have passed the rest are skipped (and listed), so the call ends
 # inside its limit. Two things travel with the call (both in .git/info/exclude; name them in
-# `carry`), made here once by `bash bench/gpu_carry.sh`: .whl/ (wheels the GPU image lacks:
+# `carry`), made here once by `bash gptjax/bench/gpu_carry.sh`: .whl/ (wheels the GPU image lacks:
 # tensorboardX) and .bpe/r50k_base.tiktoken (the GPT-2 BPE ranks, for the as-run row).
 set -uo pipefail
 BUDGET="${BUDGET:-450}"

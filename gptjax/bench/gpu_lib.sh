@@ -1,8 +1,8 @@
-# Shared by bench/gpu.sh and bench/gpu_profile.sh (sourced after they set BUDGET): the results
+# Shared by gptjax/bench/gpu.sh and gpu_profile.sh (sourced after they set BUDGET): the results
 # files, the environment, the run helper and the summary table.
 OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
-if [[ -z "${SMOKE:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then  # bench/gpu_carry.sh
+if [[ -z "${SMOKE:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then  # gptjax/bench/gpu_carry.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/gptjax-site .whl/*.whl && export PYTHONPATH="/tmp/gptjax-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -43,5 +43,5 @@ finish() {  # the summary; with a failed run, the log's tail and exit status 1
   if grep -q '"failed"' "$RES"; then echo "--- log tail (a run failed)"; tail -n 40 "$LOG"; exit 1; fi
 }
 summary() {  # the table of every row of $RES, failures and skips as they are
-  python3 "$(dirname "${BASH_SOURCE[0]}")/gpu_summary.py" "$RES"
+  python3 -m gptjax.bench.gpu_summary "$RES"
 }

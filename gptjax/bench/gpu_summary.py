@@ -1,4 +1,4 @@
-"""The summary table of a gpu-results.jsonl (bench/gpu.sh, bench/gpu_profile.sh): one line per
+"""The summary table of a gpu-results.jsonl (gptjax/bench/gpu.sh, gpu_profile.sh): one line per
 run; failed and skipped runs as they were recorded."""
 
 import json

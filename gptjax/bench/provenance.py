@@ -68,7 +68,7 @@ def provenance(argv: list[str] | None = None, prog: str = "python -m gptjax.benc
     dev = jax.devices()[0]
     # Results files do not change what is measured: recording one run must not mark the next.
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)bench/results")
+                  ":(exclude)results")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
@@ -83,7 +83,7 @@ def provenance(argv: list[str] | None = None, prog: str = "python -m gptjax.benc
 
 
 def append(path: str | Path, result: dict[str, Any]) -> None:
-    """One JSON line per result, appended to a results file (bench/results/*.jsonl)."""
+    """One JSON line per result, appended to a results file (results/*.jsonl)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(result) + "\n")

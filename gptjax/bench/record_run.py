@@ -3,8 +3,8 @@ metrics.jsonl, the wall time `train.py` printed (`done: ... in S s`), the config
 on the whole validation split (non-overlapping windows) of the latest checkpoint, and the
 provenance of this checkout and machine, appended to a results file.
 
-    python bench/record_run.py runs/default --seconds 212 --command 'python train.py' \
-        --sample runs/default/sample.txt --out bench/results/demo-cpu.jsonl
+    python -m gptjax.bench.record_run runs/default --seconds 212 --command 'python train.py' \
+        --sample runs/default/sample.txt --out results/demo-cpu.jsonl
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The docs' result tables, made from the committed results files (bench/results/*.jsonl).
+"""The docs' result tables, made from the committed results files (results/*.jsonl).
 
-    python bench/report.py            # rewrite the tables in docs/performance.md, docs/sweep.md
-    python bench/report.py --check    # exit 1 if a table there differs from its results
+    python -m gptjax.bench.report          # rewrite the tables in docs/performance.md, docs/sweep.md
+    python -m gptjax.bench.report --check  # exit 1 if a table there differs from its results
 
 A table sits between `<!-- results:NAME -->` and `<!-- /results -->` in the doc; TABLES says
 which rows of which file it shows. Each row is one benchmark result, which carries its own
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+ROOT = Path(__file__).resolve().parent.parent.parent
+RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "performance.md"
 DOCS = (DOC, ROOT / "docs" / "sweep.md")  # the docs that hold results tables
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = path.read_text()
         new = render(doc)
         if a.check and new != doc:
-            print(f"{path} differs from bench/results: run python bench/report.py",
+            print(f"{path} differs from results/: run python -m gptjax.bench.report",
                   file=sys.stderr)
             stale = 1
         elif not a.check:

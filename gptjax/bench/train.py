@@ -64,7 +64,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     keeps the first whose memory (XLA's analysis) fits the device (plan.choose_remat). peak:
     also measure the bf16 matmul rate and report MFU against it (None: on GPU/TPU only).
     profile: a folder to write a profiler trace of 3 more steps into (TensorBoard/XProf's
-    layout; `bench/xplane_summary.py` totals its device time by op)."""
+    layout; `python -m gptjax.bench.xplane_summary` totals its device time by op)."""
     cfg = config.load_config(cfg_name, overrides)
     m = cfg.model
     if seq:

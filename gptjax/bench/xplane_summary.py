@@ -1,9 +1,9 @@
 """Device time of a profiler trace by XLA op: where a train step's time goes.
 
-    python bench/xplane_summary.py TRACE.xplane.pb[.gz] [STEP.hlo.txt[.gz]] [--top N] [--steps S]
+    python -m gptjax.bench.xplane_summary TRACE.xplane.pb[.gz] [STEP.hlo.txt[.gz]] [--top N] [--steps S]
 
 TRACE is what `python -m gptjax.bench train --profile DIR` writes (DIR/plugins/profile/*/
-*.xplane.pb; bench/gpu_profile.sh brings it back gzipped). With the step's HLO text, each op is
+*.xplane.pb; gptjax/bench/gpu_profile.sh brings it back gzipped). With the step's HLO text, each op is
 also classed (matmul, attention, fusion kind, copy, ...). Reads the trace with TensorFlow's
 xplane_pb2 (TensorFlow is a dependency here, not on the GPU machine: run this one locally).
 """
