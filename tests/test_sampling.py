@@ -327,3 +327,61 @@ def test_end_of_text_and_stop_sequences_after_a_slide() -> None:
     got = generate.generate(slide_params(), SLIDE_CFG, SLIDE_PROMPTS[:1], max_new_tokens=LONG,
                             temperature=0.0, stop_sequences=[stop])
     assert got == [out[:i + 1]]
+
+
+def test_key_equals_seed_and_the_jitted_core_equals_generate() -> None:
+    """`generate(key=jax.random.key(n))` is `generate(seed=n)`; `generate_tokens`, the pure core,
+    under jax.jit gives generate's tokens for the same key (each prompt's first sample)."""
+    key = jax.random.key(7)
+    by_seed = generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=7, **SAMPLED)
+    assert generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, key=key,
+                             **SAMPLED) == by_seed
+    # key wins over seed; raw key data works as well as a typed key.
+    assert generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, seed=3,
+                             key=jax.random.key_data(key), **SAMPLED) == by_seed
+    T = max(map(len, PROMPTS))
+    tokens = np.zeros((len(PROMPTS), T), np.int32)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, :len(p)] = p
+    lengths = np.array([len(p) for p in PROMPTS], np.int32)
+    core = jax.jit(generate.generate_tokens, static_argnames=("cfg", "max_new_tokens", "sampling"))
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9)
+    out, num = core(params(), CFG, tokens, lengths, key, max_new_tokens=NEW, sampling=s)
+    assert out.shape == (len(PROMPTS), NEW) and num.tolist() == [NEW] * len(PROMPTS)
+    assert np.asarray(out).tolist() == by_seed
+    # A second sample of each prompt is generate's sample 1.
+    two = generate.generate(params(), CFG, PROMPTS, max_new_tokens=NEW, key=key, num_samples=2,
+                            **SAMPLED)
+    out1, _ = core(params(), CFG, tokens, lengths, key, max_new_tokens=NEW, sampling=s,
+                   sample_index_B=np.ones(len(PROMPTS), np.uint32))
+    assert np.asarray(out1).tolist() == two[1::2] and two[0::2] == by_seed
+    with pytest.raises(UserError, match="exceed the context"):
+        generate.generate_tokens(params(), CFG, tokens, lengths, key,
+                                 max_new_tokens=CFG.context_length, sampling=s)
+
+
+def test_one_token_chooser_for_generate_and_the_server() -> None:
+    """The server's engine and `generate` choose tokens with the same function and key rows the
+    same way: per-row settings give, row by row, what one shared setting gives."""
+    from gptjax.decode import choose
+    from gptjax.serve import engine
+
+    assert engine.choose_tokens is choose.choose_tokens is generate.sample_tokens.__globals__[
+        "choose_tokens"]
+    assert engine.step_keys is choose.step_keys and engine.row_keys is choose.row_keys
+    # The server's raw key of choice j of a request seeded n is generate's sample j of seed n.
+    rows = choose.row_keys(jax.random.key(11), np.arange(3))
+    for j in range(3):
+        np.testing.assert_array_equal(engine.key_data(11, j), jax.random.key_data(rows[j]))
+    V, B = 64, 48
+    logits = jax.random.normal(jax.random.key(1), (B, V)) * 3
+    keys = choose.step_keys(rows[jnp.arange(B) % 3], 5)
+    settings = [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 8, 1.0), (1.0, 0, 0.7), (0.7, 5, 0.5),
+                (1.2, V, 0.95)]
+    t, k, p = (np.array([s[i] for s in settings] * (B // len(settings)), dtype)
+               for i, dtype in ((0, np.float32), (1, np.int32), (2, np.float32)))
+    mixed = np.asarray(jax.jit(choose.choose_tokens)(logits, keys, t, k, p))
+    for j, (tj, kj, pj) in enumerate(settings):
+        rows_j = np.arange(j, B, len(settings))
+        alone = generate.sample_tokens(logits[rows_j], keys[rows_j], Sampling(tj, kj, pj))
+        np.testing.assert_array_equal(mixed[rows_j], np.asarray(alone), err_msg=str(settings[j]))

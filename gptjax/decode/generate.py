@@ -25,6 +25,7 @@ from gptjax.model import attention
 from gptjax.config import ModelConfig, check_sampling
 from gptjax.errors import UserError
 from gptjax.model import GPT, init_cache
+from gptjax.decode.choose import filter_logits, row_keys, step_keys
 from gptjax.decode.loop import (
     PAD,
     Cache,
@@ -32,8 +33,6 @@ from gptjax.decode.loop import (
     SamplerState,
     Sampling,
     commit_tokens,
-    step_keys,
-    filter_logits,
     init_state,
     sample_loop,
     sample_tokens,
@@ -47,6 +46,7 @@ __all__ = [
     "filter_logits",
     "generate",
     "generate_stream",
+    "generate_tokens",
     "init_cache",
     "init_state",
     "kept_tokens",
@@ -123,6 +123,49 @@ def _prefill_logits(cfg: ModelConfig, params: Any, tokens_BT: jax.Array, lengths
     return model.logits_from_hidden(x_B1D, params["wte"], cfg)[:, 0], cache
 
 
+def _layer_params(params: Any, cfg: ModelConfig) -> Any:
+    """Per-layer weights in the compute dtype (`cfg` as trained). One pass: the cast and the
+    unstacking fuse into per-layer copies, made once per call, not per token."""
+    return model.unstack_layers(model.cast_to_compute_dtype(params, cfg), cfg)
+
+
+def generate_tokens(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, lengths_B: jax.Array,
+                    key: jax.Array, *, max_new_tokens: int, sampling: Sampling = Sampling(),
+                    sample_index_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The jittable core of `generate`, for a text that stays within the context: one prefill,
+    then one `lax.while_loop` (`sample_loop`) over the KV cache. Pure: jit it with `cfg`,
+    `max_new_tokens` and `sampling` static (`jax.jit(generate_tokens, static_argnames=("cfg",
+    "max_new_tokens", "sampling"))`).
+
+    Args:
+      params: the model's parameters (plain or boxed, as `GPT.init` returns them).
+      cfg: the model's config.
+      tokens_BT: int32 prompts, right-padded; row b's prompt is tokens_BT[b, :lengths_B[b]].
+      lengths_B: int32 prompt lengths, each at least 1.
+      key: a JAX PRNG key; row b draws from `fold_in(key, sample_index_B[b])` (default 0 for
+        every row: what `generate(..., key=key)` gives each prompt's first sample).
+      max_new_tokens: tokens to sample per row; T + max_new_tokens must fit the context.
+      sampling: temperature, top-k, top-p, end-of-text id and stop sequences.
+      sample_index_B: each row's sample number, for several samples of one prompt.
+    Returns:
+      (tokens [B, max_new_tokens] int32, PAD after a row has ended; kept counts [B] int32).
+    """
+    B, T = tokens_BT.shape
+    if T + max_new_tokens > cfg.context_length:
+        raise UserError(f"{T} prompt positions + {max_new_tokens} new tokens exceed the context "
+                        f"of {cfg.context_length}; `generate` slides past it")
+    layers = _layer_params(flax.linen.meta.unbox(params), cfg)
+    run = decode_config(cfg)
+    index_B = jnp.zeros((B,), jnp.uint32) if sample_index_B is None else sample_index_B
+    keys_B = row_keys(_base_key(0, key), index_B)
+    logits_BV, cache = _prefill_logits(run, layers, tokens_BT, lengths_B, T + max_new_tokens,
+                                       mesh=None)
+    state = init_state(logits_BV, cache, keys_B, max_new_tokens=max_new_tokens,
+                       sampling=sampling)
+    state = sample_loop(_model_logits_fn(run, layers), state, max_new_tokens, sampling=sampling)
+    return state.tokens_BN, state.num_B
+
+
 def decode_config(cfg: ModelConfig) -> ModelConfig:
     """The model as the decoder runs it: layers unrolled, no remat, and the one-token step's
     kernel that can run here (attention.step_kernel)."""
@@ -141,10 +184,7 @@ def programs(cfg: ModelConfig, sampling: Sampling, mesh: Any,
     a stacked array, and each step writes its token into each layer's cache in place."""
     stacked, unroll = cfg, unroll or DECODE_UNROLL
     cfg = decode_config(cfg)
-
-    def layer_params(params: Any) -> Any:
-        # One pass: the compute-dtype cast and the unstacking fuse into per-layer copies.
-        return model.unstack_layers(model.cast_to_compute_dtype(params, stacked), stacked)
+    layer_params = functools.partial(_layer_params, cfg=stacked)
 
     def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, keys_B: jax.Array,
                 active_B: jax.Array, max_len: int, max_new: int) -> SamplerState:
@@ -214,10 +254,10 @@ def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
 def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-                    eos_id: int | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-                    truncate_prompt: bool = False, mesh: Any = None, chunk_size: int = 16
-                    ) -> Iterator[list[list[int]]]:
+                    top_p: float = 1.0, seed: int = 0, key: jax.Array | None = None,
+                    num_samples: int = 1, eos_id: int | None = None,
+                    stop_sequences: Sequence[Sequence[int]] = (), truncate_prompt: bool = False,
+                    mesh: Any = None, chunk_size: int = 16) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields as it decodes: after the prefill and after every `chunk_size`
     steps, the new tokens of each row (prompt order × num_samples; [] for rows that ended).
 
@@ -246,10 +286,9 @@ def generate_stream(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
     for b, (p, _) in enumerate(rows):
         tokens[b, : len(p)] = p
     active = np.arange(B) < n_rows
-    # A row's stream depends only on (seed, sample index): a prompt sampled alone or in any
-    # batch gets the same tokens.
-    base = jax.random.key(seed)
-    keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.array([s for _, s in rows]))
+    # A row's stream depends only on (seed or key, sample index): a prompt sampled alone or in
+    # any batch gets the same tokens.
+    keys = row_keys(_base_key(seed, key), np.array([s for _, s in rows]))
     job = _Job(cfg, sampling, mesh, [p for p, _ in rows], n_rows, max_new_tokens, chunk_size)
     return job.stream(params, tokens, keys, active)
 
@@ -322,11 +361,22 @@ class _Job:
         return out
 
 
+def _base_key(seed: int, key: jax.Array | None) -> jax.Array:
+    """The request's key: `key` when given (typed, or raw uint32 [2] data), else key(seed)."""
+    if key is None:
+        return jax.random.key(seed)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape != ():
+        raise UserError(f"key must be a single PRNG key, got shape {key.shape}")
+    return key
+
+
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, num_samples: int = 1, eos_id: int | None = None,
-             stop_sequences: Sequence[Sequence[int]] = (), truncate_prompt: bool = False,
-             mesh: Any = None) -> list[list[int]]:
+             seed: int = 0, key: jax.Array | None = None, num_samples: int = 1,
+             eos_id: int | None = None, stop_sequences: Sequence[Sequence[int]] = (),
+             truncate_prompt: bool = False, mesh: Any = None) -> list[list[int]]:
     """Samples continuations of token prompts: one prefill, then one jitted while_loop. A row
     whose text outgrows the context slides its window: it keeps its last `kept_tokens(context)`
     tokens, prefills them again and goes on, as often as needed (each slide costs a prefill of
@@ -340,6 +390,8 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
       max_new_tokens: tokens to generate per row, at most; any number (the window slides).
       temperature: 0 is greedy; top_k (0: off) and top_p (1: off) combine with it.
       seed: the random stream; sample s of every prompt uses the stream (seed, s).
+      key: a JAX PRNG key to use instead of `seed` (it wins when both are given); sample s of
+        every prompt uses `fold_in(key, s)`, and `key=jax.random.key(n)` equals `seed=n`.
       num_samples: samples per prompt.
       eos_id: a row ends when it emits this id, which is left out of its result.
       stop_sequences: a row ends after emitting any of these (kept in its result).
@@ -354,7 +406,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
     out: list[list[int]] | None = None
     for new in generate_stream(params, cfg, prompts, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               num_samples=num_samples, eos_id=eos_id,
+                               key=key, num_samples=num_samples, eos_id=eos_id,
                                stop_sequences=stop_sequences, truncate_prompt=truncate_prompt,
                                mesh=mesh, chunk_size=max_new_tokens):
         out = new if out is None else [a + b for a, b in zip(out, new)]

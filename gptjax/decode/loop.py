@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.decode.choose import choose_tokens, step_keys
+
 __all__ = [
     "Sampling",
     "SamplerState",
-    "filter_logits",
     "init_state",
     "sample_loop",
     "sample_tokens",
@@ -25,6 +26,7 @@ __all__ = [
 Cache = Any
 LogitsFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 PAD = 0  # what the token buffer holds after a row has ended
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -60,43 +62,11 @@ class SamplerState:
     cache: Cache
 
 
-def _candidates(logits_BV: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
-    """The kept tokens in descending order: (logits, ids) [B, K], -inf where top-p drops one."""
-    V = logits_BV.shape[-1]
-    if 0 < top_k < V:
-        vals, idx = jax.lax.top_k(logits_BV, top_k)
-    else:
-        idx = jnp.argsort(-logits_BV, axis=-1, stable=True)
-        vals = jnp.take_along_axis(logits_BV, idx, axis=-1)
-    if top_p < 1.0:
-        probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
-        # A token is kept while the mass strictly before it is below p: the smallest set whose
-        # mass reaches p. The first token always stays.
-        cum = jnp.cumsum(probs, axis=-1)
-        before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
-        vals = jnp.where(before < top_p, vals, -jnp.inf)
-    return vals, idx
-
-
-def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Logits with every token outside the top-k / top-p set at -inf (top-p is applied to the
-    distribution renormalized over the top-k tokens). What `sample_tokens` samples from."""
-    vals, idx = _candidates(logits_BV, top_k, top_p)
-    rows = jnp.arange(logits_BV.shape[0])[:, None]
-    return jnp.full_like(logits_BV, -jnp.inf).at[rows, idx].set(vals)
-
-
 def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row: argmax when greedy, else from softmax(logits / T) after top-k/top-p."""
-    if sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k == 0 and sampling.top_p >= 1.0:
-        return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-    # Sample in sorted order and map back: no scatter over the vocabulary.
-    vals, idx = _candidates(logits_BV, sampling.top_k, sampling.top_p)
-    j_B = jax.vmap(jax.random.categorical)(keys_B, vals)
-    return jnp.take_along_axis(idx, j_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    """One token per row with one setting for all (`choose.choose_tokens`, the server's rule)."""
+    top_k = sampling.top_k if 0 < sampling.top_k < logits_BV.shape[-1] else 0
+    return choose_tokens(logits_BV, keys_B, sampling.temperature, sampling.top_k,
+                         sampling.top_p, pool=top_k)
 
 
 def _stop_table(sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
@@ -133,10 +103,6 @@ def commit_tokens(state: SamplerState, tok_B: jax.Array, sampling: Sampling) -> 
         recent_BM=recent,
         step=state.step + 1,
     )
-
-
-def step_keys(keys_B: jax.Array, step: jax.Array) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
 
 
 def init_state(logits_BV: jax.Array, cache: Cache, keys_B: jax.Array, *, max_new_tokens: int,

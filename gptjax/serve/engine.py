@@ -7,9 +7,8 @@ choice joins at the next call; a finished or cancelled one frees its slot at onc
 settings are per-slot arrays, so one compiled program serves every request: the programs compile
 once per prompt-length bucket (prefill) and per attention bucket (decode), not per request.
 
-`sampling.sample_tokens` takes its settings as static Python values (one compile per setting),
-which a shared batch cannot do; `sample_rows` is its per-row variant with the same top-k-then-
-top-p order.
+Tokens are chosen, and rows keyed, by `gptjax.decode.choose`, the rule `generate` (sample.py)
+follows too: a completion is sample.py's text for the same prompt, settings and seed.
 """
 
 from __future__ import annotations
@@ -30,37 +29,10 @@ from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
 from gptjax.model import GPT, init_cache
+from gptjax.decode.choose import choose_tokens, row_keys, step_keys
 from gptjax.decode.generate import PROMPT_BUCKET, attend_buckets, decode_config
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit)
-
-
-def sample_rows(logits_SV: jax.Array, keys_S: jax.Array, temperature_S: jax.Array,
-                top_k_S: jax.Array, top_p_S: jax.Array) -> jax.Array:
-    """One token per row, each row with its own settings: argmax where temperature is 0, else
-    from softmax(logits / T) over the top-k tokens (0: all), then the top-p mass of those."""
-    greedy_S = temperature_S <= 0
-    scaled = logits_SV.astype(jnp.float32) / jnp.where(greedy_S, 1.0, temperature_S)[:, None]
-
-    def plain() -> jax.Array:
-        return jax.vmap(jax.random.categorical)(keys_S, scaled)
-
-    def filtered() -> jax.Array:
-        # Sample in sorted order and map back, as sampling.sample_tokens does.
-        idx = jnp.argsort(-scaled, axis=-1, stable=True)
-        vals = jnp.take_along_axis(scaled, idx, axis=-1)
-        rank = jnp.arange(vals.shape[-1])[None, :]
-        vals = jnp.where((top_k_S[:, None] <= 0) | (rank < top_k_S[:, None]), vals, -jnp.inf)
-        probs = jax.nn.softmax(vals, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # the mass ahead of each token
-        vals = jnp.where((before < top_p_S[:, None]) | (rank == 0), vals, -jnp.inf)
-        j = jax.vmap(jax.random.categorical)(keys_S, vals)
-        return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
-
-    # The sort costs V log V per row: skip it when no sampled row filters.
-    needs = (~greedy_S & ((top_k_S > 0) | (top_p_S < 1.0))).any()
-    sampled = jax.lax.cond(needs, filtered, plain)
-    return jnp.where(greedy_S, jnp.argmax(logits_SV, axis=-1), sampled).astype(jnp.int32)
 
 
 def _log_probs(logits_BV: jax.Array, tok_B: jax.Array) -> tuple[jax.Array, ...]:
@@ -105,8 +77,8 @@ def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Cal
             logits, cache = logits_fn.apply({"params": params}, s["last"][:, None], cache=cache,
                                             num_valid_B=active.astype(jnp.int32))
             logits_SV = logits[:, 0]
-            keys = jax.vmap(jax.random.fold_in)(keys_S, s["count"])
-            tok = sample_rows(logits_SV, keys, s["temperature"], s["top_k"], s["top_p"])
+            tok = choose_tokens(logits_SV, step_keys(keys_S, s["count"]), s["temperature"],
+                                s["top_k"], s["top_p"])
             lp, top_lp, top_id = _log_probs(logits_SV, tok)
             ended = (tok == eos_id) | (s["left"] <= 1)
             step = active.astype(jnp.int32)
@@ -148,9 +120,10 @@ class Choice:
 
 
 def key_data(seed: int, index: int) -> np.ndarray:
-    """The raw key of choice `index` of a request seeded `seed`: the same seed and index give
-    the same stream whichever slot and neighbours the choice gets."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+    """The raw key of choice `index` of a request seeded `seed` (`choose.row_keys`, as sample
+    `index` of `generate(..., seed=seed)`): the same seed and index give the same stream
+    whichever slot and neighbours the choice gets."""
+    return np.asarray(jax.random.key_data(row_keys(jax.random.key(seed), np.array([index]))[0]))
 
 
 class Engine:
@@ -160,7 +133,7 @@ class Engine:
                  steps_per_call: int = 4) -> None:
         stacked = cfg
         self.cfg = decode_config(cfg)
-        # Cast and unstack once here, not in every call (sampling.programs does it per call).
+        # Cast and unstack once here, not in every call (generate.programs does it per call).
         self.params = jax.device_put(model.unstack_layers(
             model.cast_to_compute_dtype(params, stacked), stacked))
         self.max_len, self.S, self.K = cfg.context_length, max_batch, steps_per_call
