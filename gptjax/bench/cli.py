@@ -98,6 +98,10 @@ def _use_parsers(sub: Any) -> None:
     d.add_argument("--new-tokens", type=positive_int, default=None)
     d.add_argument("--unroll", type=positive_int, default=None,
                    help="decode steps per iteration of the device loop (default: the sampler's)")
+    d.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (the default) decodes greedily; above 0 samples, with --top-k/--top-p")
+    d.add_argument("--top-k", type=int, default=0, help="0 disables")
+    d.add_argument("--top-p", type=float, default=1.0, help="1 disables")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     v = sub.add_parser("serve", help="completion server: latency and tokens/s under load")
     v.add_argument("--config", default="default")
@@ -160,7 +164,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
         out = bench_torch(m, args.batch or cfg.train.batch_size, args.steps, args.peer, args.mode)
     elif args.what == "decode":
         cfg = load_config(args.config, args.overrides).model
-        kw = {"batch_sizes": args.batch_sizes, "unroll": args.unroll}
+        kw = {"batch_sizes": args.batch_sizes, "unroll": args.unroll,
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
         if args.prompt_len:
             kw["prompt_len"] = args.prompt_len
         if args.new_tokens:

@@ -76,8 +76,10 @@ def step_attention_error(cfg: ModelConfig, B: int, S: int, seed: int = 0) -> flo
 def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
               prompt_len: int | None = None, new_tokens: int | None = None,
               dtype: str | None = None, max_len: int | None = None, repeats: int = 5,
-              seed: int = 0, unroll: int | None = None) -> dict[str, Any]:
-    """Prefill time and decode speed of the jitted sampler, random weights, greedy decoding.
+              seed: int = 0, unroll: int | None = None, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0) -> dict[str, Any]:
+    """Prefill time and decode speed of the jitted sampler, random weights; greedy decoding
+    unless `temperature` > 0 (then with `top_k` and `top_p`: the token choice's cost too).
 
     Args:
       cfg: the model (e.g. `gptjax.model_config("gpt3-small")`).
@@ -110,7 +112,8 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
                         f"max_len={max_len} <= context_length={cfg.context_length}")
     params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(seed))
     unroll = unroll or generate.DECODE_UNROLL
-    programs = generate.programs(cfg, generate.Sampling(temperature=0.0), None, unroll)
+    sampling = generate.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    programs = generate.programs(cfg, sampling, None, unroll)
     per_batch = {B: _time_batch(params, programs, B, prompt_len, new_tokens, max_len,
                                 cfg.vocab_size, repeats, seed) for B in batch_sizes}
     result: dict[str, Any] = {
@@ -121,6 +124,7 @@ def bench_decode(cfg: ModelConfig, *, batch_sizes: Sequence[int] = (1, 64),
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "unroll": unroll,
+        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p},
         "step_attention": cfg.decode_attention_impl,
         "max_len": max_len,
         "repeats": repeats,
