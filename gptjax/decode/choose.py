@@ -44,17 +44,21 @@ def _candidates(scaled_BV: jax.Array, pool: int) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(scaled_BV, idx, axis=-1), idx
 
 
-def _kept(scaled_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array, pool: int
-          ) -> tuple[jax.Array, jax.Array]:
+def _kept(scaled_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array, pool: int,
+          mask_k: bool = True, mask_p: bool = True) -> tuple[jax.Array, jax.Array]:
     """The candidates in descending order, (logits, ids) [B, N], -inf past each row's top-k
     (0: all) and past the smallest set of those whose mass reaches its top-p (the first token
-    always stays)."""
+    always stays). mask_k / mask_p False: known at trace time to drop nothing (a pool of
+    exactly top-k; top-p 1), so not computed."""
     vals, idx = _candidates(scaled_BV, pool)
     rank = jnp.arange(vals.shape[-1])[None, :]
-    vals = jnp.where((top_k_B[:, None] <= 0) | (rank < top_k_B[:, None]), vals, -jnp.inf)
-    probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # the mass ahead of each token
-    return jnp.where((before < top_p_B[:, None]) | (rank == 0), vals, -jnp.inf), idx
+    if mask_k:
+        vals = jnp.where((top_k_B[:, None] <= 0) | (rank < top_k_B[:, None]), vals, -jnp.inf)
+    if mask_p:
+        probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # the mass ahead of each token
+        vals = jnp.where((before < top_p_B[:, None]) | (rank == 0), vals, -jnp.inf)
+    return vals, idx
 
 
 def filter_logits(logits_BV: jax.Array, top_k: Setting = 0, top_p: Setting = 1.0) -> jax.Array:
@@ -68,10 +72,10 @@ def filter_logits(logits_BV: jax.Array, top_k: Setting = 0, top_p: Setting = 1.0
 
 
 def _filtered(scaled_BV: jax.Array, keys_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-              pool: int) -> jax.Array:
+              pool: int, mask_k: bool = True, mask_p: bool = True) -> jax.Array:
     """A token of each row's kept set, sampled in sorted order and mapped back (nothing scatters
     over the vocabulary)."""
-    vals, idx = _kept(scaled_BV, top_k_B, top_p_B, pool)
+    vals, idx = _kept(scaled_BV, top_k_B, top_p_B, pool, mask_k, mask_p)
     # With JAX's partitionable threefry, noise for position j does not depend on the draw's
     # width: a pool of the top k samples exactly as the full sorted vocabulary would.
     j_B = jax.vmap(jax.random.categorical)(keys_B, vals)
@@ -106,9 +110,11 @@ def choose_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature: Setting 
         return jax.vmap(jax.random.categorical)(keys_B, scaled).astype(jnp.int32)
 
     if fixed:
-        filters = 0 < top_k < V or top_p < 1.0
-        sampled = _filtered(scaled, keys_B, k_B, p_B, pool).astype(jnp.int32) if filters else plain()
-        return sampled
+        if not (0 < top_k < V or top_p < 1.0):
+            return plain()
+        exact_k = 0 < pool == top_k < V  # the pool is the top-k set itself
+        return _filtered(scaled, keys_B, k_B, p_B, pool, mask_k=not exact_k,
+                         mask_p=top_p < 1.0).astype(jnp.int32)
     # A row that does not filter draws as `plain` does even beside rows that do: its token must
     # not depend on its neighbours' settings.
     filters_B = ((k_B > 0) & (k_B < V)) | (p_B < 1.0)
