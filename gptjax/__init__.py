@@ -6,14 +6,16 @@
     variables = model.init(key, tokens)
     logits = model.apply(variables, tokens)
     tok = gptjax.get_tokenizer("gpt2")
-    out = gptjax.generate(variables["params"], cfg, prompts, max_new_tokens=64)
+    out = gptjax.generate(variables["params"], cfg, prompts, max_new_tokens=64, key=key)
+
+The pure pieces jit in user code: `loss` (a batch's summed token loss), `train_step` over a
+`TrainState`, `sample_loop` over any logits function, and `generate_tokens`, the jittable core of
+`generate` (the README shows each under `jax.jit`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gptjax.checkpoint import load_params
 from gptjax.config import (
     Config,
     DataConfig,
@@ -25,26 +27,17 @@ from gptjax.config import (
     load_config,
     model_config,
 )
+from gptjax.decode.generate import generate, generate_tokens
+from gptjax.decode.loop import Sampling, SamplerState, init_state, sample_loop
 from gptjax.errors import ConfigError, UserError
-from gptjax.model.losses import cross_entropy
 from gptjax.model import GPT, count_params, init_cache, init_params, param_shapes
+from gptjax.model.losses import cross_entropy
+from gptjax.model.losses import sum_loss as loss
+from gptjax.tokenizer import get_tokenizer
+from gptjax.train.optim import make_optimizer
+from gptjax.train.state import TrainState, train_step
 
 __version__ = "0.1.0"
-
-# Imported on first use: the tokenizer pulls in tiktoken, sampling a few jitted programs.
-_LAZY = {
-    "get_tokenizer": ("gptjax.tokenizer", "get_tokenizer"),
-    "generate": ("gptjax.decode.generate", "generate"),
-    "load_params": ("gptjax.checkpoint", "load_params"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'gptjax' has no attribute {name!r}")
-
 
 __all__ = [
     "GPT",
@@ -55,16 +48,25 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "SampleConfig",
+    "Sampling",
+    "SamplerState",
     "TrainConfig",
+    "TrainState",
     "UserError",
     "count_params",
     "cross_entropy",
     "generate",
+    "generate_tokens",
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "init_state",
     "load_config",
     "load_params",
+    "loss",
+    "make_optimizer",
     "model_config",
     "param_shapes",
+    "sample_loop",
+    "train_step",
 ]

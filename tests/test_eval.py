@@ -17,6 +17,7 @@ import pytest
 
 from gptjax import config, model
 from gptjax.eval import perplexity as ev
+from gptjax.eval import scoring
 from gptjax.model import losses
 from gptjax.decode import generate
 from gptjax.errors import UserError
@@ -114,6 +115,21 @@ def test_last_word_accuracy_is_greedy_decoding(params: dict) -> None:
     # A context longer than the window keeps its end.
     long = ev.last_word_accuracy(params, CFG, Numbers(), [(text(range(30)), "1 2 3")])
     assert long["examples"] == 1 and long["truncated"] == 1
+
+
+def test_last_word_accuracy_is_loglikelihoods(params: dict) -> None:
+    """Last-word accuracy is scoring.loglikelihoods over the (context, target) token pairs:
+    the count of greedy pairs and the mean of their negated log-probabilities."""
+    rng = np.random.default_rng(4)
+    pairs = [(rng.integers(0, 256, int(n)).tolist(), rng.integers(0, 256, int(k)).tolist())
+             for n, k in zip(rng.integers(1, 40, 12), rng.integers(1, 4, 12))]
+    text = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    r = ev.last_word_accuracy(params, CFG, Numbers(), [(text(c), text(t)) for c, t in pairs],
+                              batch_size=3)
+    want = scoring.loglikelihoods(params, CFG, pairs, batch_size=3)
+    assert r["correct"] == sum(greedy for _, greedy in want)
+    assert r["target_nll"] == pytest.approx(-np.mean([lp for lp, _ in want]), rel=1e-6)
+    assert r["truncated"] == sum(len(c) + len(t) > CFG.context_length + 1 for c, t in pairs)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from stdlib_words import known_share, stdlib_words  # beside this script
+from gptjax.bench.stdlib_words import known_share, stdlib_words
 
 from gptjax.bench.provenance import provenance
 from gptjax.checkpoint import load_params

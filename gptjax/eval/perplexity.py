@@ -26,74 +26,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from gptjax import checkpoint, data, tokenizer
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.config import Config, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model.losses import token_nll
-from gptjax.model import GPT
-
-DEFAULT_BATCH = 8
-MIN_BUCKET = 16  # last-word inputs are padded to a power of two at least this long
+from gptjax.eval import scoring
+from gptjax.eval.scoring import Windows, plan_windows
 
 
 # --------------------------------------------------------------------------- windows
-
-
-@dataclasses.dataclass(frozen=True)
-class Windows:
-    """Sliding windows over a stream of n tokens; window w reads inputs tokens[start[w] :
-    start[w] + length] and scores its positions score_from[w] .. length − 1."""
-
-    start: np.ndarray
-    score_from: np.ndarray
-    length: int
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-
-def plan_windows(n_tokens: int, context_length: int, stride: int) -> Windows:
-    """The windows that score each of the n_tokens − 1 targets once (see the module docstring)."""
-    if not 1 <= stride <= context_length:
-        raise UserError(f"--stride must be in [1, {context_length}] (the context length), "
-                        f"got {stride}")
-    n_targets = n_tokens - 1
-    if n_targets <= 0:
-        raise UserError(f"{n_tokens} token(s) are too few to score: at least 2 are needed")
-    T = min(context_length, n_targets)
-    k = np.arange(1, -(-(n_targets - T) // stride) + 1, dtype=np.int64)
-    ends = np.minimum(T + k * stride, n_targets)
-    starts = ends - T
-    scored_before = T + (k - 1) * stride  # targets [0, scored_before) belong to earlier windows
-    return Windows(
-        start=np.concatenate([[0], starts]).astype(np.int64),
-        score_from=np.concatenate([[0], scored_before - starts]).astype(np.int64),
-        length=T,
-    )
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _score(params: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array, cfg: ModelConfig
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per row: (summed NLL over masked positions, their count, whether each was the argmax)."""
-    logits = GPT(cfg).apply({"params": params}, inputs)
-    nll = token_nll(logits, targets)
-    hit = (jnp.argmax(logits, -1) == targets) | (mask == 0)
-    return (nll * mask).sum(-1), mask.sum(-1), hit.all(-1)
 
 
 def _batches(tokens: np.ndarray, weights: np.ndarray | None, w: Windows, batch_size: int, T: int
@@ -125,7 +75,7 @@ def token_bytes(tok: Any) -> np.ndarray:
 
 
 def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, stride: int,
-                 weights: np.ndarray | None = None, batch_size: int = DEFAULT_BATCH,
+                 weights: np.ndarray | None = None, batch_size: int = scoring.DEFAULT_BATCH,
                  progress: bool = False) -> dict[str, Any]:
     """Sliding-window scoring of a token stream; `weights` (parallel to tokens, weight i for
     predicting token i) leaves out the tokens of weight 0, as training's loss does.
@@ -137,17 +87,19 @@ def score_tokens(params: Any, cfg: ModelConfig, tokens: np.ndarray, *, stride: i
     T = cfg.context_length
     w = plan_windows(len(tokens), T, stride)
     total, count = 0.0, 0.0
-    bar = _bar(len(w), "windows", progress)
+    bar = scoring.progress_bar(len(w), "windows", progress)
     pending: list[Any] = []
 
     def drain() -> None:
-        nonlocal total, count
-        for nll, n in jax.device_get(pending):
-            total, count = total + float(nll.sum()), count + float(n.sum())
+        nonlocal total
+        for logprob, _ in jax.device_get(pending):
+            total -= float(logprob.sum())
         pending.clear()
 
     for n, batch in _batches(tokens, weights, w, batch_size, T):
-        pending.append(_score(params, batch["inputs"], batch["targets"], batch["mask"], cfg)[:2])
+        pending.append(scoring.continuation_logprob(params, batch["inputs"], batch["targets"],
+                                                    batch["mask"], cfg))
+        count += float(batch["mask"].sum())  # integer weights: exact in float32
         bar.update(n)
         if len(pending) >= 4:  # a few in flight: overlap the host's slicing with the device
             drain()
@@ -197,8 +149,9 @@ def _split_example(tok: Any, context: str, target: str) -> tuple[list[int], list
 
 
 def last_word_accuracy(params: Any, cfg: ModelConfig, tok: Any,
-                       examples: Sequence[tuple[str, str]], *, batch_size: int = DEFAULT_BATCH,
-                       progress: bool = False) -> dict[str, Any]:
+                       examples: Sequence[tuple[str, str]], *,
+                       batch_size: int = scoring.DEFAULT_BATCH, progress: bool = False
+                       ) -> dict[str, Any]:
     """Greedy last-word accuracy over (context, target) pairs.
 
     Returns:
@@ -206,35 +159,17 @@ def last_word_accuracy(params: Any, cfg: ModelConfig, tok: Any,
          "target_perplexity" (exp of it), "truncated" (contexts cut to fit the window)}.
     """
     T = cfg.context_length
-    rows, truncated = [], 0
-    for context, target in examples:
-        ctx, tgt = _split_example(tok, context, target)
+    pairs = [_split_example(tok, context, target) for context, target in examples]
+    for _, tgt in pairs:
         if len(tgt) > T:
             raise UserError(f"a target of {len(tgt)} tokens does not fit the context of {T}")
-        ids = ctx + tgt
-        if len(ids) > T + 1:  # keep the end: the target and the context right before it
-            ids, truncated = ids[-(T + 1):], truncated + 1
-        rows.append((ids, len(tgt)))
-    # Sorted by length and padded to powers of two: few compilations, little padding.
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
-    correct, nll_sum = 0, 0.0
-    bar = _bar(len(rows), "examples", progress)
-    for b in range(0, len(order), batch_size):
-        chunk = [rows[r] for r in order[b : b + batch_size]]
-        longest = max(len(ids) - 1 for ids, _ in chunk)
-        L = min(T, max(MIN_BUCKET, 1 << (longest - 1).bit_length()))
-        x = np.zeros((batch_size, L + 1), np.int32)
-        mask = np.zeros((batch_size, L), np.float32)
-        for r, (ids, n_tgt) in enumerate(chunk):
-            x[r, : len(ids)] = ids
-            mask[r, len(ids) - 1 - n_tgt : len(ids) - 1] = 1.0
-        nll, _, hit = jax.device_get(_score(params, x[:, :-1], x[:, 1:], mask, cfg))
-        correct += int(hit[: len(chunk)].sum())
-        nll_sum += float(nll[: len(chunk)].sum())
-        bar.update(len(chunk))
-    bar.close()
-    n = len(rows)
-    mean_nll = nll_sum / n
+    # A pair longer than the window keeps its end: the target and the context right before it.
+    truncated = sum(len(ctx) + len(tgt) > T + 1 for ctx, tgt in pairs)
+    scored = scoring.loglikelihoods(params, cfg, pairs, batch_size=batch_size,
+                                    progress=progress)
+    n = len(pairs)
+    correct = sum(greedy for _, greedy in scored)
+    mean_nll = -sum(logprob for logprob, _ in scored) / n
     return {"examples": n, "correct": correct, "accuracy": correct / n, "target_nll": mean_nll,
             "target_perplexity": math.exp(min(mean_nll, 700.0)), "truncated": truncated}
 
@@ -264,12 +199,6 @@ def load_eval_tokens(cfg: Config, source: str | None, split: str | None,
     return tokens, weights, d.source, split
 
 
-def _bar(total: int, unit: str, enabled: bool) -> Any:
-    # None: tqdm shows the bar only when stderr is a terminal.
-    return tqdm(total=total, unit=f" {unit}", file=sys.stderr, disable=None if enabled else True,
-                dynamic_ncols=True, leave=False)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -284,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-key", help="field holding the text in .jsonl sources (data.text_key)")
     p.add_argument("--stride", type=positive_int,
                    help="tokens between window starts, 1..context (default: context // 2)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
+    p.add_argument("--batch-size", type=positive_int, default=scoring.DEFAULT_BATCH,
                    help="windows per call")
     p.add_argument("--max-tokens", type=int_at_least(2),
                    help="score only the first N tokens of the stream (at least 2)")

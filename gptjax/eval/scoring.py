@@ -1,6 +1,7 @@
-"""Batched scoring of a run for few-shot tasks and lm-evaluation-harness: the log-likelihood of
-continuations given contexts, rolling (whole-document) log-likelihoods, and text generation to
-stop strings.
+"""Batched scoring of a run for few-shot tasks, lm-evaluation-harness and last-word accuracy:
+the log-likelihood of continuations given contexts, rolling (whole-document) log-likelihoods,
+and text generation to stop strings; also the jitted scorer and the sliding windows that
+gptjax.eval.perplexity scores a token stream with.
 
 Requests are sorted by length and padded to power-of-two lengths (buckets); each bucket's calls
 have one shape, so the jitted forward pass compiles once per bucket. A call holds about
@@ -9,6 +10,7 @@ have one shape, so the jitted forward pass compiles once per bucket. A call hold
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
@@ -19,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax.eval import perplexity as ev
 from gptjax.decode import generate
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
@@ -32,10 +33,10 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context token ids, continuation t
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _continuation_logprob(params: Any, inputs_BL: jax.Array, targets_BL: jax.Array,
-                          mask_BL: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Per row: the summed log-probability of the masked targets, and whether every masked target
-    is the argmax (what greedy decoding would have produced)."""
+def continuation_logprob(params: Any, inputs_BL: jax.Array, targets_BL: jax.Array,
+                         mask_BL: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Per row: the summed log-probability of the targets weighted by mask, and whether every
+    masked target is the argmax (what greedy decoding would have produced)."""
     logits = GPT(cfg).apply({"params": params}, inputs_BL)
     nll = token_nll(logits, targets_BL)
     hit = (jnp.argmax(logits, -1) == targets_BL) | (mask_BL == 0)
@@ -48,7 +49,8 @@ def bucket_length(n: int, context_length: int) -> int:
     return min(context_length, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
 
 
-def _bar(total: int, unit: str, enabled: bool) -> Any:
+def progress_bar(total: int, unit: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr, or a silent one when not enabled."""
     # disable=None: tqdm draws only when stderr is a terminal.
     return tqdm(total=total, unit=f" {unit}", file=sys.stderr, disable=None if enabled else True,
                 dynamic_ncols=True, leave=False)
@@ -92,7 +94,7 @@ def loglikelihoods(params: Any, cfg: ModelConfig, pairs: Sequence[Pair], *,
     rows = _rows(pairs, T)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    bar = _bar(len(rows), "requests", progress)
+    bar = progress_bar(len(rows), "requests", progress)
     pending: list[tuple[list[int], Any]] = []
 
     def drain() -> None:
@@ -113,7 +115,7 @@ def loglikelihoods(params: Any, cfg: ModelConfig, pairs: Sequence[Pair], *,
             ids, n_cont = rows[r]
             x[j, : len(ids)] = ids
             mask[j, len(ids) - 1 - n_cont : len(ids) - 1] = 1.0
-        res = _continuation_logprob(params, x[:, :-1], x[:, 1:], mask, cfg)
+        res = continuation_logprob(params, x[:, :-1], x[:, 1:], mask, cfg)
         pending.append((chunk, res))
         if len(pending) >= 4:  # a few calls in flight: host-side packing overlaps the device
             drain()
@@ -124,15 +126,48 @@ def loglikelihoods(params: Any, cfg: ModelConfig, pairs: Sequence[Pair], *,
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Sliding windows over a stream of n tokens; window w reads inputs tokens[start[w] :
+    start[w] + length] and scores its positions score_from[w] .. length − 1."""
+
+    start: np.ndarray
+    score_from: np.ndarray
+    length: int
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def plan_windows(n_tokens: int, context_length: int, stride: int) -> Windows:
+    """The windows that score each of the n_tokens − 1 targets once, at least context_length −
+    stride tokens of left context after the first (gptjax.eval.perplexity's sliding scheme)."""
+    if not 1 <= stride <= context_length:
+        raise UserError(f"--stride must be in [1, {context_length}] (the context length), "
+                        f"got {stride}")
+    n_targets = n_tokens - 1
+    if n_targets <= 0:
+        raise UserError(f"{n_tokens} token(s) are too few to score: at least 2 are needed")
+    T = min(context_length, n_targets)
+    k = np.arange(1, -(-(n_targets - T) // stride) + 1, dtype=np.int64)
+    ends = np.minimum(T + k * stride, n_targets)
+    starts = ends - T
+    scored_before = T + (k - 1) * stride  # targets [0, scored_before) belong to earlier windows
+    return Windows(
+        start=np.concatenate([[0], starts]).astype(np.int64),
+        score_from=np.concatenate([[0], scored_before - starts]).astype(np.int64),
+        length=T,
+    )
+
+
 def rolling_pairs(tokens: Sequence[int], prefix_id: int, context_length: int) -> list[Pair]:
     """A document as (context, continuation) pairs that score each of its tokens once: the
-    first from `prefix_id` alone, each with as much left context as the windows of
-    gptjax.eval's sliding evaluation at stride = context length give (lm-eval's rolling
-    scheme: disjoint windows, the last one full)."""
+    first from `prefix_id` alone, each with as much left context as plan_windows gives at
+    stride = context length (lm-eval's rolling scheme: disjoint windows, the last one full)."""
     stream = [prefix_id, *tokens]
     if len(stream) < 2:
         return []
-    w = ev.plan_windows(len(stream), context_length, context_length)
+    w = plan_windows(len(stream), context_length, context_length)
     pairs = []
     for s, f in zip(w.start.tolist(), w.score_from.tolist()):
         seq = stream[s : s + w.length + 1]
@@ -180,7 +215,7 @@ def generate_texts(params: Any, cfg: ModelConfig, tok: Any, prompts: Sequence[Se
     stop_ids = [tok.encode(s) for s in stops if s]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
-    bar = _bar(len(prompts), "prompts", progress)
+    bar = progress_bar(len(prompts), "prompts", progress)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         new = generate.generate(params, cfg, [prompts[i] for i in idx],

@@ -62,19 +62,27 @@ def learning_rate(cfg: OptimConfig, tokens: int) -> float:
 
 
 class BatchSchedule:
-    """How many microbatches each step accumulates: GPT-3's ramp from ramp_start_tokens per step
-    up to the full batch over ramp_tokens, in a few power-of-two sizes so that the train step
-    compiles at most log2(microbatches) + 1 times."""
+    """Step sizes under GPT-3's batch ramp, the one place that knows them: how many microbatches
+    each step accumulates, from ramp_start_tokens per step up to the full batch over
+    ramp_tokens, in a few power-of-two sizes so that the train step compiles at most
+    log2(microbatches) + 1 times; the tokens each step takes; the steps a run lasts.
+
+    Sizes are functions of tokens seen (not of the step index): the ramp is defined in tokens,
+    and a resumed run knows its tokens from the checkpoint."""
 
     def __init__(self, optim: OptimConfig, train: TrainConfig, context_length: int) -> None:
         self.microbatches = train.microbatches
         self.micro_size = train.batch_size // train.microbatches  # sequences
         self.seq_tokens = context_length
+        self.micro_tokens = self.micro_size * context_length
         self.full_tokens = train.batch_size * context_length
         self.ramp_start = optim.ramp_start_tokens
         self.ramp_tokens = optim.ramp_tokens
+        self.steps = train.steps
+        self.total_tokens = train.total_tokens
 
     def sizes(self) -> list[int]:
+        """Every microbatch count a step may take: powers of two below the full count, and it."""
         out, n = [], 1
         while n < self.microbatches:
             out.append(n)
@@ -82,14 +90,35 @@ class BatchSchedule:
         return [*out, self.microbatches]
 
     def num_microbatches(self, tokens_seen: int) -> int:
+        """Microbatches of the step taken after tokens_seen tokens."""
         if self.ramp_tokens <= 0 or tokens_seen >= self.ramp_tokens:
             return self.microbatches
         frac = tokens_seen / self.ramp_tokens
         want = self.ramp_start + frac * (self.full_tokens - self.ramp_start)
-        n = max(1, math.ceil(want / (self.micro_size * self.seq_tokens)))
+        n = max(1, math.ceil(want / self.micro_tokens))
         # Round down to an allowed size (never above the full batch).
         allowed = [s for s in self.sizes() if s <= n]
         return allowed[-1] if allowed else 1
 
     def tokens_per_step(self, tokens_seen: int) -> int:
-        return self.num_microbatches(tokens_seen) * self.micro_size * self.seq_tokens
+        """Tokens of the step taken after tokens_seen tokens."""
+        return self.num_microbatches(tokens_seen) * self.micro_tokens
+
+    def extreme_sizes(self, tokens_seen: int) -> list[int]:
+        """The fewest and the most microbatches a step takes from tokens_seen on (one entry when
+        they are equal), ascending: the batch shapes that bound a run's memory, one without the
+        accumulation loop where the ramp still starts at one microbatch."""
+        return sorted({self.num_microbatches(tokens_seen), self.microbatches})
+
+    def total_steps(self) -> int:
+        """train.steps when set, else the steps that reach train.total_tokens under the ramp
+        (the last step may pass it)."""
+        if self.steps > 0:
+            return self.steps
+        steps, tokens = 0, 0
+        while tokens < self.total_tokens:
+            if tokens >= self.ramp_tokens:  # full steps from here on
+                return steps + -(-(self.total_tokens - tokens) // self.full_tokens)
+            tokens += self.tokens_per_step(tokens)
+            steps += 1
+        return steps

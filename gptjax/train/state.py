@@ -28,6 +28,13 @@ class TrainState:
     opt_state: Any
     bad_streak: jax.Array  # consecutive non-finite steps
 
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
+        """Step 0 of `params` with a fresh optimizer state, on whatever devices `params` are
+        (the trainer builds its state sharded instead: `init_state`)."""
+        return cls(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                   bad_streak=jnp.int32(0))
+
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, *,
                model_cfg: ModelConfig, tx: optax.GradientTransformation

@@ -67,6 +67,8 @@ class Run:
 
     @classmethod
     def create(cls, cfg: Config, mesh: Mesh | None) -> Run:
+        """Checks the batch against the mesh and plans the state's shapes and shardings, before
+        anything touches the run directory."""
         mesh = mesh or sharding.make_mesh(cfg.mesh)
         schedule = optim.BatchSchedule(cfg.optim, cfg.train, cfg.model.context_length)
         sharding.check_batch(schedule.micro_size, mesh, "train.batch_size / train.microbatches")
@@ -77,8 +79,8 @@ class Run:
         tx = optim.make_optimizer(cfg.optim)
         with sharding.activate(mesh):
             abs_state, state_sh = abstract_state(cfg, mesh, tx)
-        return cls(cfg, mesh, checkpoint.run_path(cfg.train.run_dir), schedule, tx, total_steps(cfg, schedule),
-                   abs_state, state_sh)
+        return cls(cfg, mesh, checkpoint.run_path(cfg.train.run_dir), schedule, tx,
+                   schedule.total_steps(), abs_state, state_sh)
 
     def say(self, line: str) -> None:
         if self.console is not None:
@@ -94,22 +96,9 @@ class Start:
     data_state: dict | None = None
 
 
-def total_steps(cfg: Config, schedule: optim.BatchSchedule) -> int:
-    if cfg.train.steps > 0:
-        return cfg.train.steps
-    steps, tokens = 0, 0
-    while tokens < cfg.train.total_tokens:
-        if tokens >= cfg.optim.ramp_tokens:
-            full = schedule.full_tokens
-            return steps + -(-(cfg.train.total_tokens - tokens) // full)
-        tokens += schedule.tokens_per_step(tokens)
-        steps += 1
-    return steps
-
-
 def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Start]:
     """The run directory's latest checkpoint that restores, else train.init_from's parameters
-    with a fresh optimizer, else fresh parameters."""
+    with a fresh optimizer, else fresh parameters. Called inside sharding.activate(run.mesh)."""
     cfg, mesh = run.cfg, run.mesh
     restored = None
     if ckpt.all_steps():
@@ -128,8 +117,7 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer) -> tuple[TrainState
     if cfg.train.init_from:
         params = load_init_params(cfg.train.init_from, cfg, run.abs_state.params)
         run.say(f"fine-tuning: parameters from {cfg.train.init_from}, fresh optimizer, step 0")
-    with sharding.activate(mesh):
-        return init_state(cfg, mesh, run.tx, run.state_sh, params=params), Start()
+    return init_state(cfg, mesh, run.tx, run.state_sh, params=params), Start()
 
 
 def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -165,26 +153,24 @@ def build_step(run: Run, tokens: int) -> tuple[ModelConfig, Any]:
 
     model.remat=auto compiles every batch shape the run uses for each policy in turn; the loop
     then runs those compiled programs (a jit would compile them again) and jits the ramp's
-    other shapes."""
+    other shapes. Called, and the step function called, inside sharding.activate(run.mesh)."""
     m_cfg, mesh, schedule = run.cfg.model, run.mesh, run.schedule
     compiled_for: dict[int, Any] = {}  # microbatches per step -> the step compiled ahead
     if m_cfg.remat == "auto":
         # One microbatch (no accumulation loop) and the most the batch ramp reaches (the loop
         # and its fp32 gradient accumulator).
-        n_micros = sorted({schedule.num_microbatches(tokens), schedule.microbatches})
+        n_micros = schedule.extreme_sizes(tokens)
         shapes = [batch_abstract(mesh, n, schedule.micro_size, m_cfg.context_length)
                   for n in n_micros]
-        with sharding.activate(mesh):
-            m_cfg, compiled, tried = choose_remat(m_cfg, lambda m: [
-                compile_train_step(m, run.tx, mesh, run.state_sh, run.abs_state, b)
-                for b in shapes])
+        m_cfg, compiled, tried = choose_remat(m_cfg, lambda m: [
+            compile_train_step(m, run.tx, mesh, run.state_sh, run.abs_state, b)
+            for b in shapes])
         compiled_for = dict(zip(n_micros, compiled))
         run.say(f"model.remat=auto: {m_cfg.remat} ({remat_needs_text(tried)})")
     jitted = jit_train_step(m_cfg, run.tx, mesh, run.state_sh)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array) -> Any:
-        with sharding.activate(mesh):
-            return compiled_for.get(batch["inputs"].shape[0], jitted)(state, batch, lr)
+        return compiled_for.get(batch["inputs"].shape[0], jitted)(state, batch, lr)
 
     return m_cfg, step_fn
 
@@ -205,8 +191,7 @@ class Evaluator:
         for i, b in enumerate(data_lib.eval_batches(run.cfg, run.schedule.micro_size)):
             if limit and i >= limit:
                 break
-            with sharding.activate(run.mesh):
-                sums.append(self.eval_fn(params, sharding.to_global(b, run.mesh)))
+            sums.append(self.eval_fn(params, sharding.to_global(b, run.mesh)))
         sums = jax.device_get(sums)
         return sum(float(s) for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0)
 
@@ -227,7 +212,9 @@ class Evaluator:
         self.losses.append((step, loss))
         self.log.write({"step": step, "val_loss": loss, "val_ppl": ppl})
         self.run.say(f"step {step} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
-        fewshot.during_training(params, self.run.cfg, step, self.log.write, self.run.say)
+        # Few-shot scoring compiles its own programs, with no mesh, even inside the loop's.
+        with jax.set_mesh(None):
+            fewshot.during_training(params, self.run.cfg, step, self.log.write, self.run.say)
         self.progress.restart_clock()  # nor does few-shot scoring count as training time
 
 
@@ -243,8 +230,7 @@ class BatchFeed:
         n_micro = self.run.schedule.num_microbatches(tokens)
         micro = [next(self.it) for _ in range(n_micro)]
         local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-        with sharding.activate(self.run.mesh):
-            batch = sharding.to_global(local, self.run.mesh, stacked=True)
+        batch = sharding.to_global(local, self.run.mesh, stacked=True)
         return n_micro, batch, self.it.get_state()
 
     def close(self) -> None:
@@ -347,9 +333,11 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         cleanup.callback(lock_run_dir(run.run_dir).release)
         ckpt = checkpoint.Checkpointer(run.run_dir, keep=t_cfg.keep_checkpoints)
         cleanup.callback(ckpt.close)
-        state, start = restore_or_init(run, ckpt)
+        # Whatever traces the model resolves its logical axes on the mesh: setup, then the loop.
+        with sharding.activate(run.mesh):
+            state, start = restore_or_init(run, ckpt)
+            m_cfg, step_fn = build_step(run, start.tokens)
         run.say(describe_run(cfg.model, run.mesh))
-        m_cfg, step_fn = build_step(run, start.tokens)
         log = MetricsLog(run.run_dir, start.step)
         cleanup.callback(log.close)
         run.console.open_bar(run.n_steps, start.step)
@@ -360,13 +348,14 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
                             max_bad_steps=t_cfg.max_bad_steps)
         evaluate = Evaluator(run, m_cfg, log, progress)
         feed = cleanup.enter_context(contextlib.closing(BatchFeed(run, start)))
+        cleanup.enter_context(sharding.activate(run.mesh))  # the loop: new ramp shapes trace
         step, tokens, preempted = start.step, start.tokens, False
         if step == 0:
             evaluate(state.params, 0)  # the baseline the run's progress is judged against
         ahead = feed.next_global_batch(tokens) if step < run.n_steps else None
         while step < run.n_steps:
             n_micro, batch, data_state = ahead
-            step_tokens = n_micro * run.schedule.micro_size * m_cfg.context_length
+            step_tokens = run.schedule.tokens_per_step(tokens)
             lr = optim.learning_rate(cfg.optim, tokens + step_tokens)
             state, metrics = step_fn(state, batch, jnp.float32(lr))
             step, tokens = step + 1, tokens + step_tokens
