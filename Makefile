@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # pytest workers; the suite is sized for 2 cores
 JOBS ?= 2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-fast lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check gptjax tests train.py sample.py
 
+# Everything: what CI runs (under 10 minutes on 2 cores).
 test: lint
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
+
+# Without the tests marked slow (subprocesses, training runs, benchmark scripts): under 2 minutes,
+# for the edit-and-check loop.
+test-fast: lint
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow" tests
 
 # Trains configs/default.yaml (about 4 minutes on 2 cores), samples 1,000 bytes (temperature,
 # top-k and length from the run's sample section), says how much of it is stdlib vocabulary,

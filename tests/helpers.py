@@ -1,11 +1,16 @@
-"""Tiny configs shared by the tests (kept small: the suite runs on 2 CPU cores)."""
+"""What the tests share (kept small: the suite runs on 2 CPU cores): tiny configs; the commands'
+`main(argv)` run in the test's process (a Python started per check costs seconds of JAX import
+and compile; each command is still started as a process once, marked slow); and the tiny
+trained run that conftest's `trained_run` fixture shares between the tests that read it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -95,3 +100,128 @@ def cudnn_as_xla(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     monkeypatch.setattr(attention, "gpu_backend", lambda: True)
     return asked
+
+
+# --------------------------------------------------------------------------- commands in-process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(name: str) -> Any:
+    """train.py or sample.py, the scripts at the repository root, imported as modules (once per
+    process), so a test can call their `main(argv)` without starting a Python."""
+    import importlib.util
+    import sys
+
+    key = f"_gptjax_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def call_main(main: Callable[[list[str]], int | None], argv: list[str],
+              capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`main(argv)` as its `python -m` / script entry point would run it: (exit code, stdout,
+    stderr). An argparse error is SystemExit(2) from OneLineParser; run_cli returns the rest."""
+    capsys.readouterr()  # what came before is not the command's
+    try:
+        code = main(argv) or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_main(main: Callable[[list[str]], int | None], argv: list[str],
+             prog: str = "main") -> Any:
+    """call_main without capsys: stdout and stderr redirected into strings. Returns a
+    subprocess.CompletedProcess (args, returncode, stdout, stderr), as a test of the command
+    run as a process would have."""
+    import contextlib
+    import io
+    import subprocess
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv) or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
+
+
+def keep_xla_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.py's main applies train.xla_flags (auto: the GPU flags) to XLA_FLAGS and refuses
+    to once JAX's backends are up, as they are in the test process. Naming them in XLA_FLAGS
+    already, as a user may, makes that a no-op: the run's config stays the user's."""
+    from gptjax import xla_flags
+
+    have = os.environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", " ".join([have, *xla_flags.DEFAULT]).strip())
+
+
+# --------------------------------------------------------------------------- the trained run
+
+
+def loop_overrides(corpus: Path, run_dir: Path, steps: int = 24, **extra: object) -> list[str]:
+    """train.py's overrides for a tiny run on `corpus` (write_corpus) into `run_dir`."""
+    kv = {
+        "data.source": f"{corpus}/*.txt",
+        "data.cache_dir": str(run_dir.parent / "cache"),
+        "data.val_fraction": 0.1,
+        "model.n_layer": 2, "model.d_model": 64, "model.n_head": 4, "model.d_ff": 256,
+        "model.context_length": 64, "model.local_window": 16,
+        "optim.learning_rate": 3e-3, "optim.warmup_tokens": 2000, "optim.decay_tokens": 100000,
+        "train.run_dir": str(run_dir), "train.batch_size": 8, "train.steps": steps,
+        "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 2,
+        "train.checkpoint_every": 8, "train.keep_checkpoints": 3, "mesh.data": 1,
+    }
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+TRAINED_STEPS = 24  # checkpoints at 8, 16 and 24; validation at 0, 12 and 24
+
+
+def train_shared_run(root: Path) -> tuple[Path, Path]:
+    """(corpus, run): `loop_overrides(corpus, run, steps=TRAINED_STEPS)` trained once under
+    `root`, in this process on one device, as train.py would (same config, so train.py resumes
+    it). Every pytest-xdist worker that asks gets the same one: the first trains it under a file
+    lock, the others wait and read it. Tests copy it (copy_run) before they change anything."""
+    import fcntl
+
+    from gptjax import config
+    from gptjax.train import trainer
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus, run = root / "corpus", root / "run"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".done").exists():
+            corpus.mkdir(exist_ok=True)
+            write_corpus(corpus)
+            cfg = config.load_config("default", loop_overrides(corpus, run, steps=TRAINED_STEPS))
+            trainer.train(cfg, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]), quiet=True)
+            (root / ".done").write_text("")
+    return corpus, run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A writable copy of a run directory (the shared one is only read)."""
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("*.lock", ".lock*"))
+    return to
+
+
+def train_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch,
+                     capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """train.py ARGS as its main in this process: (exit code, stderr). For runs that end
+    before the first step (refusals): the mesh spans this process's 8 devices (mesh.data=-1;
+    loop_overrides' mesh.data=1 is a 1-device process's), which a compile would pay for."""
+    keep_xla_flags(monkeypatch)
+    code, _, err = call_main(script("train").main, [*args, "mesh.data=-1"], capsys)
+    return code, err

@@ -1,7 +1,8 @@
 """User mistakes at every entry point end with one line on stderr and exit code 2: no traceback,
-nothing written. CLIs run as a user starts them (a subprocess, cwd at the repository root) where
-the whole path matters; the many variants of one argument type run in-process through the same
-`main`; config rules run in-process."""
+nothing written. Each command's `main(argv)` runs in-process (what `python train.py ARGS` and
+`python -m gptjax.X ARGS` run); one case per command also runs as a user starts it (a
+subprocess, cwd at the repository root), as proof that the process boundary keeps the one line
+and the exit code; config rules run in-process."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gptjax.hf import convert, gpt2
 from gptjax.eval import perplexity as gptjax_eval
 from gptjax.bench import cli as bench_cli
 from gptjax.errors import ConfigError
-from helpers import write_run
+from helpers import call_main, script, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["train.steps=1", "train.batch_size=2", "train.eval_batches=1", "model.n_layer=2",
@@ -41,10 +42,23 @@ def run(*args: str, home: Path | None = None, cwd: Path = ROOT) -> subprocess.Co
                           text=True, timeout=300)
 
 
-def assert_one_line(r: subprocess.CompletedProcess | str, prog: str, *expect: str) -> str:
+def in_process(capsys: pytest.CaptureFixture[str], command: str, *args: str) -> tuple[int, str]:
+    """`python COMMAND ARGS` run as its main(argv) in this process: (exit code, stderr)."""
+    main = (script(command.removesuffix(".py")).main if command.endswith(".py")
+            else {"gptjax.hf": convert.main, "gptjax.bench": bench_cli.main}[command])
+    code, _, err = call_main(main, list(args), capsys)
+    return code, err
+
+
+def assert_one_line(r: subprocess.CompletedProcess | tuple[int, str] | str, prog: str,
+                    *expect: str) -> str:
     """The error line (exit code 2, one stderr line starting `PROG: error: `, no traceback)."""
-    stderr = r if isinstance(r, str) else r.stderr
-    if not isinstance(r, str):
+    if isinstance(r, tuple):
+        code, stderr = r
+        assert code == 2, (code, stderr)
+    else:
+        stderr = r if isinstance(r, str) else r.stderr
+    if isinstance(r, subprocess.CompletedProcess):
         assert r.returncode == 2, (r.returncode, stderr)
     lines = stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -69,10 +83,20 @@ def unwritable_dir(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- 1, 2: config files
 
 
-def test_binary_config_file(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_binary_config_file_in_a_process(tmp_path: Path) -> None:
+    """train.py's one subprocess here: the exit code and the one line survive the process."""
     f = tmp_path / "x.yaml"
     f.write_bytes(bytes(np.random.default_rng(0).integers(128, 256, 300, dtype=np.uint8)))
     r = run("train.py", "--config", str(f), f"train.run_dir={tmp_path / 'run'}")
+    assert_one_line(r, "train.py", str(f), "not valid UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
+def test_binary_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_bytes(bytes(np.random.default_rng(0).integers(128, 256, 300, dtype=np.uint8)))
+    r = in_process(capsys, "train.py", "--config", str(f), f"train.run_dir={tmp_path / 'run'}")
     assert_one_line(r, "train.py", str(f), "not valid UTF-8")
     assert not (tmp_path / "run").exists()
 
@@ -85,11 +109,12 @@ def test_empty_config_file_is_an_error(tmp_path: Path, text: str) -> None:
         config.load_config(f)
 
 
-def test_empty_config_file_on_the_command_line(tmp_path: Path) -> None:
+def test_empty_config_file_on_the_command_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "empty.yaml"
     f.write_text("# all commented out\n")
     # --dry-run and TINY keep a regression (a silent run of the defaults) short.
-    r = run("train.py", "--config", str(f), "--dry-run", *TINY)
+    r = in_process(capsys, "train.py", "--config", str(f), "--dry-run", *TINY)
     assert_one_line(r, "train.py", f"{f} is empty")
 
 
@@ -110,8 +135,9 @@ def test_empty_config_file_on_the_command_line(tmp_path: Path) -> None:
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2 is not in [0, 2)"),
     (["--num-processes", "2", "--process-id", "-1"], "argument --process-id: must be >= 0"),
 ])
-def test_train_flags(tmp_path: Path, args: list[str], expect: str) -> None:
-    r = run("train.py", *args, *TINY, f"train.run_dir={tmp_path / 'run'}")
+def test_train_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                     expect: str) -> None:
+    r = in_process(capsys, "train.py", *args, *TINY, f"train.run_dir={tmp_path / 'run'}")
     assert_one_line(r, "train.py", expect)
     assert not (tmp_path / "run").exists()
 
@@ -119,10 +145,10 @@ def test_train_flags(tmp_path: Path, args: list[str], expect: str) -> None:
 # --------------------------------------------------------------------------- 5: seeds
 
 
-def test_sample_seed_out_of_range(tmp_path: Path) -> None:
+def test_sample_seed_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Checked before the checkpoint is read: no run is needed to see it.
-    r = run("sample.py", "--checkpoint", str(tmp_path), "--prompt", "x",
-            "--seed", "12345678901234567890123")
+    r = in_process(capsys, "sample.py", "--checkpoint", str(tmp_path), "--prompt", "x",
+                   "--seed", "12345678901234567890123")
     assert_one_line(r, "sample.py", "--seed must be in [0, 4294967295]")
 
 
@@ -137,14 +163,24 @@ def test_config_seeds_are_32_bit(key: str, value: str) -> None:
 # --------------------------------------------------------------------------- 6: the benchmarks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expect", [
     (["attention", "--seqs", "abc"], "argument --seqs: invalid int value: 'abc'"),
-    (["decode", "--batch-sizes", "x"], "argument --batch-sizes: invalid int value: 'x'"),
-    (["train", "--steps", "0"], "argument --steps: must be positive, got 0"),
 ])
 def test_bench_flags_in_a_process(args: list[str], expect: str) -> None:
     r = run("-m", "gptjax.bench", *args)
     assert_one_line(r, f"python -m gptjax.bench {args[0]}", expect)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["decode", "--batch-sizes", "x"], "argument --batch-sizes: invalid int value: 'x'"),
+    (["train", "--steps", "0"], "argument --steps: must be positive, got 0"),
+])
+def test_bench_flags_of_the_process_cases(capsys: pytest.CaptureFixture[str], args: list[str],
+                                          expect: str) -> None:
+    """The rest of what used to run as processes: the same main, in this one."""
+    assert_one_line(in_process(capsys, "gptjax.bench", *args),
+                    f"python -m gptjax.bench {args[0]}", expect)
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -187,6 +223,22 @@ def test_bench_profile_into_a_file(tmp_path: Path, capsys: pytest.CaptureFixture
                     f"argument --profile: {f} exists and is not a directory")
 
 
+# --------------------------------------------------------------------------- the other commands
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,args,expect", [
+    ("gptjax.plot", ["{tmp}/no-run", "--out", "{tmp}/x.png"], "does not exist"),
+    ("gptjax.sweep", ["--sizes", "4by128", "--out", "{tmp}/sweep"], "argument --sizes"),
+])
+def test_other_commands_in_a_process(tmp_path: Path, module: str, args: list[str],
+                                     expect: str) -> None:
+    """The commands whose own tests call main(argv): one mistake each through a process."""
+    r = run("-m", module, *(a.format(tmp=tmp_path) for a in args))
+    assert_one_line(r, f"python -m {module}", expect)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "sweep").exists()
+
+
 # --------------------------------------------------------------------------- 7: hf --out
 
 
@@ -212,7 +264,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("command", ["import", "export"])
 @pytest.mark.parametrize("where", ["file", "under-a-file", "unwritable"])
 def test_hf_out_that_cannot_be_written(hf_dir: Path, run_dir: Path, tmp_path: Path,
-                                       command: str, where: str) -> None:
+                                       capsys: pytest.CaptureFixture[str], command: str,
+                                       where: str) -> None:
     f = tmp_path / "a-file"
     f.write_text("keep me\n")
     out = {"file": f, "under-a-file": f / "sub",
@@ -221,19 +274,30 @@ def test_hf_out_that_cannot_be_written(hf_dir: Path, run_dir: Path, tmp_path: Pa
               "under-a-file": f"{f} is not a directory",
               "unwritable": f"cannot write in {out.parent}"}[where]
     source = hf_dir if command == "import" else run_dir
-    r = run("-m", "gptjax.hf", command, str(source), "--out", str(out))
+    r = in_process(capsys, "gptjax.hf", command, str(source), "--out", str(out))
     assert_one_line(r, f"python -m gptjax.hf {command}", "argument --out: ", expect)
     assert f.read_text() == "keep me\n" and (out == f or not out.exists())
+
+
+@pytest.mark.slow
+def test_hf_out_that_cannot_be_written_in_a_process(hf_dir: Path, tmp_path: Path) -> None:
+    """gptjax.hf's one subprocess here (import into a file)."""
+    f = tmp_path / "a-file"
+    f.write_text("keep me\n")
+    r = run("-m", "gptjax.hf", "import", str(hf_dir), "--out", str(f))
+    assert_one_line(r, "python -m gptjax.hf import", "argument --out: ",
+                    f"{f} exists and is not a directory")
+    assert f.read_text() == "keep me\n"
 
 
 # --------------------------------------------------------------------------- 8: data.num_workers
 
 
-def test_num_workers_is_capped(tmp_path: Path) -> None:
+def test_num_workers_is_capped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"data.num_workers must be in \[0, 1024\]"):
         config.load_config("default", ["data.num_workers=1025"])
     assert config.load_config("default", ["data.num_workers=1024"]).data.num_workers == 1024
-    r = run("train.py", *TINY, "data.num_workers=100000", f"train.run_dir={tmp_path / 'run'}",
+    r = in_process(capsys, "train.py", *TINY, "data.num_workers=100000", f"train.run_dir={tmp_path / 'run'}",
             f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_line(r, "train.py", "data.num_workers must be in [0, 1024]", "got 100000")
 
@@ -266,12 +330,7 @@ def test_config_file_path_expands_home(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_cli_paths_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
-    a = sample.parse_args(["--checkpoint=~/run", "--prompt-file=~/p.txt"])
+    a = script("sample").parse_args(["--checkpoint=~/run", "--prompt-file=~/p.txt"])
     assert (a.checkpoint, a.prompt_file) == (f"{tmp_path}/run", f"{tmp_path}/p.txt")
     a = gptjax_eval.parse_args(["--checkpoint=~/run", "--last-word=~/lw.jsonl"])
     assert (a.checkpoint, a.last_word) == (f"{tmp_path}/run", f"{tmp_path}/lw.jsonl")
@@ -281,12 +340,24 @@ def test_cli_paths_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert (a.run_dir, a.out) == (f"{tmp_path}/run", f"{tmp_path}/gpt2")
 
 
+@pytest.mark.slow
 def test_sample_checkpoint_names_the_expanded_path(tmp_path: Path) -> None:
+    """sample.py's one subprocess here: HOME from the environment the process starts with."""
     r = run("sample.py", "--checkpoint=~/no-run", "--prompt", "x", home=tmp_path)
     assert_one_line(r, "sample.py", f"{tmp_path}/no-run")
 
 
+def test_sample_checkpoint_names_the_expanded_path_in_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = in_process(capsys, "sample.py", "--checkpoint=~/no-run", "--prompt", "x")
+    assert_one_line(r, "sample.py", f"{tmp_path}/no-run")
+
+
+@pytest.mark.slow
 def test_run_dir_under_home_makes_no_tilde_directory(tmp_path: Path) -> None:
+    """A whole (1-step) run in a process of one device, as a user starts it."""
     # cwd is a scratch directory, so the unfixed code's `./~` lands there, not in the repository.
     work = tmp_path / "cwd"
     work.mkdir()

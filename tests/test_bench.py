@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gptjax.bench import cli as bench
+from gptjax.bench import gpu_summary, xplane_summary
 
 
 def test_attention_bench_reports_growth(capsys) -> None:
@@ -39,6 +42,7 @@ def test_remat_auto_keeps_the_first_policy_that_fits(capsys) -> None:
     assert out["memory_needed_gib"]["none"] > 0
 
 
+@pytest.mark.slow
 def test_torch_comparison_runs_in_its_own_process(capsys) -> None:
     # Same shape on both sides; on CPU torch.compile builds C++ (tens of seconds).
     assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
@@ -60,13 +64,15 @@ def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # A generous budget: the scripts' own are sized for a GPU, not a loaded 2-core CPU.
-    env.update(SMOKE="1", BUDGET="3000", OUT=str(out), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(SMOKE="1", BUDGET="3000", OUT=str(out),
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     r = subprocess.run(["bash", script], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r, [json.loads(line) for line in (out / "gpu-results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_benchmarks_load_without_tensorflow_or_tensorboardx() -> None:
     """The GPU image has neither: every benchmark but `run` must work there as it is."""
     script = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorboardX'] = None; "
@@ -79,6 +85,7 @@ def test_benchmarks_load_without_tensorflow_or_tensorboardx() -> None:
     assert json.loads(r.stdout.splitlines()[-1])["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     """gptjax/bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
     r, rows = _smoke("gptjax/bench/gpu.sh", tmp_path)
@@ -106,12 +113,7 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert "unroll 8" in r.stdout
 
 
-def _xplane_summary():
-    from gptjax.bench import xplane_summary
-
-    return xplane_summary
-
-
+@pytest.mark.slow
 def test_profile_trace_is_summarized_by_op_class(tmp_path, capsys) -> None:
     prof = tmp_path / "prof"
     assert bench.main(["train", "--config", "default", "--batch", "8", "--seq", "32", "--steps",
@@ -121,7 +123,7 @@ def test_profile_trace_is_summarized_by_op_class(tmp_path, capsys) -> None:
     capsys.readouterr()
     traces = list(prof.glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and (prof / "step.hlo.txt").read_text().startswith("HloModule")
-    _xplane_summary().main([str(traces[0]), str(prof / "step.hlo.txt"), "--top", "5"])
+    xplane_summary.main([str(traces[0]), str(prof / "step.hlo.txt"), "--top", "5"])
     out = capsys.readouterr().out
     assert out.startswith("CPU op time")
     per_class = {ln.split()[0]: float(ln.split()[1]) for ln in
@@ -130,7 +132,7 @@ def test_profile_trace_is_summarized_by_op_class(tmp_path, capsys) -> None:
 
 
 def test_xplane_summary_classes_gpu_ops() -> None:
-    mod = _xplane_summary()
+    mod = xplane_summary
     hlo = """
 %fused_computation.9 (p0: f32[8,8], p1: f32[8,8]) -> f32[8,8] {
   ROOT %dot.1 = f32[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
@@ -152,8 +154,10 @@ ENTRY %main (a: f32[8,8]) -> f32[8] {
     assert mod._kernel_class("memcpy128") == "copy" and mod._kernel_class("loop_fusion") is None
 
 
+@pytest.mark.slow
 def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
-    """gptjax/bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked here."""
+    """gptjax/bench/gpu_profile.sh, like gpu.sh, gets one try on a GPU: its plumbing is checked
+    here."""
     r, rows = _smoke("gptjax/bench/gpu_profile.sh", tmp_path)
     assert len(rows) == 8 and not [x for x in rows if "failed" in x or "skipped" in x], rows
     assert [x["remat"] for x in rows[-2:]] == ["none", "dots"]
@@ -163,6 +167,20 @@ def test_gpu_profile_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert r.stdout.count("tok/s") == 8
 
 
+def test_gpu_summary_prints_a_line_per_row(tmp_path, capsys) -> None:
+    """python -m gptjax.bench.gpu_summary, what gpu.sh ends with: failed and skipped rows as
+    they were recorded, blank lines skipped; a missing argument is a usage line and status 2."""
+    res = tmp_path / "gpu-results.jsonl"
+    res.write_text(json.dumps({"failed": "train gpt3-xl", "rc": 137}) + "\n\n"
+                   + json.dumps({"skipped": "decode"}) + "\n")
+    assert gpu_summary.main([str(res)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "gpt3-xl" in out[0] and "skipped" in out[1]
+    assert gpu_summary.main([]) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m gptjax.bench.gpu_summary")
+
+
+@pytest.mark.slow
 def test_decode_bench_checks_a_step_kernel_against_xla(monkeypatch) -> None:
     """With model.decode_attention_impl=cudnn the decode row carries the kernel's largest error
     against xla's step; a kernel that reads past each row's filled slots shows up in it."""

@@ -163,6 +163,7 @@ def test_cache_without_a_usable_stamp_is_hashed_once(cfg, hashes, stamp):
     json.loads((path / "verified.json").read_text())
 
 
+@pytest.mark.slow
 def test_concurrent_loaders_leave_a_whole_stamp(cfg, tmp_path):
     """Processes of one run that all find a changed stat re-hash and re-stamp at once."""
     _, path = built(cfg)
@@ -351,6 +352,7 @@ def test_read_only_complete_cache_still_loads(cfg, hashes, capsys):
 # Through train.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corruption", ["overwritten in place", "ids beyond the vocabulary"])
 def test_train_py_refuses_a_corrupted_cache(tmp_path, corpus, corruption):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2, context=32)

@@ -114,6 +114,7 @@ def test_round_trip_through_dict() -> None:
     assert config.config_from_dict(config.config_to_dict(cfg)) == cfg
 
 
+@pytest.mark.slow
 def test_flops_per_token_palm_formula() -> None:
     """PaLM's 6N + 12·L·H·Q·T, each local layer's attention over its band (issue 18): the
     6 dense layers of gpt3-small see 2048 positions, the 6 local ones 256."""

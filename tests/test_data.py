@@ -390,6 +390,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
     assert data.ensure_cache(cfg, "train")[2]
 
 
+@pytest.mark.slow
 def test_killed_build_is_not_reused(tmp_path, corpus):
     """A build killed with SIGKILL leaves only a temporary dir, which the next build removes."""
     cache = tmp_path / "cache"
@@ -427,6 +428,7 @@ def test_killed_build_is_not_reused(tmp_path, corpus):
     assert manifest["tokens"] == path.joinpath("tokens.bin").stat().st_size // 2
 
 
+@pytest.mark.slow
 def test_concurrent_builds_of_one_cache(tmp_path, corpus):
     """Two processes (two hosts' processes on one filesystem) building the same cache at once."""
     script = textwrap.dedent(
@@ -530,6 +532,7 @@ def test_fewer_tokens_than_one_window(tmp_path):
         eval_batches(cfg, 2)
 
 
+@pytest.mark.slow
 def test_import_without_tensorflow(tmp_path, corpus):
     """Without TF: `import gptjax.data`, file caches and training batches (data.pipeline=auto
     takes threads) work; asking for tf.data is one clear line."""

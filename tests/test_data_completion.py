@@ -200,6 +200,7 @@ def check_rows(batch, index, tokens, mask):
     return starts
 
 
+@pytest.mark.slow
 def test_train_windows_carry_their_targets_weights_and_resume_exactly(tmp_path):
     write_jsonl(tmp_path / "src" / "ft.jsonl", random_records(40))
     stride = 5
@@ -260,6 +261,7 @@ def test_eval_windows_carry_weights_and_padding_has_none(tmp_path):
 # Training
 
 
+@pytest.mark.slow
 def test_prompt_targets_contribute_zero_gradient(tmp_path):
     write_jsonl(tmp_path / "src" / "ft.jsonl", random_records(30, seed=2))
     cfg = make_cfg(tmp_path, f"{tmp_path}/src/*.jsonl", val_fraction=1e-9)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -39,6 +41,7 @@ def reference_keys(text: str) -> set[str]:
     return set(re.findall(rf"^\|\s*`({KEY_RE})`\s*\|", text, re.M))
 
 
+@pytest.mark.slow
 def test_config_reference_lists_exactly_the_help_keys() -> None:
     documented = reference_keys((DOCS / "config.md").read_text(encoding="utf-8"))
     printed = help_keys()

@@ -152,6 +152,7 @@ def run_eval(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_cli_file_source_and_last_word(run_dir: Path, tmp_path: Path, params: dict) -> None:
     text = "def f(x):\n    return x + 1\n" * 12  # 336 bytes; the source adds one end-of-text
     (tmp_path / "a.txt").write_text(text)
@@ -176,6 +177,7 @@ def test_cli_file_source_and_last_word(run_dir: Path, tmp_path: Path, params: di
     assert "bits/byte" in human.stdout and "at stride 8\n" in human.stdout  # default: context // 2
 
 
+@pytest.mark.slow
 def test_cli_prompt_completion_scores_completions_only(run_dir: Path, tmp_path: Path) -> None:
     records = [{"prompt": f"Q: {i} + {i}?\nA:", "completion": f" {2 * i}"} for i in range(20)]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -187,6 +189,7 @@ def test_cli_prompt_completion_scores_completions_only(run_dir: Path, tmp_path: 
     assert p["bytes"] == sum(completions)
 
 
+@pytest.mark.slow
 def test_cli_default_is_validation_split(run_dir: Path) -> None:
     r = run_eval("--checkpoint", str(run_dir), "--max-tokens", "300", "--json")
     assert r.returncode == 0, r.stderr

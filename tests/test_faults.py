@@ -23,7 +23,8 @@ import pytest
 
 from gptjax import checkpoint, config, model
 from gptjax.train import optim
-from helpers import write_corpus
+from gptjax.eval import perplexity as gptjax_eval
+from helpers import TRAINED_STEPS, call_main, copy_run, script, train_in_process, write_corpus
 from test_train import ROOT, loop_overrides, run_train
 
 TRAIN_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -39,12 +40,14 @@ def steps_on_disk(run_dir: Path) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(checkpoint.checkpoint_dir(run_dir)))
 
 
-def one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """The run ended with exit 2 and exactly one stderr line (no traceback) holding `needles`."""
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+def one_error_line(r: subprocess.CompletedProcess | tuple[int, str], *needles: str) -> str:
+    """The run ended with exit 2 and exactly one stderr line (no traceback) holding `needles`;
+    `r` is a process or (exit code, stderr) of train.py's main run in this process."""
+    code, stderr = (r.returncode, r.stderr) if isinstance(r, subprocess.CompletedProcess) else r
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("train.py: error: ")]
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert code == 2, stderr[-3000:]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
@@ -78,18 +81,22 @@ def flip_bytes(step_dir: Path) -> None:
     data.write_bytes(bytes(raw))
 
 
-def test_resume_under_other_clipping_and_decay_continues(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_resume_under_other_clipping_and_decay_continues(trained_run: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
     """optim.clip_norm or weight_decay set to 0 used to change the optimizer state's structure:
     no checkpoint restored, the run started over at step 0 and keep-N deleted the originals."""
-    run_dir = tmp_path / "run"
-    assert run_train(loop_overrides(corpus, run_dir, steps=8)).returncode == 0
-    r = run_train(loop_overrides(corpus, run_dir, steps=12, **{
+    corpus, shared = trained_run
+    run_dir = copy_run(shared, tmp_path / "run")  # trained to TRAINED_STEPS, default clipping
+    last = TRAINED_STEPS
+    r = run_train(loop_overrides(corpus, run_dir, steps=last + 4, **{
         "optim.clip_norm": 0, "optim.weight_decay": 0}))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stdout and "at step 8" in r.stdout
-    assert steps_on_disk(run_dir)[-2:] == [8, 12]
+    assert "resumed from" in r.stdout and f"at step {last}" in r.stdout
+    assert steps_on_disk(run_dir)[-2:] == [last, last + 4]
 
 
+@pytest.mark.slow
 def test_optimizer_state_has_one_structure_for_any_clipping_and_decay() -> None:
     params = model.init_params(config.ModelConfig(vocab_size=64, context_length=16, n_layer=2,
                                                   d_model=16, n_head=2, d_ff=32), jax.random.key(0))
@@ -106,43 +113,49 @@ def test_optimizer_state_has_one_structure_for_any_clipping_and_decay() -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_no_restorable_checkpoint_stops_and_keeps_everything(corpus: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert run_train(loop_overrides(corpus, run_dir, steps=16)).returncode == 0
+@pytest.mark.slow
+def test_no_restorable_checkpoint_stops_and_keeps_everything(trained_run: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    corpus, shared = trained_run
+    run_dir = copy_run(shared, tmp_path / "run")
     before = steps_on_disk(run_dir)
     for step in before:  # every step unreadable: each loses a parameter file
         shutil.rmtree(checkpoint.checkpoint_dir(run_dir) / str(step) / "params" / "d")
         shutil.rmtree(checkpoint.checkpoint_dir(run_dir) / str(step) / "params" / "ocdbt.process_0")
     metrics = (run_dir / "metrics.jsonl").read_text()
-    r = run_train(loop_overrides(corpus, run_dir, steps=24))
+    r = run_train(loop_overrides(corpus, run_dir, steps=TRAINED_STEPS + 8))
     one_error_line(r, "no checkpoint", "can be restored", *(f"step {s}" for s in before))
     assert steps_on_disk(run_dir) == before  # nothing deleted, nothing trained
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_moved_aside_and_an_older_one_resumes(
-        corpus: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert run_train(loop_overrides(corpus, run_dir, steps=16)).returncode == 0
-    flip_bytes(checkpoint.checkpoint_dir(run_dir) / "16")
+        trained_run: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    corpus, shared = trained_run
+    run_dir = copy_run(shared, tmp_path / "run")  # checkpoints 8, 16 and 24
+    last = TRAINED_STEPS
+    flip_bytes(checkpoint.checkpoint_dir(run_dir) / str(last))
     # sample.py and gptjax.eval on the newest step by name refuse it in one line.
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(run_dir),
-                        "--step", "16", "--prompt", "x", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=120)
-    assert r.returncode == 2 and "fails its checksum" in r.stderr, r.stderr[-2000:]
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run_train(loop_overrides(corpus, run_dir, steps=24))
+    code, _, err = call_main(script("sample").main, [
+        "--checkpoint", str(run_dir), "--step", str(last), "--prompt", "x",
+        "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "fails its checksum" in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1, err
+    r = run_train(loop_overrides(corpus, run_dir, steps=last + 8))
     assert r.returncode == 0, r.stderr[-2000:]
-    warnings = [ln for ln in r.stderr.splitlines() if "step 16 is unreadable" in ln]
+    warnings = [ln for ln in r.stderr.splitlines() if f"step {last} is unreadable" in ln]
     assert len(warnings) == 1 and "fails its checksum" in warnings[0]
     assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+    assert "resumed from" in r.stdout and f"at step {last - 8}" in r.stdout
     moved = list((run_dir / checkpoint.UNREADABLE_DIR).iterdir())
-    assert len(moved) == 1 and moved[0].name.startswith("16.")
-    assert steps_on_disk(run_dir)[-1] == 24
+    assert len(moved) == 1 and moved[0].name.startswith(f"{last}.")
+    assert steps_on_disk(run_dir)[-1] == last + 8
 
 
-def test_non_finite_parameters_are_refused_by_sample_and_eval(tmp_path: Path) -> None:
+def test_non_finite_parameters_are_refused_by_sample_and_eval(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = config.load_config("default", [f"train.run_dir={tmp_path / 'run'}"])
     params = model.init_params(cfg.model, jax.random.key(0))
     params["wte"] = params["wte"].at[3, 3].set(jnp.nan)
@@ -150,16 +163,16 @@ def test_non_finite_parameters_are_refused_by_sample_and_eval(tmp_path: Path) ->
     opt = optim.make_optimizer(cfg.optim)
     ckpt.save(5, params, opt.init(params), {}, checkpoint.make_meta(cfg, 5, {"tokens": 0}))
     ckpt.close()
-    for cmd in (["sample.py", "--prompt", "x"], ["-m", "gptjax.eval", "--max-tokens", "100"]):
-        first = [str(ROOT / cmd[0])] if cmd[0].endswith(".py") else cmd[:2]
-        args = cmd[1:] if cmd[0].endswith(".py") else cmd[2:]
-        r = subprocess.run([sys.executable, *first, "--checkpoint", str(tmp_path / "run"), *args],
-                           capture_output=True, text=True, cwd=ROOT, env=TRAIN_ENV, timeout=120)
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert "not finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert r.stderr.strip().splitlines()[-1].split(": error: ")[1].startswith("no readable")
+    # The commands' mains in this process (test_bad_input and test_eval start their processes).
+    for main, args in ((script("sample").main, ["--prompt", "x"]),
+                       (gptjax_eval.main, ["--max-tokens", "100"])):
+        code, _, err = call_main(main, ["--checkpoint", str(tmp_path / "run"), *args], capsys)
+        assert code == 2, err[-2000:]
+        assert "not finite" in err and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1].split(": error: ")[1].startswith("no readable")
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoints_end_the_run_in_one_line(corpus: Path, tmp_path: Path) -> None:
     """The asynchronous write failed in the background and the process never exited."""
     run_dir = tmp_path / "run"
@@ -174,18 +187,23 @@ def test_unwritable_checkpoints_end_the_run_in_one_line(corpus: Path, tmp_path: 
     assert took < 150
 
 
-def test_unusable_run_dir_is_one_line(corpus: Path, tmp_path: Path) -> None:
+def test_unusable_run_dir_is_one_line(corpus: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
-    one_error_line(run_train(loop_overrides(corpus, afile, steps=2)), "train.run_dir")
+    one_error_line(train_in_process(loop_overrides(corpus, afile, steps=2), monkeypatch, capsys),
+                   "train.run_dir")
     locked = tmp_path / "locked"
     with unwritable(locked):
-        one_error_line(run_train(loop_overrides(corpus, locked / "run", steps=2)),
-                       "train.run_dir")
+        one_error_line(train_in_process(loop_overrides(corpus, locked / "run", steps=2),
+                                        monkeypatch, capsys), "train.run_dir")
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
-        corpus: Path, tmp_path: Path) -> None:
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                               *loop_overrides(corpus, run_dir, steps=100000)],
@@ -195,7 +213,8 @@ def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
         for line in first.stdout:  # training has started: the lock is held
             if line.startswith("step "):
                 break
-        r = run_train(loop_overrides(corpus, run_dir, steps=4))
+        # The second trainer: train.py's main in this process, refused by the first's lock.
+        r = train_in_process(loop_overrides(corpus, run_dir, steps=4), monkeypatch, capsys)
         one_error_line(r, "in use by another trainer", f"pid {first.pid}")
     finally:
         first.send_signal(signal.SIGKILL)
@@ -209,6 +228,7 @@ def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_first_signal_is_reported_at_once_and_a_second_exits(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # Every step evaluates the whole validation split with a model large enough that a step

@@ -21,7 +21,7 @@ from gptjax.errors import UserError
 from gptjax.eval.tasks import Item, Task, fit_prompt, read_task, render, shot_indices
 from gptjax.tokenizer import get_tokenizer
 
-from helpers import tiny, write_run
+from helpers import run_main, tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -159,12 +159,10 @@ def test_bad_task_files_are_one_line(case: str, run_dir: Path, tmp_path: Path,
 
 
 def test_cli_table_and_json(run_dir: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    args = [sys.executable, "-m", "gptjax.fewshot", "--checkpoint", str(run_dir),
-            "--task", str(DATA / "fewshot_choice.jsonl"), "--shots", "0,1,8", "--limit", "6"]
-    r = subprocess.run([*args, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=180)
+    """`python -m gptjax.fewshot` as its main in this process (the process: the test below)."""
+    r = run_main(fewshot.main, ["--checkpoint", str(run_dir), "--task",
+                                str(DATA / "fewshot_choice.jsonl"), "--shots", "0,1,8",
+                                "--limit", "6", "--json"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     runs = out["tasks"][0]["runs"]
@@ -175,6 +173,21 @@ def test_cli_table_and_json(run_dir: Path) -> None:
     assert f"{100 * runs[1]['acc']:.1f} ± {100 * runs[1]['acc_stderr']:.1f}" in text
 
 
+@pytest.mark.slow
+def test_cli_error_in_a_process(run_dir: Path, tmp_path: Path) -> None:
+    """gptjax.fewshot started as a user starts it: a bad task file is one line and exit 2."""
+    text, expect = BAD["empty"]
+    (tmp_path / "t.jsonl").write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-m", "gptjax.fewshot", "--checkpoint", str(run_dir),
+                        "--task", str(tmp_path / "t.jsonl"), "--shots", "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+    assert r.stderr.startswith("gptjax.fewshot: error: ")
+
+
+@pytest.mark.slow
 def test_tasks_evaluated_during_training(tmp_path: Path) -> None:
     """train.fewshot_tasks: scored at each evaluation on parameters sharded over 2 devices,
     logged to metrics.jsonl; an unusable file warns and training goes on."""

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +22,7 @@ import transformers
 from gptjax import checkpoint, model
 from gptjax.hf import convert, gpt2
 from gptjax.errors import UserError
-from helpers import needs_bpe
+from helpers import needs_bpe, run_main, script
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX = 32
@@ -59,12 +57,10 @@ def torch_logits(hf_dir: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 def run_cli(*args: str, module: str = "gptjax.hf") -> subprocess.CompletedProcess:
-    # A plain single-device process, as a user would start it (not conftest's 8 devices).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, *(["-m", module] if module != "sample.py" else [str(ROOT / module)])]
-    return subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
+    """`python -m gptjax.hf ARGS` (or sample.py ARGS) as its main in this process; the process
+    itself is tested once, in test_bad_input."""
+    main = script("sample").main if module == "sample.py" else convert.main
+    return run_main(main, list(args), module)
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +218,12 @@ def _few_shot(hf_dir: Path, tmp_path: Path, tokenizer: str) -> None:
     assert rec["samples"][0]["tokens"] == len(out)
 
 
+@pytest.mark.slow
 def test_few_shot_prompt_file_byte(tmp_path: Path) -> None:
     _few_shot(make_hf(tmp_path / "byte", ctx=FEW_SHOT_CTX), tmp_path, "byte")
 
 
+@pytest.mark.slow
 @needs_bpe
 def test_few_shot_prompt_file_gpt2(tmp_path: Path) -> None:
     _few_shot(make_hf(tmp_path / "gpt2", vocab=50257, seed=1, ctx=FEW_SHOT_CTX), tmp_path, "gpt2")

@@ -26,12 +26,15 @@ from gptjax.hf import convert
 from gptjax.eval import scoring
 from gptjax.eval.tasks import read_task
 from gptjax.eval.lm_eval import GptjaxLM
+from helpers import run_main
 from test_hf import make_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 CTX = 32
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+CLI_ARGS = ["--model", "gptjax", "--tasks", "gptjax_choice", "--include_path", "tests/data/lm_eval",
+            "--limit", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,7 @@ def test_rolling_equals_sliding_window_total(lm: GptjaxLM) -> None:
     assert got == pytest.approx(-r["loss"] * r["tokens"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_until_stops_and_samples(lm: GptjaxLM) -> None:
     prompts = ["def f", "import", "class A:\n"]
     ids = [list(p.encode()) for p in prompts]
@@ -102,6 +106,7 @@ def test_generate_until_stops_and_samples(lm: GptjaxLM) -> None:
     assert sampled == again
 
 
+@pytest.mark.slow
 def test_local_tasks_match_fewshot(gpt2: tuple[Path, Path], lm: GptjaxLM,
                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """lm-eval's accuracy (unnormalised) and generations on the local YAML tasks equal
@@ -127,16 +132,28 @@ def test_local_tasks_match_fewshot(gpt2: tuple[Path, Path], lm: GptjaxLM,
     assert [gens[i] for i in range(len(want))] == want
 
 
-def test_cli_runs_lm_eval_with_gptjax(gpt2: tuple[Path, Path]) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **OFFLINE)
-    base = [sys.executable, "-m", "gptjax.lm_eval", "--model", "gptjax", "--tasks",
-            "gptjax_choice", "--include_path", "tests/data/lm_eval", "--limit", "4"]
-    r = subprocess.run([*base, "--model_args", f"checkpoint={gpt2[1]},batch_size=4"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_cli_runs_lm_eval_with_gptjax(gpt2: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:
+    """`python -m gptjax.lm_eval` as its main in this process (the process: the test below)."""
+    from gptjax.eval.lm_eval import main
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # lm-eval's parser reads sys.argv
+    monkeypatch.chdir(ROOT)
+    r = run_main(main, [*CLI_ARGS, "--model_args", f"checkpoint={gpt2[1]},batch_size=4"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gptjax_choice" in r.stdout and "acc" in r.stdout
-    r = subprocess.run([*base, "--model_args", "checkpoint=/nonexistent/run"], cwd=ROOT, env=env,
+
+
+@pytest.mark.slow
+def test_cli_error_in_a_process() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **OFFLINE)
+    r = subprocess.run([sys.executable, "-m", "gptjax.lm_eval", *CLI_ARGS, "--model_args",
+                        "checkpoint=/nonexistent/run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "gptjax.lm_eval: error: " in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr

@@ -94,6 +94,7 @@ def test_local_window_covering_context_equals_dense() -> None:
     assert float(jnp.abs(narrow - dense).max()) > 1e-4  # the band really matters when narrow
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
 def test_scan_unrolled_and_remat_agree(remat) -> None:
     cfg = tiny()
@@ -160,6 +161,7 @@ def test_prefill_then_decode_equals_full_forward(pattern, scan) -> None:
     np.testing.assert_array_equal(cache["index"], [30, 30])
 
 
+@pytest.mark.slow
 def test_decode_reading_a_cache_prefix() -> None:
     """attend_len = exactly the positions a step needs gives the whole-cache logits; one short
     drops the newest key (the control)."""
@@ -178,6 +180,7 @@ def test_decode_reading_a_cache_prefix() -> None:
     assert float(jnp.abs(logits(20) - logits(None)).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_ragged_prefill_commits_only_valid_tokens() -> None:
     cfg = tiny(n_layer=2, local_window=4, context_length=24)
     params = model.init_params(cfg, jax.random.key(0))
@@ -196,6 +199,7 @@ def test_ragged_prefill_commits_only_valid_tokens() -> None:
     np.testing.assert_allclose(logits[1], full1, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_loss_equals_full_loss_and_gradient(dtype) -> None:
     """The fused chunked loss forms its gradient in the forward pass; autodiff of the plain

@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from gptjax.bench import cli as bench
+from gptjax.bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVENANCE = ("date", "commit", "dirty", "device", "backend", "versions", "xla_flags", "command")
-
-
-def _report():
-    from gptjax.bench import report
-
-    return report
 
 
 def test_every_result_row_has_its_provenance() -> None:
@@ -36,7 +31,6 @@ def test_every_result_row_has_its_provenance() -> None:
 
 
 def test_docs_tables_match_the_results_files() -> None:
-    report = _report()
     doc = report.DOC.read_text()
     assert "<!-- results:cpu-train -->" in doc
     assert "<!-- results:sweep-cpu -->" in (ROOT / "docs" / "sweep.md").read_text()
@@ -47,7 +41,6 @@ def test_docs_tables_match_the_results_files() -> None:
 
 
 def test_a_changed_result_changes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    report = _report()
     rows = (report.RESULTS / "cpu.jsonl").read_text().splitlines()
     first = json.loads(next(r for r in rows if " train " in json.loads(r)["provenance"]["command"]))
     first["tokens_per_s"] = 123456789.0

@@ -1,4 +1,6 @@
-"""sample.py end to end on a tiny checkpoint made here; each user mistake: one line, exit 2."""
+"""sample.py end to end on a tiny checkpoint made here; each user mistake: one line, exit 2.
+sample.py's main runs in this process (the JIT's programs are shared between the tests); one
+test starts it as a process, as a user does."""
 
 import json
 import os
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gptjax import config
-from helpers import write_run
+from helpers import call_main, script, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
@@ -27,7 +29,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_run(d, cfg, step=7)
 
 
-def sample(*args: str) -> subprocess.CompletedProcess:
+def sample_process(*args: str) -> subprocess.CompletedProcess:
     # A plain single-device process, as a user would start it (not conftest's 8 devices).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -39,7 +41,31 @@ def sample(*args: str) -> subprocess.CompletedProcess:
     return r
 
 
-def test_streams_text_and_json_agree(run_dir: Path) -> None:
+@pytest.fixture
+def sample(capsys: pytest.CaptureFixture[str]):
+    """sample.py ARGS as its main in this process: a CompletedProcess-like result (pytest's
+    capture keeps a sampled "\r" as it is, as the bytes of a process's stdout do)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code, out, err = call_main(script("sample").main, list(args), capsys)
+        return subprocess.CompletedProcess(["sample.py", *args], code, out, err)
+
+    return run
+
+
+@pytest.mark.slow
+def test_streams_text_and_json_agree_in_a_process(run_dir: Path) -> None:
+    """The one run as a process: what streams to a real stdout is the JSON's samples."""
+    args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--num-samples", "2", "--seed", "3"]
+    text, js = sample_process(*args), sample_process(*args, "--json")
+    assert text.returncode == 0 and js.returncode == 0, text.stderr + js.stderr
+    samples = json.loads(js.stdout)["samples"]
+    assert len(samples) == 2 and text.stderr == ""
+    assert text.stdout == "".join(f"=== sample {i + 1}/2 ===\ndef {s['text']}\n"
+                                  for i, s in enumerate(samples))
+
+
+def test_streams_text_and_json_agree(run_dir: Path, sample) -> None:
     args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--num-samples", "2", "--seed", "3"]
     text = sample(*args)
     assert text.returncode == 0, text.stderr
@@ -58,7 +84,7 @@ def test_streams_text_and_json_agree(run_dir: Path) -> None:
     assert text.stdout == expected
 
 
-def test_greedy_prompt_file_and_step(run_dir: Path, tmp_path: Path) -> None:
+def test_greedy_prompt_file_and_step(run_dir: Path, tmp_path: Path, sample) -> None:
     f = tmp_path / "few_shot.txt"
     f.write_text("# add ⇒ def add(a, b):\n# square ⇒ ")
     out = [sample("--checkpoint", str(run_dir), "--prompt-file", str(f), "--greedy", "--json",
@@ -70,7 +96,7 @@ def test_greedy_prompt_file_and_step(run_dir: Path, tmp_path: Path) -> None:
     assert a["samples"][0]["tokens"] <= 5
 
 
-def test_more_new_tokens_than_the_context(run_dir: Path) -> None:
+def test_more_new_tokens_than_the_context(run_dir: Path, sample) -> None:
     """The window slides: 150 new tokens from a model whose context is 64, streamed and not."""
     args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "150",
             "--seed", "1"]
@@ -90,7 +116,7 @@ def test_more_new_tokens_than_the_context(run_dir: Path) -> None:
     (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--checkpoint", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
 ])
-def test_bad_input_exits_2_with_one_line(run_dir: Path, tmp_path: Path, args: list[str],
+def test_bad_input_exits_2_with_one_line(run_dir: Path, tmp_path: Path, sample, args: list[str],
                                          message: str) -> None:
     args = [a.format(run=run_dir, missing=tmp_path / "nothing") for a in args]
     r = sample(*args)

@@ -221,6 +221,7 @@ def test_decode_unroll_gives_the_same_text(monkeypatch) -> None:
                              **SAMPLED) == want
 
 
+@pytest.mark.slow
 def test_cudnn_step_attention_gives_the_same_text(monkeypatch, capsys) -> None:
     """model.decode_attention_impl=cudnn reaches every layer's step (cuDNN played by jax's XLA
     version here; tests/test_gpu_lowering.py checks the CUDA program calls cuDNN)."""

@@ -167,6 +167,35 @@ def test_n_samples_with_a_seed_are_reproducible(client: openai.OpenAI) -> None:
     assert [ch.index for ch in a.choices] == [0, 1, 2]
 
 
+def test_sampled_texts_equal_generate_in_a_mixed_batch(server: str, params: tuple) -> None:
+    """Requests with different settings sent together (so they share decode calls) each give,
+    choice by choice, what `generate` (sample.py) gives for the same seed and settings: one
+    token chooser and one key rule (decode/choose.py)."""
+    from gptjax import generate, get_tokenizer
+
+    tok = get_tokenizer("byte")
+    settings = [dict(temperature=1.0, top_k=50), dict(temperature=0.8, top_p=0.9),
+                dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0),
+                dict(temperature=0.0)]
+    prompt, n, new = "def g(", 2, 10
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    async def together() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server, headers=auth, timeout=60) as h:
+            async def one(i: int, s: dict) -> dict:
+                r = await h.post("/v1/completions", json={
+                    "prompt": prompt, "max_tokens": new, "n": n, "seed": 40 + i, **s})
+                assert r.status_code == 200, r.text
+                return r.json()
+            return await asyncio.gather(*(one(i, s) for i, s in enumerate(settings)))
+
+    p, cfg = params
+    for i, (s, got) in enumerate(zip(settings, asyncio.run(together()))):
+        want = generate(p, cfg, [tok.encode(prompt)], max_new_tokens=new, num_samples=n,
+                        seed=40 + i, eos_id=tok.eot_id, **s)
+        assert [c["text"] for c in got["choices"]] == [tok.decode(w) for w in want], s
+
+
 def test_stop_sequences_end_the_text(client: openai.OpenAI) -> None:
     full = client.completions.create(model="tinyrun", prompt="ab", max_tokens=30, temperature=0)
     text = full.choices[0].text
@@ -186,6 +215,7 @@ def test_models_and_health(client: openai.OpenAI, server: str) -> None:
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_equal_a_forward_pass(server: str, params: tuple,
                                              tmp_path: Path) -> None:
     r = subprocess.run(
@@ -272,6 +302,7 @@ def test_key_size_limit_and_server_goes_on(server: str, client: openai.OpenAI) -
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_load_64_clients_each_answer_equals_it_alone(server: str) -> None:
     """64 concurrent clients × 4 requests: every answer arrives and equals the same request
     sent alone (greedy), so nothing is lost or mixed up between slots."""
@@ -304,6 +335,7 @@ def test_load_64_clients_each_answer_equals_it_alone(server: str) -> None:
                                        alone["logprobs"]["token_logprobs"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_0(run_dir: Path) -> None:
     proc, url = start_server(run_dir, "--shutdown-timeout", "5")
 
@@ -323,6 +355,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(run_dir: Path) -> None:
         httpx.get(url + "/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_cli_mistakes_are_one_line_exit_2(tmp_path: Path) -> None:
     for args, message in [(["--checkpoint", str(tmp_path / "none")], "no checkpoint"),
                           (["--checkpoint", str(tmp_path), "--port", "70000"], "--port"),

@@ -41,6 +41,7 @@ def test_expected_partition_specs_of_a_full_size_preset() -> None:
     assert logical["layers"]["block1"]["mlp"]["fc_kernel"] == P("layers", "embed", "mlp")
 
 
+@pytest.mark.slow
 def test_params_are_created_sharded_and_forward_matches_unsharded() -> None:
     cfg = tiny()
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))

@@ -70,7 +70,8 @@ def _assert_close_to_reference(cfg, params, toks, run=None) -> None:
 
 
 @pytest.mark.parametrize(("T", "window"), [
-    (300, 8),   # not a multiple of the 128-wide tile; three tiles, the band crossing them
+    # not a multiple of the 128-wide tile; three tiles, the band crossing them
+    pytest.param(300, 8, marks=pytest.mark.slow),
     (40, 64),   # T shorter than the band: the local layer is plain causal
     (48, 1),    # a band of one: each token sees only itself
 ])
@@ -101,6 +102,7 @@ def test_sharded_over_mesh_equals_reference() -> None:
     _assert_close_to_reference(cfg, jax.device_get(params), toks, run=sharded)
 
 
+@pytest.mark.slow
 def test_five_train_steps_have_the_reference_losses() -> None:
     """Issue 17's bar: a tiny dense+local model trains under splash (interpret mode) with the
     losses reference attention gives, step for step."""

@@ -1,5 +1,5 @@
-"""gptjax/bench/stdlib_words.py: the share of a sample's words that occur in the stdlib's source, the
-figure the docs give for the demo's sample."""
+"""gptjax/bench/stdlib_words.py: the share of a sample's words that occur in the stdlib's
+source, the figure the docs give for the demo's sample."""
 
 import subprocess
 import sys
@@ -24,13 +24,13 @@ def test_share_of_known_words(words):
     assert words.known_share("", known) == (0.0, 0, [])
 
 
-def test_command_line(tmp_path):
+def test_command_line(tmp_path, capsys):
     sample = tmp_path / "s.txt"
     sample.write_text("import os\nxqzzyv = os.path\n")
-    r = subprocess.run([sys.executable, "-m", "gptjax.bench.stdlib_words", str(sample)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("80% of the sample's 5 words") and "not: xqzzyv" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "gptjax.bench.stdlib_words", str(tmp_path / "missing")],
-                       capture_output=True, text=True, timeout=120)
+    assert stdlib_words.main([str(sample)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("80% of the sample's 5 words") and "not: xqzzyv" in out
+    # The module's own entry point (`python -m`), with a file it cannot read: one line, status 2.
+    r = subprocess.run([sys.executable, "-m", "gptjax.bench.stdlib_words",
+                        str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read" in r.stderr

@@ -46,6 +46,7 @@ def sweep_args(tmp_path: Path) -> list[str]:
             "train.batch_size=8", "train.eval_batches=1"]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture) -> None:
     assert sweep.main(sweep_args(tmp_path)) == 0

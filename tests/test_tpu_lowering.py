@@ -63,6 +63,7 @@ def _has_logits_TT(text: str) -> bool:
     return re.search(rf"tensor<(\d+x)*{T}x{T}x\w+>", text) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("_real_kernels")
 def test_train_step_runs_splash_for_both_layer_kinds() -> None:
     text = _train_step_text("splash")

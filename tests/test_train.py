@@ -26,7 +26,8 @@ from gptjax.train import plan
 from gptjax.train import optim
 from gptjax.train import state as train_state
 from gptjax.config import OptimConfig, TrainConfig
-from helpers import tiny, write_corpus
+from helpers import (TRAINED_STEPS, call_main, copy_run, keep_xla_flags, loop_overrides, script,
+                     tiny, train_in_process, write_corpus)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,7 @@ def one_device_mesh():
     return sharding.make_mesh(config.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_loss_falls_within_30_steps() -> None:
     cfg = small_cfg()
     state, step = make_step(cfg, one_device_mesh())
@@ -128,6 +130,7 @@ def test_loss_falls_within_30_steps() -> None:
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [0, 16])
 def test_accumulated_microbatches_equal_one_big_batch(loss_chunk: int) -> None:
     # loss_chunk 16: the presets' combination, the fused loss inside the accumulation loop.
@@ -148,6 +151,7 @@ def test_accumulated_microbatches_equal_one_big_batch(loss_chunk: int) -> None:
         np.testing.assert_allclose(x, y, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [0, 16])
 def test_sharded_step_equals_unsharded(loss_chunk: int) -> None:
     # loss_chunk 16: the fused chunked loss, its embedding gradient sharded like wte.
@@ -180,6 +184,7 @@ def test_sharded_step_equals_unsharded(loss_chunk: int) -> None:
     assert len(moments) == 4 and all(x.sharding.spec == spec for x in moments)  # 2 blocks x mu, nu
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped() -> None:
     cfg = small_cfg()
     state, step = make_step(cfg, one_device_mesh())
@@ -206,22 +211,6 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def loop_overrides(corpus: Path, run_dir: Path, steps: int = 24, **extra: object) -> list[str]:
-    kv = {
-        "data.source": f"{corpus}/*.txt",
-        "data.cache_dir": str(run_dir.parent / "cache"),
-        "data.val_fraction": 0.1,
-        "model.n_layer": 2, "model.d_model": 64, "model.n_head": 4, "model.d_ff": 256,
-        "model.context_length": 64, "model.local_window": 16,
-        "optim.learning_rate": 3e-3, "optim.warmup_tokens": 2000, "optim.decay_tokens": 100000,
-        "train.run_dir": str(run_dir), "train.batch_size": 8, "train.steps": steps,
-        "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 2,
-        "train.checkpoint_every": 8, "train.keep_checkpoints": 3, "mesh.data": 1,
-    }
-    kv.update(extra)
-    return [f"{k}={v}" for k, v in kv.items()]
-
-
 def run_train(args: list[str], *, devices: int = 1, timeout: float = 240,
               env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -244,6 +233,7 @@ def final_params(run_dir: Path):
     return step, jax.device_get(params)
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) -> None:
     # Big enough that steps take tens of ms, so the kill lands mid-run.
     big = {"model.d_model": 128, "model.n_layer": 4, "model.d_ff": 512, "train.steps": 48,
@@ -284,6 +274,7 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) ->
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_0(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -304,35 +295,43 @@ def test_sigterm_saves_current_step_and_exits_0(corpus: Path, tmp_path: Path) ->
     assert max(losses(run_dir)) == steps[0]
 
 
-def test_corrupt_latest_checkpoint_falls_back(corpus: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 16}))
-    assert r.returncode == 0, r.stderr[-2000:]
-    latest = run_dir / "checkpoints" / "16" / "params"
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(trained_run: tuple[Path, Path],
+                                              tmp_path: Path) -> None:
+    corpus, shared = trained_run
+    run_dir = copy_run(shared, tmp_path / "run")  # checkpoints 8, 16 and 24
+    last = TRAINED_STEPS
+    latest = run_dir / "checkpoints" / str(last) / "params"
     for f in latest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
-    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 16}))
+    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": last}))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "step 16" in r.stderr and "unreadable" in r.stderr
-    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+    assert f"step {last}" in r.stderr and "unreadable" in r.stderr
+    assert "resumed from" in r.stdout and f"at step {last - 8}" in r.stdout
     # The unreadable step was deleted and written again: the run's latest checkpoint is good.
     _, _, _, step = checkpoint.load_params(run_dir)
-    assert step == 16
+    assert step == last
 
 
-def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    r = run_train(loop_overrides(corpus, run_dir, **{"train.steps": 24}))
-    assert r.returncode == 0, r.stderr[-2000:]
+@pytest.mark.slow
+def test_default_run_learns_and_other_model_config_is_refused(
+        trained_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The shared run: loop_overrides(steps=24), trained in-process on one device.
+    corpus, shared = trained_run
+    assert TRAINED_STEPS == 24
+    run_dir = copy_run(shared, tmp_path / "run")
     val = [json.loads(x)["val_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
            if "val_loss" in x]
     assert len(val) == 3 and val[-1] < val[0]  # steps 0, 12 and 24
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
-    r = run_train(loop_overrides(corpus, run_dir, **{"model.d_model": 32}))
-    assert r.returncode == 2
-    assert "different model config" in r.stderr and "model.d_model" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # Refusals end before the first step: train.py's main in this process.
+    code, err = train_in_process(loop_overrides(corpus, run_dir, **{"model.d_model": 32}),
+                                 monkeypatch, capsys)
+    assert code == 2
+    assert "different model config" in err and "model.d_model" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     # Fine-tuning: parameters only (step 0, fresh optimizer) from the trained run.
     tuned = tmp_path / "tuned"
     r = run_train(loop_overrides(corpus, tuned, **{"train.steps": 4, "train.init_from": run_dir}))
@@ -346,9 +345,9 @@ def test_default_run_learns_and_other_model_config_is_refused(corpus: Path, tmp_
                                                      "model.scan_layers": "true"}))
     assert r.returncode == 0, r.stderr[-2000:]
     assert abs(losses(scanned)[1] - losses(tuned)[1]) < 1e-3
-    r = run_train(loop_overrides(corpus, tmp_path / "x", **{"train.steps": 4, "model.d_ff": 128,
-                                                             "train.init_from": run_dir}))
-    assert r.returncode == 2 and "has shape" in r.stderr and "Traceback" not in r.stderr
+    code, err = train_in_process(loop_overrides(corpus, tmp_path / "x", **{
+        "train.steps": 4, "model.d_ff": 128, "train.init_from": run_dir}), monkeypatch, capsys)
+    assert code == 2 and "has shape" in err and "Traceback" not in err
     # A run resumes under another remat policy (it changes how the step runs, not the weights);
     # auto picks by XLA's memory analysis: on the CPU, which reports no limit, none. The loop
     # runs the program auto compiled: the step is compiled once.
@@ -410,6 +409,7 @@ def test_choose_remat_keeps_the_least_recomputation_that_fits() -> None:
         plan.choose_remat(cfg, broken, limit_gib=100)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     # Scanned layers (the demo config unrolls) and remat chosen by the processes together.
@@ -441,6 +441,7 @@ def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
         assert a[s] == pytest.approx(b[s], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_dry_run_175b_on_emulated_mesh() -> None:
     t = time.perf_counter()
     r = run_train(["--config", "configs/gpt3-175b.yaml", "--dry-run", "mesh.data=2",
@@ -462,26 +463,32 @@ def test_dry_run_175b_on_emulated_mesh() -> None:
         (["model.bogus=1"], "unknown config key model.bogus"),
         (["model.n_layer=x"], "model.n_layer: expected an integer"),
         (["--config", "nope"], "unknown config 'nope'"),
-        (["mesh.data=3"], "needs 3 devices, but 1 are present"),
+        (["mesh.data=3"], "needs 3 devices, but {n} are present"),
         (["train.batch_size=3", "mesh.data=-1"], None),
-        (["data.source=/nonexistent/*.txt", "train.steps=1"], "/nonexistent/*.txt"),
+        # The state is built and the step compiled before the data is read: seconds.
+        pytest.param(["data.source=/nonexistent/*.txt", "train.steps=1"], "/nonexistent/*.txt",
+                     marks=pytest.mark.slow),
         (["--mfu", "abc"], "invalid float value"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(args: list[str], needle: str | None, tmp_path: Path) -> None:
+def test_bad_input_exits_2_with_one_line(args: list[str], needle: str | None, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """train.py's main in this process (test_bad_input runs train.py as a process once)."""
+    keep_xla_flags(monkeypatch)
     base = [f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
-    devices = 2 if "train.batch_size=3" in args else 1
-    r = run_train([*base, *args], devices=devices, timeout=120)
-    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    code, out, err = call_main(script("train").main, [*base, *args], capsys)
+    assert code == 2, (out[-1000:], err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     if needle:
-        assert needle in lines[0]
+        assert needle.format(n=jax.device_count()) in lines[0]
     else:
         assert "not divisible" in lines[0]
 
 
+@pytest.mark.slow
 def test_bf16_embedding_gradient_sums_in_fp32() -> None:
     """A token seen 8,192 times: its embedding row's gradient is a sum of 8,192 rows. Summed in
     bf16 it stalls (it came out at ~20% of the true value); the lookup gathers fp32 rows."""

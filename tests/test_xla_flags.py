@@ -31,6 +31,7 @@ def test_defaults_parse_on_this_jaxlib(cache: Path) -> None:
     assert cache.exists()
 
 
+@pytest.mark.slow
 def test_apply_keeps_user_flags_and_drops_unknown_defaults(
         cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from jax._src import xla_bridge

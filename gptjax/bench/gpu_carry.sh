@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Makes, here and once, what gptjax/bench/gpu.sh needs carried to the GPU machine (whose image has JAX
-# and torch but neither TensorFlow nor tensorboardX, and no network): .whl/ with the tensorboardX
-# wheel, and .bpe/r50k_base.tiktoken, the GPT-2 BPE ranks (from $GPTJAX_GPT2_BPE, else
+# Makes, here and once, what gptjax/bench/gpu.sh needs carried to the GPU machine (whose image has
+# JAX and torch but neither TensorFlow nor tensorboardX, and no network): .whl/ with the
+# tensorboardX wheel, and .bpe/r50k_base.tiktoken, the GPT-2 BPE ranks (from $GPTJAX_GPT2_BPE, else
 # ../shared/data/). Both are added to .git/info/exclude; name them in the device call's carry:
 #   carry [".whl", ".bpe"], command "bash gptjax/bench/gpu.sh"
 set -euo pipefail

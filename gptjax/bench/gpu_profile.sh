@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a train step's time goes on one GPU: profiler traces of gpt3-small and gpt3-medium (for
-# python -m gptjax.bench.xplane_summary, here afterwards) and A/B variants against the presets, one change
-# each (scan, the whole-logits loss, Triton GEMMs, batch, xl's remat), in one device call.
+# python -m gptjax.bench.xplane_summary, here afterwards) and A/B variants against the presets,
+# one change each (scan, the whole-logits loss, Triton GEMMs, batch, xl's remat), in one device
+# call.
 # Results as gpu.sh's ($OUT/gpu-results.jsonl, $OUT/gpu-bench.log) and
 # $OUT/prof-<name>.xplane.pb.gz + .hlo.txt.gz per trace.
 set -uo pipefail

@@ -1,5 +1,10 @@
 """The summary table of a gpu-results.jsonl (gptjax/bench/gpu.sh, gpu_profile.sh): one line per
-run; failed and skipped runs as they were recorded."""
+run; failed and skipped runs as they were recorded.
+
+    python -m gptjax.bench.gpu_summary RESULTS.jsonl
+"""
+
+from __future__ import annotations
 
 import json
 import sys
@@ -35,7 +40,17 @@ def line(r: dict) -> str:
             f"{' '.join(r.get('overrides', []))} flags '{r.get('xla_flags', '')}'")
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m gptjax.bench.gpu_summary RESULTS.jsonl", file=sys.stderr)
+        return 2
+    with open(args[0], encoding="utf-8") as f:
+        for row in f:
+            if row.strip():
+                print(line(json.loads(row)))
+    return 0
+
+
 if __name__ == "__main__":
-    for row in open(sys.argv[1]):
-        if row.strip():
-            print(line(json.loads(row)))
+    sys.exit(main())

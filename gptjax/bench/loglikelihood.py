@@ -1,5 +1,6 @@
-"""Scoring throughput of `gptjax.scoring.loglikelihoods` (what few-shot evaluation and lm-eval's
-loglikelihood requests run) against the train step's forward pass, on the same model."""
+"""Scoring throughput of `gptjax.eval.scoring.loglikelihoods` (what few-shot evaluation and
+lm-eval's loglikelihood requests run) against the train step's forward pass, on the same model:
+`python -m gptjax.bench loglikelihood`."""
 
 from __future__ import annotations
 

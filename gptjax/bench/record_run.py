@@ -15,9 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from gptjax.bench.stdlib_words import known_share, stdlib_words
-
 from gptjax.bench.provenance import provenance
+from gptjax.bench.stdlib_words import known_share, stdlib_words
 from gptjax.checkpoint import load_params
 from gptjax.config import config_to_dict
 from gptjax.eval.perplexity import load_eval_tokens, score_tokens
@@ -48,7 +47,8 @@ def run_row(run_dir: Path, seconds: float, command: str, sample: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench.record_run",
+                                description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--seconds", type=float, required=True, help="what train.py printed")
     p.add_argument("--command", required=True, help="the command that trained the run")

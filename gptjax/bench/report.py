@@ -1,6 +1,6 @@
 """The docs' result tables, made from the committed results files (results/*.jsonl).
 
-    python -m gptjax.bench.report          # rewrite the tables in docs/performance.md, docs/sweep.md
+    python -m gptjax.bench.report          # rewrite the tables: docs/performance.md, sweep.md
     python -m gptjax.bench.report --check  # exit 1 if a table there differs from its results
 
 A table sits between `<!-- results:NAME -->` and `<!-- /results -->` in the doc; TABLES says
@@ -164,7 +164,8 @@ def render(doc: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench.report",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if the doc's tables are stale")
     a = p.parse_args(argv)
     stale = 0

@@ -2,7 +2,7 @@
 and names, `[A-Za-z_][A-Za-z0-9_]*`, counted with repetition) that occur as words anywhere in
 the running interpreter's standard library source, the demo's training corpus.
 
-    python -m gptjax.bench.stdlib_words SAMPLE.txt # or read the sample from stdin
+    python -m gptjax.bench.stdlib_words SAMPLE.txt  # or read the sample from stdin
 
 One line: the share, the words counted and the distinct words that occur nowhere (at most 12).
 """
@@ -35,13 +35,15 @@ def known_share(text: str, known: set[str]) -> tuple[float, int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench.stdlib_words",
+                                description=__doc__.splitlines()[0])
     p.add_argument("sample", nargs="?", help="a text file (default: stdin)")
     args = p.parse_args(argv)
     try:
         text = Path(args.sample).read_text(errors="replace") if args.sample else sys.stdin.read()
     except OSError as e:
-        print(f"gptjax.bench.stdlib_words: error: cannot read {args.sample}: {e.strerror}", file=sys.stderr)
+        print(f"gptjax.bench.stdlib_words: error: cannot read {args.sample}: {e.strerror}",
+              file=sys.stderr)
         return 2
     share, n, unknown = known_share(text, stdlib_words())
     print(f"{100 * share:.0f}% of the sample's {n} words occur in the standard library's source"

@@ -1,11 +1,13 @@
 """Device time of a profiler trace by XLA op: where a train step's time goes.
 
-    python -m gptjax.bench.xplane_summary TRACE.xplane.pb[.gz] [STEP.hlo.txt[.gz]] [--top N] [--steps S]
+    python -m gptjax.bench.xplane_summary TRACE.xplane.pb[.gz] [STEP.hlo.txt[.gz]] \
+        [--top N] [--steps S]
 
 TRACE is what `python -m gptjax.bench train --profile DIR` writes (DIR/plugins/profile/*/
-*.xplane.pb; gptjax/bench/gpu_profile.sh brings it back gzipped). With the step's HLO text, each op is
-also classed (matmul, attention, fusion kind, copy, ...). Reads the trace with TensorFlow's
-xplane_pb2 (TensorFlow is a dependency here, not on the GPU machine: run this one locally).
+*.xplane.pb; gptjax/bench/gpu_profile.sh brings it back gzipped). With the step's HLO text,
+each op is also classed (matmul, attention, fusion kind, copy, ...). Reads the trace with
+TensorFlow's xplane_pb2 (TensorFlow is a dependency here, not on the GPU machine: run this one
+locally).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def summarize(trace: bytes, classes: dict[str, str], top: int, steps: int) -> st
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gptjax.bench.xplane_summary",
+                                description=__doc__.splitlines()[0])
     p.add_argument("trace")
     p.add_argument("hlo", nargs="?")
     p.add_argument("--top", type=int, default=30)

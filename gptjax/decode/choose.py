@@ -56,7 +56,10 @@ def _kept(scaled_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array, pool: in
         vals = jnp.where((top_k_B[:, None] <= 0) | (rank < top_k_B[:, None]), vals, -jnp.inf)
     if mask_p:
         probs = jax.nn.softmax(vals.astype(jnp.float32), axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # the mass ahead of each token
+        # The mass ahead of each token: the running sum shifted, not cumsum - probs, which can
+        # differ in the last bit (and did not agree with what sample.py has always drawn).
+        cum = jnp.cumsum(probs, axis=-1)
+        before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
         vals = jnp.where((before < top_p_B[:, None]) | (rank == 0), vals, -jnp.inf)
     return vals, idx
 

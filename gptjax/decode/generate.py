@@ -57,7 +57,7 @@ __all__ = [
 PROMPT_BUCKET = 64
 
 # Decode steps per iteration of the device loop. 1 until a GPU measures more (bench decode
-# --unroll; bench/gpu.sh times 1 and 8): on CPU the loop's overhead is small beside a step.
+# --unroll; gptjax/bench/gpu.sh times 1 and 8): on CPU the loop's overhead is small beside a step.
 DECODE_UNROLL = 1
 
 

@@ -194,7 +194,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         abs_state, _ = abstract_state(cfg, mesh, tx)
     m = cfg.model
     n_params = count_params(m)
-    micro = optim.BatchSchedule(cfg.optim, cfg.train, m.context_length).micro_size
+    schedule = optim.BatchSchedule(cfg.optim, cfg.train, m.context_length)
+    micro = schedule.micro_size
     n_data = sharding.data_parallel_size(mesh)
     b_dev = max(micro // n_data, 1)
     T = m.context_length
@@ -214,7 +215,7 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile_step: bool | None = None,
         f"state {opt_b / 2**30:.2f} GiB, activations "
         f"~{act / 2**30:.2f} GiB (microbatch {b_dev} sequences per device, remat "
         f"{'auto, estimated for none' if m.remat == 'auto' else m.remat})",
-        f"FLOPs per step: {fpt * cfg.train.batch_size * T:.3e} ({cfg.train.batch_size} x {T} "
+        f"FLOPs per step: {fpt * schedule.full_tokens:.3e} ({cfg.train.batch_size} x {T} "
         f"tokens, {fpt:.3e} per token)",
         f"training budget: {budget:.3e} tokens -> {fpt * budget:.3e} FLOPs = {days:,.0f} "
         f"device-days ({days / 365:,.1f} device-years) at {mfu:.0%} MFU of "

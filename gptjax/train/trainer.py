@@ -336,8 +336,8 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         # Whatever traces the model resolves its logical axes on the mesh: setup, then the loop.
         with sharding.activate(run.mesh):
             state, start = restore_or_init(run, ckpt)
+            run.say(describe_run(cfg.model, run.mesh))
             m_cfg, step_fn = build_step(run, start.tokens)
-        run.say(describe_run(cfg.model, run.mesh))
         log = MetricsLog(run.run_dir, start.step)
         cleanup.callback(log.close)
         run.console.open_bar(run.n_steps, start.step)
