@@ -15,8 +15,8 @@ import jax
 from absl import logging as absl_logging
 
 from gptjax import sharding, xla_flags
-from gptjax.train import plan
-from gptjax.train import trainer
+from gptjax.aot import topology
+from gptjax.train import dryrun, trainer
 from gptjax.cli import OneLineParser, fraction, host_port, nonneg_int, positive_int, run_cli
 from gptjax.config import Config, load_config, override_help
 from gptjax.errors import UserError
@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.5)")
     # A flag, not a config key: it plans for hardware that is not here, and must not follow a
     # run into its checkpoint's config, where a real run measures its own chip.
-    p.add_argument("--chip", choices=sorted(plan.TPU_CHIPS), default=None,
+    p.add_argument("--chip", choices=sorted(topology.TPU_CHIPS), default=None,
                    help="with --dry-run: plan for this Cloud TPU chip (its bf16 peak and HBM "
                         "per chip), whatever devices this machine has")
+    p.add_argument("--topology", default=None, metavar="SLICE",
+                   help="with --dry-run: compile the train step for this TPU slice with XLA:TPU "
+                        "on this host (libtpu) and report XLA's memory per chip: v5e:2x2, "
+                        "v5p:8x8x8, ... or a Cloud TPU type: v5litepod-16, v5p-1024, v6e-256")
     p.add_argument("--coordinator", type=host_port, default=None,
                    help="multi-host: coordinator address host:port (process 0)")
     p.add_argument("--num-processes", type=positive_int, default=None,
@@ -60,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n, i = args.num_processes, args.process_id
     if n is not None and i is not None and i >= n:
         p.error(f"--process-id {i} is not in [0, {n}) (--num-processes {n})")
+    if args.topology is not None and not args.dry_run:
+        p.error("--topology plans for a TPU slice that is not here: it needs --dry-run")
+    if args.topology is not None and args.chip is not None:
+        p.error("--topology names the chip already: drop --chip")
     return args
 
 
@@ -89,6 +97,8 @@ def exit_now(code: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.topology is not None:
+        return compile_for_slice(cfg, args)
     if args.dry_run:
         emulate_mesh_on_cpu(cfg)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -97,13 +107,24 @@ def run(args: argparse.Namespace) -> int:
     start_distributed(args)
     mesh = sharding.make_mesh(cfg.mesh)
     if args.dry_run:
-        print(plan.dry_run(cfg, mesh, compile_step=True if args.compile else None,
-                             mfu=args.mfu, chip=args.chip))
+        print(dryrun.dry_run(cfg, mesh, compile=True if args.compile else None, mfu=args.mfu,
+                             chip=args.chip).text)
         return 0
     summary = trainer.train(cfg, mesh=mesh)
     if jax.process_index() == 0:
         print(f"done: step {summary['step']}, {summary['tokens']:,} tokens in "
               f"{summary['seconds']:.0f} s; checkpoints in {cfg.train.run_dir}", flush=True)
+    return 0
+
+
+def compile_for_slice(cfg: Config, args: argparse.Namespace) -> int:
+    """--dry-run --topology: the train step compiled by XLA:TPU for the slice, on this host (its
+    own devices stay on the CPU: nothing touches a TPU that may or may not be here)."""
+    target = topology.parse(args.topology)
+    topology.require_libtpu()
+    jax.config.update("jax_platforms", "cpu")
+    mesh = topology.slice_mesh(cfg.mesh, args.topology)
+    print(dryrun.dry_run(cfg, mesh, mfu=args.mfu, target=target).text, flush=True)
     return 0
 
 

@@ -15,7 +15,11 @@ The pure pieces jit in user code: `loss` (a batch's summed token loss), `train_s
 
 from __future__ import annotations
 
-from gptjax.checkpoint import load_params
+from gptjax import xla_flags
+
+xla_flags.quiet_libtpu_on_cpu_host()  # before anything below can start a JAX backend
+
+from gptjax.checkpoint import load_params  # noqa: E402
 from gptjax.config import (
     Config,
     DataConfig,

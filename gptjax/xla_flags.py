@@ -13,6 +13,7 @@ checked, and harmless, on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -143,3 +144,34 @@ def apply(setting: str, *, env: dict[str, str] | None = None) -> list[str]:
     if added:
         env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", "").strip(), *added]).strip()
     return added
+
+
+# What libtpu is told on a host with no TPU: no Cloud metadata server to ask, a one-chip slice of
+# one worker, and only fatal logging. Without them, a CPU host with libtpu installed (the `tpu`
+# extra, for ahead-of-time TPU compiles) prints a screen of TPU initialisation errors whenever
+# JAX starts, before falling back to the CPU.
+NO_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+              "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3"}
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show as Google PCI devices (as JAX itself checks)
+
+
+def tpu_attached() -> bool:
+    """Whether this host has TPU chips (a Google PCI device)."""
+    for vendor in Path("/sys/bus/pci/devices").glob("*/vendor"):
+        try:
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def quiet_libtpu_on_cpu_host() -> None:
+    """Sets NO_TPU_ENV (each only if unset) where libtpu is installed but no TPU is attached, so
+    JAX starts on the CPU (or GPU) quietly and TPU compiles ahead of time still work. Must run
+    before JAX starts a backend; `import gptjax` does it."""
+    if importlib.util.find_spec("libtpu") is None or tpu_attached():
+        return
+    for k, v in NO_TPU_ENV.items():
+        os.environ.setdefault(k, v)

@@ -10,7 +10,7 @@ from helpers import tiny
 
 import train
 from gptjax import sharding
-from gptjax.train import plan
+from gptjax.train import dryrun, plan
 from gptjax.config import Config, MeshConfig, TrainConfig
 
 
@@ -28,7 +28,7 @@ def test_dry_run_for_a_named_chip_says_whether_it_fits() -> None:
     cfg = Config(model=tiny(), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
                  train=TrainConfig(batch_size=8, total_tokens=10**9))
     mesh = sharding.make_mesh(cfg.mesh)
-    text = plan.dry_run(cfg, mesh, compile_step=False, chip="v5e")
+    text = dryrun.dry_run(cfg, mesh, compile=False, chip="v5e").text
     assert "of 197 TFLOP/s" in text
     assert "per chip (v5e, 16 GiB HBM)" in text and "-> fits" in text
     assert "on 8 v5e chips:" in text and "chip-days" in text and "355 V100 GPU-years" in text

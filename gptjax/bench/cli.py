@@ -17,6 +17,7 @@ from gptjax.bench.loglikelihood import bench_loglikelihood
 from gptjax.bench.provenance import append, provenance
 from gptjax.bench.serve import bench_serve
 from gptjax.bench.torch import COMPILE_MODES, PEERS, bench_torch, torch_in_subprocess
+from gptjax.bench.tpu_aot import bench_tpu_aot
 from gptjax.bench.train import bench_train
 from gptjax.config import load_config
 from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, user_path
@@ -132,6 +133,12 @@ def _use_parsers(sub: Any) -> None:
     ll.add_argument("--batch", type=positive_int, default=None)
     ll.add_argument("--repeats", type=positive_int, default=5)
     ll.add_argument("overrides", nargs="*", metavar="section.key=value")
+    x = sub.add_parser("tpu-aot", help="the train step compiled by XLA:TPU for a TPU slice on "
+                                       "this host: XLA's memory per chip vs the estimate")
+    x.add_argument("--config", default="default")
+    x.add_argument("--topology", required=True, metavar="SLICE",
+                   help="v5e:2x2, v5p-1024, ... (as train.py --dry-run --topology)")
+    x.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -183,6 +190,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
         out = bench_loglikelihood(args.config, args.overrides, requests=args.requests,
                                   batch=args.score_batch, train_batch=args.batch,
                                   repeats=args.repeats)
+    elif args.what == "tpu-aot":
+        out = bench_tpu_aot(args.config, args.topology, args.overrides)
     else:
         out = bench_data(seq=args.seq, batch=args.batch)
     if args.what in ("train", "run", "decode", "serve"):

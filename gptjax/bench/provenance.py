@@ -17,7 +17,8 @@ from typing import Any
 import jax
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "transformers")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "transformers",
+            "libtpu")
 
 
 def _git(*args: str) -> str | None:

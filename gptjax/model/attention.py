@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import warn
-from gptjax.model.splash import splash_attention
+from gptjax.model.splash import splash_attention, target_platform
 
 # The most negative fp32 rather than -inf: a row with every key masked then gets finite
 # (uniform) weights instead of NaN, and padded vocabulary rows get no probability.
@@ -101,13 +101,13 @@ def use_cudnn(impl: str, dtype: jnp.dtype) -> bool:
         return True
     return (
         impl == "auto"
-        and jax.default_backend() == "gpu"
+        and target_platform() == "gpu"
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     )
 
 
 def use_splash(impl: str) -> bool:
-    return impl == "splash" or (impl == "auto" and jax.default_backend() == "tpu")
+    return impl == "splash" or (impl == "auto" and target_platform() == "tpu")
 
 
 def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,

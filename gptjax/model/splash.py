@@ -25,9 +25,19 @@ LANES = 128
 # The largest tile: 512×512 is what MaxText's splash defaults to (sa_block_* = 512); bigger tiles
 # amortize the per-grid-step overhead but must fit VMEM next to the [block, K] q/k/v/o tiles.
 MAX_BLOCK = 512
-# Pallas interpret mode: None runs it exactly when the backend is not a TPU. Tests set False to
-# lower the real TPU kernel on a CPU (jax.export for platforms=["tpu"]).
+# Pallas interpret mode: None runs it exactly when the program is not for a TPU (the active
+# mesh's devices, else the backend: target_platform). Tests set False to export the
+# real kernel with jax.export for platforms=["tpu"], which has no TPU mesh to follow.
 INTERPRET: bool | None = None
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: that of the active mesh's devices (a mesh
+    of a TPU slice's devices compiles for TPU on a CPU host, ahead of time), else the default
+    backend. Kernels follow the target, not the host."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _round_up(n: int, m: int) -> int:
@@ -100,10 +110,10 @@ def splash_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
                      window: int | None, *, interpret: bool | None = None) -> jax.Array:
     """Causal (window None) or banded causal attention by splash; see the module docstring.
 
-    interpret: Pallas interpret mode (None: INTERPRET, or else whenever the backend is not a
+    interpret: Pallas interpret mode (None: INTERPRET, or else whenever the target is not a
     TPU)."""
     if interpret is None:
-        interpret = INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+        interpret = INTERPRET if INTERPRET is not None else target_platform() != "tpu"
     B, T, H, K = q_BTHK.shape
     # Splash applies no 1/sqrt(K) itself: scale q first. The reference scales the fp32 logits
     # instead; scaling q in the compute dtype rounds once more in bf16 unless 1/sqrt(K) is a

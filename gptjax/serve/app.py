@@ -2,6 +2,8 @@
 
     python -m gptjax.serve --checkpoint RUN_DIR [--step N] [--host 127.0.0.1] [--port 8000]
         [--max-batch 32] [--api-key KEY] [--steps-per-call 4] [--shutdown-timeout 10]
+        [--mesh DATA,FSDP,TENSOR]
+    python -m gptjax.serve --dry-run --topology SLICE (--checkpoint RUN_DIR | --config PRESET)
 
 POST /v1/completions, GET /v1/models, GET /health, and the tokenizer endpoints lm-eval's
 `local-completions` uses to count tokens (/tokenizer_info, /tokenize, /detokenize). Requests share
@@ -26,7 +28,8 @@ import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from gptjax import checkpoint, tokenizer
+from gptjax import checkpoint, sharding, tokenizer
+from gptjax.config import MeshConfig
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.errors import UserError
 from gptjax.serve.engine import Choice, Engine, Event, key_data
@@ -302,8 +305,9 @@ def _tokenizer_routes(app: fastapi.FastAPI, tok: Tokenizer, check_key: Any) -> N
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m gptjax.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", type=user_path,
-                   help="a training run directory (holding checkpoints/)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", type=user_path,
+                   help="a training run directory (holding checkpoints/); required but with "
+                        "--dry-run --config")
     p.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
@@ -316,21 +320,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode steps per device call: new requests join between calls")
     p.add_argument("--shutdown-timeout", type=positive_int, default=10,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
+                   help="serve on a mesh of the devices: slots split over data x fsdp, heads "
+                        "over tensor (-1: what the others leave; default: one device)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --topology: compile the engine's programs for a TPU slice and "
+                        "report XLA's memory per chip; serve nothing")
+    p.add_argument("--topology", default=None, metavar="SLICE",
+                   help="with --dry-run: the TPU slice (v5e:2x2, v5p-1024, ...)")
+    p.add_argument("--config", default=None,
+                   help="with --dry-run: a preset or configs/*.yaml instead of --checkpoint")
     a = p.parse_args(argv)
     if a.port > 65535:
         p.error(f"argument --port: must be in 0..65535, got {a.port}")
+    if a.dry_run != (a.topology is not None):
+        p.error("--dry-run and --topology go together: --dry-run --topology SLICE")
+    if a.config is not None and not a.dry_run:
+        p.error("--config is for --dry-run; a server loads its run's config from --checkpoint")
+    if (a.checkpoint is None) == (a.config is None) and (a.dry_run or a.checkpoint is None):
+        p.error("give --checkpoint RUN_DIR" + (" or --config PRESET" if a.dry_run else ""))
     return a
 
 
+def mesh_sizes(text: str) -> MeshConfig:
+    """--mesh DATA,FSDP,TENSOR."""
+    parts = text.split(",")
+    try:
+        sizes = [int(x) for x in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or any(x == 0 or x < -1 for x in sizes):
+        raise argparse.ArgumentTypeError(f"want three sizes DATA,FSDP,TENSOR (each >= 1, or -1 "
+                                         f"for the rest), got {text!r}")
+    return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
+
+
 def run(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        from gptjax.serve import dryrun
+
+        return dryrun.main(a)
     params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the {tok.name} tokenizer has {tok.vocab_size} ids; the model "
                         f"{cfg.model.vocab_size}")
     name = Path(a.checkpoint).resolve().name
+    mesh = None if a.mesh is None else sharding.make_mesh(a.mesh)
+    if mesh is not None:
+        sharding.check_batch(a.max_batch, mesh, "--max-batch")
     engine = Engine(params, cfg.model, max_batch=a.max_batch, eos_id=tok.eot_id,
-                    steps_per_call=a.steps_per_call)
+                    steps_per_call=a.steps_per_call, mesh=mesh)
     engine.start()
     print(f"gptjax.serve: {name} step {step}, compiling...", file=sys.stderr, flush=True)
     engine.warm_up()

@@ -14,6 +14,7 @@ follows too: a completion is sample.py's text for the same prompt, settings and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import queue
@@ -24,8 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from gptjax import model
+from gptjax import model, sharding
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
 from gptjax.model import GPT, init_cache
@@ -93,6 +95,17 @@ def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Cal
             jax.jit(decode, donate_argnames=("cache",), static_argnames=("steps", "attend_len")))
 
 
+def placement(cfg: ModelConfig, mesh: Mesh | None, max_batch: int, max_len: int
+              ) -> tuple[Any, Any]:
+    """(parameter, slot-cache) shardings of the engine for `cfg` (the decode config): None, None
+    on the default device without a mesh; else parameters as training shards them and the cache
+    split over slots (data axes) and heads (tensor)."""
+    if mesh is None:
+        return None, None
+    cache = jax.eval_shape(lambda: init_cache(cfg, max_batch, max_len))
+    return sharding.param_shardings(cfg, mesh), sharding.cache_shardings(cache, mesh)
+
+
 @dataclasses.dataclass
 class Event:
     """What a choice gets from the engine, on the engine thread (hand it to your own loop)."""
@@ -130,16 +143,17 @@ class Engine:
     """Owns the device: call `start`, then `submit` choices from any thread."""
 
     def __init__(self, params: Any, cfg: ModelConfig, *, max_batch: int, eos_id: int,
-                 steps_per_call: int = 4) -> None:
+                 steps_per_call: int = 4, mesh: Mesh | None = None) -> None:
         stacked = cfg
         self.cfg = decode_config(cfg)
+        self.max_len, self.S, self.K = cfg.context_length, max_batch, steps_per_call
+        self.eos_id, self.mesh = eos_id, mesh
+        p_sh, self._cache_sh = placement(self.cfg, mesh, self.S, self.max_len)
         # Cast and unstack once here, not in every call (generate.programs does it per call).
         self.params = jax.device_put(model.unstack_layers(
-            model.cast_to_compute_dtype(params, stacked), stacked))
-        self.max_len, self.S, self.K = cfg.context_length, max_batch, steps_per_call
-        self.eos_id = eos_id
+            model.cast_to_compute_dtype(params, stacked), stacked), p_sh)
         self._prefill, self._decode = programs(self.cfg, self.max_len, eos_id)
-        self._cache = init_cache(self.cfg, self.S, self.max_len)
+        self._cache = self._new_cache()
         S = self.S
         self._st = {"last": np.zeros(S, np.int32), "active": np.zeros(S, bool),
                     "left": np.zeros(S, np.int32), "count": np.zeros(S, np.int32),
@@ -187,7 +201,16 @@ class Engine:
 
     # --- the engine thread
 
+    def _new_cache(self) -> Any:
+        return jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=self._cache_sh)(
+            self.cfg, self.S, self.max_len)
+
     def _run(self) -> None:
+        # The model's sharding constraints resolve against the mesh while the programs trace.
+        with contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh):
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             idle = not self._st["active"].any() and not self._waiting
             self._take_inbox(block=idle)
@@ -233,7 +256,7 @@ class Engine:
             self._finish(i, why)
         while self._waiting:
             self._waiting.popleft().emit(Event(finish=why))
-        self._cache = init_cache(self.cfg, self.S, self.max_len)  # a failed call may eat it
+        self._cache = self._new_cache()  # a failed call may eat it
 
     def _admit(self) -> None:
         while self._waiting and None in self._slots:
