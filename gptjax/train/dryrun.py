@@ -183,7 +183,8 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile: bool | None = None, mfu: float 
     ]
     out.record.update(
         n_params=n_params, mesh=dict(mesh.shape), n_devices=n_dev, microbatches=n_micro,
-        seqs_per_device=b_dev, estimate_gib=est["total"] / GIB, chip_days=days,
+        seqs_per_device=b_dev, estimate_gib=est["total"] / GIB,
+        estimate={k: v / GIB for k, v in est.items()}, chip_days=days,
         platform=platform)
     if chip is not None:
         out.lines += _chip_lines(chip, n_dev, est["total"] / GIB if target is None else None,
