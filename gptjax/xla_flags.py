@@ -147,12 +147,14 @@ def apply(setting: str, *, env: dict[str, str] | None = None) -> list[str]:
 
 
 # What libtpu is told on a host with no TPU: no Cloud metadata server to ask, a one-chip slice of
-# one worker, and only fatal logging. Without them, a CPU host with libtpu installed (the `tpu`
+# one worker, only fatal logging, and that several processes may load it (its lock file guards
+# TPU chips that are not here, and would make a second compiling process fail). Without them, a CPU host with libtpu installed (the `tpu`
 # extra, for ahead-of-time TPU compiles) prints a screen of TPU initialisation errors whenever
 # JAX starts, before falling back to the CPU.
 NO_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
               "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-              "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3"}
+              "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3",
+              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show as Google PCI devices (as JAX itself checks)
 
 

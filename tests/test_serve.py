@@ -377,3 +377,87 @@ def test_bench_serve_reports_latency_and_throughput() -> None:
     out = json.loads(r.stdout)
     assert out["completion_tokens"] == 4 * 2 * 5 and out["tokens_per_s"] > 0
     assert 0 < out["latency_p50_s"] <= out["latency_p99_s"]
+
+
+def test_engine_on_a_mesh_equals_one_device() -> None:
+    """--mesh: the same engine with its weights and slot cache sharded over 4 devices (slots over
+    data, heads over tensor) gives the tokens and log-probs it gives on one device."""
+    import threading
+
+    from gptjax import sharding
+    from gptjax.serve.engine import Choice, Engine, key_data
+    from helpers import tiny
+
+    cfg = tiny(context_length=CTX)
+    params = model.init_params(cfg, jax.random.key(3))
+
+    def complete(mesh: object) -> list[tuple[list[int], list[float]]]:
+        engine = Engine(params, cfg, max_batch=4, eos_id=cfg.vocab_size - 1, steps_per_call=3,
+                        mesh=mesh)
+        if mesh is not None:  # really spread: every cache array and weight over the 4 devices
+            for leaf in jax.tree.leaves((engine._cache, engine.params)):
+                assert len(leaf.sharding.device_set) == 4
+        engine.start()
+        outs: list[tuple[list[int], list[float]]] = [([], []) for _ in range(3)]
+        done = threading.Semaphore(0)
+
+        def emit_to(i: int):
+            def emit(ev: object) -> None:
+                outs[i][0].extend(ev.tokens)
+                outs[i][1].extend(ev.logprobs)
+                if ev.finish:
+                    done.release()
+            return emit
+
+        for i, (prompt, temp) in enumerate((([5, 6, 7], 0.0), ([9] * 20, 1.0), ([1, 2], 0.7))):
+            engine.submit(Choice(prompt, 10, emit_to(i), temperature=temp, top_k=5 * i,
+                                 key_data=key_data(7, i)))
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+        engine.close()
+        return outs
+
+    alone = complete(None)
+    mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    shared = complete(mesh)
+    assert [t for t, _ in shared] == [t for t, _ in alone]
+    assert all(len(t) == 10 for t, _ in alone)
+    for (_, a), (_, b) in zip(alone, shared):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_dry_run_compiles_the_engine_for_a_tpu_slice(run_dir: Path, capsys) -> None:
+    """python -m gptjax.serve --dry-run --topology: the run's model, the engine's programs
+    compiled by XLA:TPU, the weights, the cache and each program's memory per chip."""
+    from gptjax.serve import app
+
+    code = app.main(["--dry-run", "--topology", "v5e:2x2", "--checkpoint", str(run_dir),
+                     "--max-batch", "4", "--mesh", "1,1,4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on v5e:2x2 (4 v5e chips, mesh {'data': 1, 'fsdp': 1, 'tensor': 4})" in out
+    assert "KV cache" in out and "(4 slots x 64 positions)" in out
+    assert "prefill (one prompt of 64 tokens" in out and "decode (4 steps of every slot" in out
+    assert out.rstrip().endswith("-> fits")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dry-run", "--config", "default"], "--dry-run and --topology go together"),
+    (["--topology", "v5e:2x2", "--config", "default"], "--dry-run and --topology go together"),
+    (["--checkpoint", "x", "--config", "default"], "--config is for --dry-run"),
+    (["--dry-run", "--topology", "v5e:2x2"], "give --checkpoint RUN_DIR or --config PRESET"),
+    ([], "give --checkpoint RUN_DIR"),
+    (["--checkpoint", "x", "--mesh", "1,2"], "want three sizes DATA,FSDP,TENSOR"),
+    (["--dry-run", "--topology", "v5e:2x2", "--config", "default", "--mesh", "1,1,3"],
+     "the slice has 4 v5e chips"),
+])
+def test_dry_run_and_mesh_flag_mistakes_are_one_line(args: list[str], message: str,
+                                                     capsys) -> None:
+    from gptjax.serve import app
+
+    try:
+        code = app.main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -66,3 +66,31 @@ def test_apply_refuses_after_backends_started() -> None:
     with pytest.raises(RuntimeError, match="before JAX initializes"):
         xla_flags.apply("--xla_gpu_enable_latency_hiding_scheduler=false", env={})
     assert xla_flags.apply("none", env={}) == []  # nothing to set: nothing to refuse
+
+
+def test_libtpu_on_a_cpu_host_starts_jax_quietly() -> None:
+    """With libtpu installed (the tpu extra) and no TPU attached, a process that imports gptjax
+    starts JAX on the CPU without libtpu's screen of initialisation errors; one that starts JAX
+    first gets them (the check can fail). The process start is what is tested."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("libtpu") is not None, "make install installs the tpu extra"
+    assert not xla_flags.tpu_attached()
+    env = {k: v for k, v in os.environ.items()  # as a user's shell has it: no setting of ours
+           if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL") and k not in xla_flags.NO_TPU_ENV}
+
+    def start(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    quiet = start("import gptjax, jax; print(jax.devices()[0].platform)")  # lock file waived
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "cpu"
+    assert "TPU" not in quiet.stderr and "libtpu" not in quiet.stderr, quiet.stderr
+    # (Where another process holds libtpu's lock file, libtpu would give up quietly instead: the
+    # contrast is made with the lock waived.)
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+    noisy = start("import jax; print(jax.devices()[0].platform)")
+    assert noisy.stdout.strip() == "cpu" and "TPU" in noisy.stderr

@@ -1,6 +1,7 @@
 """The docs' result tables, made from the committed results files (results/*.jsonl).
 
-    python -m gptjax.bench.report          # rewrite the tables: docs/performance.md, sweep.md
+    python -m gptjax.bench.report          # rewrite the tables: docs/performance.md, sweep.md,
+                                           # tpu.md
     python -m gptjax.bench.report --check  # exit 1 if a table there differs from its results
 
 A table sits between `<!-- results:NAME -->` and `<!-- /results -->` in the doc; TABLES says
@@ -23,7 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "performance.md"
-DOCS = (DOC, ROOT / "docs" / "sweep.md")  # the docs that hold results tables
+# the docs that hold results tables
+DOCS = (DOC, ROOT / "docs" / "sweep.md", ROOT / "docs" / "tpu.md")
 
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -106,6 +108,23 @@ def _run_row(r: dict[str, Any]) -> list[str]:
             _source(r)]
 
 
+def _tpu_aot_row(r: dict[str, Any]) -> list[str]:
+    mesh = "×".join(str(r["mesh"][k]) for k in ("data", "fsdp", "tensor"))
+    tried = r.get("remat_tried") or {}
+    remat = r.get("remat") or "none fits"
+    if len(tried) > 1:
+        remat += " (" + ", ".join(f"{k} {_num(v, 1)}" for k, v in tried.items()) + " GiB)"
+    need = r.get("need_gib")
+    fits = {True: "yes", False: "**no**"}.get(r.get("fits"), "?")
+    est = r.get("estimate_gib")
+    return [r["config"], f"{r['slice']} ({r['topology']})", str(r["n_chips"]), mesh,
+            f"{r['microbatches']} × {r['seqs_per_device']}", remat,
+            _num(r.get("arguments_gib"), 1), _num(r.get("temporaries_gib"), 1),
+            _num(need, 1), f"{r['hbm_gib']:g}", fits,
+            "n/a" if est is None or not need else f"{_num(est, 1)} ({est / need - 1:+.0%})",
+            _num(sum((r.get("compile_s") or {}).values()), 0), _source(r)]
+
+
 # name -> (results file, subcommand (None: every row), header, row maker returning one row or
 # a list of rows)
 TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], Any]]] = {
@@ -127,6 +146,11 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
                  ["batch × T", "tf.data tokens/s", "threads tokens/s", "byte MB/s",
                   "gpt2 MB/s (1 core)", "gpt2 MB/s (2 workers)", "stdlib byte cache build s",
                   "command", "date, commit"], _data_row),
+    "tpu-aot": ("tpu-aot.jsonl", "tpu-aot",
+                ["preset", "slice", "chips", "mesh d×f×t", "microbatches × seqs/chip",
+                 "remat (tried: GiB)", "arguments GiB", "temporaries GiB", "XLA needs GiB",
+                 "HBM GiB", "fits", "estimate GiB (vs XLA)", "compile s", "date, commit"],
+                _tpu_aot_row),
     "cpu-attention": ("cpu.jsonl", "attention",
                       ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),
 }

@@ -152,7 +152,6 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile: bool | None = None, mfu: float 
     micro, n_micro = schedule.micro_size, cfg.train.microbatches
     n_data = sharding.data_parallel_size(mesh)
     b_dev = max(micro // n_data, 1)
-    T = m.context_length
     est = estimate(cfg, mesh, abs_state, b_dev, n_micro)
     fpt = flops_per_token(m)
     budget = cfg.train.total_tokens
@@ -166,21 +165,7 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile: bool | None = None, mfu: float 
     platform = jax.devices()[0].platform if target is None else f"TPU {target.chip}"
     where = (f"{target.topology}, {n_dev} {target.chip} chips, compiled on this host by XLA:TPU"
              if target is not None else f"{n_dev} devices, {platform}")
-    out.lines += [
-        f"config: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {T}",
-        f"parameters: {n_params:,} ({n_params / 1e9:.2f}B)",
-        f"mesh: {dict(mesh.shape)} ({where})",
-        f"per device, estimated: params {est['params'] / GIB:.2f} GiB, optimizer state "
-        f"{est['optimizer'] / GIB:.2f} GiB, gradients {est['gradients'] / GIB:.2f} GiB, "
-        f"activations ~{est['activations'] / GIB:.2f} GiB (microbatch {b_dev} sequences per "
-        f"device, remat {'auto, estimated for none' if m.remat == 'auto' else m.remat}) "
-        f"= ~{est['total'] / GIB:.2f} GiB",
-        f"FLOPs per step: {fpt * schedule.full_tokens:.3e} ({cfg.train.batch_size} x {T} "
-        f"tokens, {fpt:.3e} per token)",
-        f"training budget: {budget:.3e} tokens -> {fpt * budget:.3e} FLOPs = {days:,.0f} "
-        f"device-days ({days / 365:,.1f} device-years) at {mfu:.0%} MFU of "
-        f"{peak / 1e12:.0f} TFLOP/s",
-    ]
+    out.lines += _plan_lines(cfg, mesh, est, b_dev, where, days, peak, mfu)
     out.record.update(
         n_params=n_params, mesh=dict(mesh.shape), n_devices=n_dev, microbatches=n_micro,
         seqs_per_device=b_dev, estimate_gib=est["total"] / GIB,
@@ -201,24 +186,54 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile: bool | None = None, mfu: float 
         out.lines.append("XLA memory analysis: skipped (compiling a step this size on emulated "
                          "CPU devices takes too long; pass --compile to try)")
         return out
-    hbm = None if target is None else target.hbm_gib
-    # On a TPU target XLA's figure is exact and its compiler refuses what cannot fit: no margin.
-    lines, rec = compile_step(
-        cfg, mesh, n_micro, micro, -1 if target is None else hbm,
-        margin=0.9 if target is None else 1.0,
-        limit_text=None if target is None else f"the {hbm:g} GiB HBM of a {target.chip} chip")
+    if target is None:
+        lines, rec = compile_step(cfg, mesh, n_micro, micro, -1)
+        out.lines += lines
+        out.record.update(rec)
+    else:
+        _compile_for_target(out, cfg, mesh, target, n_micro, micro)
+    return out
+
+
+def _compile_for_target(out: DryRun, cfg: Config, mesh: Mesh, target: Slice, n_micro: int,
+                        micro: int) -> None:
+    """The step compiled for a TPU slice, and whether it fits the chip's HBM. On a TPU XLA's
+    figure is exact and its compiler refuses what cannot fit: no margin."""
+    hbm = target.hbm_gib
+    lines, rec = compile_step(cfg, mesh, n_micro, micro, hbm, margin=1.0,
+                              limit_text=f"the {hbm:g} GiB HBM of a {target.chip} chip")
     out.lines += lines
     out.record.update(rec)
-    if target is not None:
-        need = rec.get("need_gib")
-        fits = out.record["fits"] = rec.get("fits", need is not None and need <= hbm)
-        tried = [v for v in (rec.get("remat_tried") or {}).values() if v is not None]
-        need = need if need is not None or not tried else min(tried)
-        said = ("XLA refused the program" if need is None
-                else f"XLA needs {memory.gib_text(need)}")
-        out.lines.append(f"per chip ({target.chip}, {hbm:g} GiB HBM): {said} -> "
-                         f"{'fits' if fits else 'does NOT fit'}")
-    return out
+    need = rec.get("need_gib")
+    fits = out.record["fits"] = rec.get("fits", need is not None and need <= hbm)
+    tried = [v for v in (rec.get("remat_tried") or {}).values() if v is not None]
+    need = need if need is not None or not tried else min(tried)
+    said = "XLA refused the program" if need is None else f"XLA needs {memory.gib_text(need)}"
+    out.lines.append(f"per chip ({target.chip}, {hbm:g} GiB HBM): {said} -> "
+                     f"{'fits' if fits else 'does NOT fit'}")
+
+
+def _plan_lines(cfg: Config, mesh: Mesh, est: dict[str, float], b_dev: int, where: str,
+                days: float, peak: float, mfu: float) -> list[str]:
+    """The dry run's first lines: the model, the mesh, the estimate, FLOPs and the budget."""
+    m, T = cfg.model, cfg.model.context_length
+    n_params, fpt = count_params(m), flops_per_token(m)
+    budget = cfg.train.total_tokens
+    return [
+        f"config: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, context {T}",
+        f"parameters: {n_params:,} ({n_params / 1e9:.2f}B)",
+        f"mesh: {dict(mesh.shape)} ({where})",
+        f"per device, estimated: params {est['params'] / GIB:.2f} GiB, optimizer state "
+        f"{est['optimizer'] / GIB:.2f} GiB, gradients {est['gradients'] / GIB:.2f} GiB, "
+        f"activations ~{est['activations'] / GIB:.2f} GiB (microbatch {b_dev} sequences per "
+        f"device, remat {'auto, estimated for none' if m.remat == 'auto' else m.remat}) "
+        f"= ~{est['total'] / GIB:.2f} GiB",
+        f"FLOPs per step: {fpt * cfg.train.batch_size * T:.3e} ({cfg.train.batch_size} x {T} "
+        f"tokens, {fpt:.3e} per token)",
+        f"training budget: {budget:.3e} tokens -> {fpt * budget:.3e} FLOPs = {days:,.0f} "
+        f"device-days ({days / 365:,.1f} device-years) at {mfu:.0%} MFU of "
+        f"{peak / 1e12:.0f} TFLOP/s",
+    ]
 
 
 def _chip_lines(chip: str, n_devices: int, estimate_gib: float | None,
