@@ -36,7 +36,6 @@ from gptjax.config import Config, config_from_dict, config_to_dict
 from gptjax.errors import UserError, describe, warn
 from gptjax.model import param_shapes
 from gptjax.sharding import with_shardings
-from gptjax.train.state import all_finite
 
 ITEMS = ("params", "opt", "data", "meta")
 FORMAT_VERSION = 1
@@ -92,6 +91,19 @@ def tree_checksums(tree: Any) -> dict[str, int]:
     """Checksum of each array of a tree, by its path (one small transfer from the devices)."""
     sums = jax.device_get(_checksums_on_device(tree))
     return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float array of a tree is finite: one program per tree structure (a check
+    per leaf would compile two small programs per leaf shape), one scalar read."""
+    return bool(_finite(tree))
 
 
 def verify(item: str, tree: Any, meta: dict[str, Any]) -> str | None:

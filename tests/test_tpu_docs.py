@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train
-from gptjax.train import plan
+from gptjax.aot import topology
 from gptjax.config import load_config
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "tpu.md"
@@ -26,7 +26,8 @@ def guide_commands() -> list[str]:
 def test_guide_has_the_commands_it_promises() -> None:
     cmds = guide_commands()
     assert len(cmds) >= 5, cmds
-    assert any("--chip" in c and "gpt3-175b" in c for c in cmds)
+    assert any("--topology v5p-1024" in c and "gpt3-175b" in c for c in cmds)
+    assert any("--chip" in c for c in cmds)
     assert any("mesh.tensor" in c and "--dry-run" not in c for c in cmds)
 
 
@@ -35,8 +36,13 @@ def test_guide_command_parses_and_loads(args: str) -> None:
     ns = train.parse_args(shlex.split(args))
     cfg = load_config(ns.config, ns.overrides)
     if ns.chip is not None:
-        assert ns.chip in plan.TPU_CHIPS
+        assert ns.chip in topology.TPU_CHIPS
     m = cfg.mesh
+    if ns.topology is not None:  # the mesh uses exactly the slice's chips
+        sizes = (m.data, m.fsdp, m.tensor)
+        chips = topology.parse(ns.topology).n_chips
+        known = abs(m.data * m.fsdp * m.tensor)
+        assert chips % known == 0 if -1 in sizes else known == chips
     if -1 not in (m.data, m.fsdp, m.tensor):
         assert cfg.model.n_head % m.tensor == 0, "mesh.tensor must divide the heads"
         micro = cfg.train.batch_size // cfg.train.microbatches

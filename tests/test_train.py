@@ -200,7 +200,7 @@ def test_non_finite_step_is_skipped() -> None:
     assert int(m["bad_streak"]) == 2
     state, m = step(state, synthetic_batch(cfg, 1, 8, seed=2))
     assert not bool(m["skipped"]) and int(m["bad_streak"]) == 0
-    assert train_state.all_finite(state.params)
+    assert checkpoint.all_finite(state.params)
 
 
 # ----------------------------------------------------------------------------- the loop

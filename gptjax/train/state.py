@@ -168,16 +168,3 @@ def state_at(step: int, params: Any, opt_state: Any, shardings: TrainState) -> T
     return TrainState(step=jax.device_put(jnp.int32(step), shardings.step), params=params,
                       opt_state=opt_state,
                       bad_streak=jax.device_put(jnp.int32(0), shardings.bad_streak))
-
-
-@jax.jit
-def _finite(tree: Any) -> jax.Array:
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
-
-
-def all_finite(tree: Any) -> bool:
-    """Whether every float array of a tree is finite: one program per tree structure (a check
-    per leaf would compile two small programs per leaf shape), one scalar read."""
-    return bool(_finite(tree))

@@ -42,7 +42,6 @@ from gptjax.train.progress import Console, MetricsLog, Progress
 from gptjax.train.state import (
     TrainState,
     abstract_state,
-    all_finite,
     batch_abstract,
     compile_train_step,
     init_state,
@@ -395,7 +394,7 @@ def describe_run(m_cfg: ModelConfig, mesh: Mesh) -> str:
 
 def save(ckpt: checkpoint.Checkpointer, cfg: Config, state: TrainState, step: int, tokens: int,
          data_state: dict) -> None:
-    if not all_finite(state.params):
+    if not checkpoint.all_finite(state.params):
         raise UserError(f"parameters are not finite at step {step}; not saving")
     meta = checkpoint.make_meta(cfg, step, {"tokens": tokens})
     ckpt.save(step, state.params, state.opt_state, data_state, meta)
