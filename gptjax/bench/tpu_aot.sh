@@ -2,7 +2,7 @@
 # The table of docs/tpu.md: every GPT-3 preset's train step compiled by XLA:TPU for the Cloud TPU
 # slices a user would pick for it, on this host (no TPU needed; libtpu from the `tpu` extra).
 # Appends one row per compile to results/tpu-aot.jsonl (OUT=... to write elsewhere); then
-# `python -m gptjax.bench.report` rewrites the table. About 40 minutes on 2 cores.
+# `python -m gptjax.bench.report` rewrites the table. About 45 minutes on 2 cores.
 #
 #   bash gptjax/bench/tpu_aot.sh
 set -uo pipefail
@@ -36,3 +36,6 @@ row gpt3-13b v5p-64 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
 row gpt3-13b v6e-64 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
 row gpt3-175b v5p-1024 mesh.data=8 mesh.fsdp=16 mesh.tensor=4 train.microbatches=12
 row gpt3-175b v6e-256 mesh.data=4 mesh.fsdp=16 mesh.tensor=4 train.microbatches=24
+# A plan that does not fit, and what does: 13B on 16 v5e chips (16 GiB each), then on 32.
+row gpt3-13b v5litepod-16 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
+row gpt3-13b v5litepod-32 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
