@@ -116,12 +116,10 @@ def _tpu_aot_row(r: dict[str, Any]) -> list[str]:
         remat += " (" + ", ".join(f"{k} {_num(v, 1)}" for k, v in tried.items()) + " GiB)"
     need = r.get("need_gib")
     fits = {True: "yes", False: "**no**"}.get(r.get("fits"), "?")
-    est = r.get("estimate_gib")
     return [r["config"], f"{r['slice']} ({r['topology']})", str(r["n_chips"]), mesh,
             f"{r['microbatches']} × {r['seqs_per_device']}", remat,
             _num(r.get("arguments_gib"), 1), _num(r.get("temporaries_gib"), 1),
             _num(need, 1), f"{r['hbm_gib']:g}", fits,
-            "n/a" if est is None or not need else f"{_num(est, 1)} ({est / need - 1:+.0%})",
             _num(sum((r.get("compile_s") or {}).values()), 0), _source(r)]
 
 
@@ -149,7 +147,7 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
     "tpu-aot": ("tpu-aot.jsonl", "tpu-aot",
                 ["preset", "slice", "chips", "mesh d×f×t", "microbatches × seqs/chip",
                  "remat (tried: GiB)", "arguments GiB", "temporaries GiB", "XLA needs GiB",
-                 "HBM GiB", "fits", "estimate GiB (vs XLA)", "compile s", "date, commit"],
+                 "HBM GiB", "fits", "compile s", "date, commit"],
                 _tpu_aot_row),
     "cpu-attention": ("cpu.jsonl", "attention",
                       ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),

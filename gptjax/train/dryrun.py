@@ -50,19 +50,30 @@ def _bytes_per_device(tree: Any) -> int:
 
 
 def activation_bytes(m: ModelConfig, mesh: Mesh, seqs_per_device: int) -> float:
-    """Saved activations per device, estimated. Under full remat only each block's input;
-    otherwise roughly the residual stream, q/k/v, attention output and the MLP hidden
-    (Korthikanti et al.'s accounting), split over the tensor axis except the residual stream;
-    plus the fp32 logits and their gradient."""
+    """What the step holds per device beyond the state and gradients, estimated: the saved
+    activations and the loss's logits.
+
+    Per layer and sequence, with no remat, T·D·itemsize·(4 + 19/tensor) bytes: the coefficients
+    are fitted to XLA:TPU's memory analysis of every preset on its slices
+    (results/tpu-aot.jsonl; tests/test_tpu_aot.py keeps the estimate within 25% of it). That is
+    more than the saved tensors alone (Korthikanti et al.'s 34·T·D bytes in 16 bits, with
+    flash attention): XLA's temporaries also hold fusion outputs and the gathered weights. Under
+    full remat each layer keeps only its input, and one layer's activations exist at a time
+    during the backward pass; under "dots" the matmul outputs stay (about half). The loss holds
+    one chunk of fp32 logits and its gradient (model.loss_chunk positions; all T without)."""
     T, D = m.context_length, m.d_model
     itemsize = jnp.dtype(m.dtype).itemsize
     tensor = mesh.shape["tensor"]
+    layer = T * D * itemsize * (4 + 19 / tensor)
     if m.remat == "full":
-        per_layer = T * D * itemsize
+        per_seq = T * D * itemsize * m.n_layer + layer
+    elif m.remat == "dots":
+        per_seq = layer * m.n_layer / 2 + layer
     else:
-        per_layer = T * D * itemsize * (2 + (4 + 2 * m.d_ff / D) / tensor)
-    logits = T * m.padded_vocab_size * 4 / tensor * 2
-    return (per_layer * m.n_layer + logits) * seqs_per_device
+        per_seq = layer * m.n_layer
+    chunk = min(m.loss_chunk or T, T)
+    logits = chunk * m.padded_vocab_size * 4 * 2 / tensor
+    return (per_seq + logits) * seqs_per_device
 
 
 def estimate(cfg: Config, mesh: Mesh, abs_state: Any, seqs_per_device: int,
