@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 GIB = 2**30
-# XLA:TPU refuses a program that cannot fit: "... Ran out of memory in memory space hbm. Used
-# 40.51G of 15.75G hbm. Exceeded hbm capacity by 24.76G." (sizes in K, M, G or T).
-_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+# XLA:TPU refuses a program that cannot fit, in one of two forms (sizes in K, M, G or T):
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (54.59G) exceeds
+# available HBM (31.25G)" (libtpu 0.0.42: temporaries alone, so a lower bound of the need), and
+# "Ran out of memory in memory space hbm. Used 40.51G of 15.75G hbm".
+_OOM = re.compile(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])?")
 _UNIT = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -64,8 +66,8 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def oom_need_gib(e: BaseException) -> float | None:
-    """The GiB XLA:TPU said a program that did not fit would use, from its error; None if the
-    message gives no figure."""
+    """The GiB XLA:TPU said a program that did not fit would use at least, from its error; None
+    if the message gives no figure."""
     m = _OOM.search(str(e))
     return None if m is None else float(m.group(1)) * _UNIT[m.group(2)] / GIB
 

@@ -110,16 +110,20 @@ def _run_row(r: dict[str, Any]) -> list[str]:
 
 def _tpu_aot_row(r: dict[str, Any]) -> list[str]:
     mesh = "×".join(str(r["mesh"][k]) for k in ("data", "fsdp", "tensor"))
-    tried = r.get("remat_tried") or {}
+    tried, refused = r.get("remat_tried") or {}, set(r.get("refused") or ())
     remat = r.get("remat") or "none fits"
-    if len(tried) > 1:
-        remat += " (" + ", ".join(f"{k} {_num(v, 1)}" for k, v in tried.items()) + " GiB)"
+    if len(tried) > 1 or r.get("fits") is False:
+        remat += " (" + ", ".join(
+            f"{k} {'≥ ' if k in refused else ''}{_num(v, 1)}" for k, v in tried.items()) + ")"
     need = r.get("need_gib")
+    least = r.get("need_at_least_gib")
+    need_text = _num(need, 1) if need is not None else (
+        f"≥ {_num(least, 1)}" if least is not None else "refused")
     fits = {True: "yes", False: "**no**"}.get(r.get("fits"), "?")
     return [r["config"], f"{r['slice']} ({r['topology']})", str(r["n_chips"]), mesh,
             f"{r['microbatches']} × {r['seqs_per_device']}", remat,
             _num(r.get("arguments_gib"), 1), _num(r.get("temporaries_gib"), 1),
-            _num(need, 1), f"{r['hbm_gib']:g}", fits,
+            need_text, f"{r['hbm_gib']:g}", fits,
             _num(sum((r.get("compile_s") or {}).values()), 0), _source(r)]
 
 
@@ -146,7 +150,7 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
                   "command", "date, commit"], _data_row),
     "tpu-aot": ("tpu-aot.jsonl", "tpu-aot",
                 ["preset", "slice", "chips", "mesh d×f×t", "microbatches × seqs/chip",
-                 "remat (tried: GiB)", "arguments GiB", "temporaries GiB", "XLA needs GiB",
+                 "remat (tried: XLA's GiB; ≥: refused)", "arguments GiB", "temporaries GiB", "XLA needs GiB",
                  "HBM GiB", "fits", "compile s", "date, commit"],
                 _tpu_aot_row),
     "cpu-attention": ("cpu.jsonl", "attention",

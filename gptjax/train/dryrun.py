@@ -101,13 +101,26 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
     # (no client to run on), eval_shape's init would try to run its constants there.
     abs_state, state_sh = abstract_state(cfg, mesh, tx)
     b_abs = batch_abstract(mesh, n_micro, micro, m.context_length)
-    with sharding.activate(mesh):
-        def compile_for(mc: ModelConfig) -> Any:
+    refused: set[str] = set()  # policies whose program XLA refused as too large
+
+    def compile_for(mc: ModelConfig) -> Any:
+        try:
             compiled, seconds[mc.remat] = memory.timed_compile(
                 lambda: compile_train_step(mc, tx, mesh, state_sh, abs_state, b_abs),
                 aot=mesh.devices.flat[0].platform == "tpu")
-            return compiled
+        except Exception as e:
+            if memory.out_of_memory(e):
+                refused.add(mc.remat)
+            raise
+        return compiled
 
+    def no_fit(lines: list[str], tried: dict[str, float | None]) -> tuple[list[str], dict]:
+        known = [v for v in tried.values() if v is not None]
+        return lines, {"remat": None if m.remat == "auto" else m.remat, "remat_tried": tried,
+                       "refused": sorted(refused), "fits": False, "compile_s": seconds,
+                       "need_at_least_gib": min(known) if known else None}
+
+    with sharding.activate(mesh):
         lines: list[str] = []
         record: dict[str, Any] = {"remat": m.remat}
         if m.remat == "auto":
@@ -117,10 +130,10 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
                     m, lambda mc: [compile_for(mc)], limit_gib=limit_gib, margin=margin,
                     limit_text=limit_text, tried=tried)
             except UserError as e:
-                return [str(e)], {"remat": None, "remat_tried": tried, "fits": False,
-                                  "compile_s": seconds}
+                return no_fit([str(e)], tried)
             record.update(remat=chosen.remat, remat_tried=tried)
-            lines.append(f"model.remat=auto: {chosen.remat} ({remat_needs_text(tried)})")
+            lines.append(f"model.remat=auto: {chosen.remat} "
+                         f"({remat_needs_text(tried, refused)})")
         else:
             try:
                 compiled = compile_for(m)
@@ -128,11 +141,9 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
                 if not memory.out_of_memory(e):
                     raise
                 need = memory.oom_need_gib(e)
-                said = "" if need is None else f" (it would use {need:.2f} GiB)"
-                return ([f"XLA refused the program as too large for the device{said} -> "
-                         f"does NOT fit"],
-                        {"remat": m.remat, "fits": False, "need_gib": need,
-                         "compile_s": seconds})
+                said = "" if need is None else f" (it needs at least {memory.gib_text(need)})"
+                return no_fit([f"XLA refused the program as too large for the device{said}"],
+                              {m.remat: need})
     record["compile_s"] = seconds
     lines.append(f"compile: {sum(seconds.values()):.1f} s ("
                  + ", ".join(f"remat {k} {v:.1f} s" for k, v in seconds.items()) + ")")
@@ -217,9 +228,12 @@ def _compile_for_target(out: DryRun, cfg: Config, mesh: Mesh, target: Slice, n_m
     out.record.update(rec)
     need = rec.get("need_gib")
     fits = out.record["fits"] = rec.get("fits", need is not None and need <= hbm)
-    tried = [v for v in (rec.get("remat_tried") or {}).values() if v is not None]
-    need = need if need is not None or not tried else min(tried)
-    said = "XLA refused the program" if need is None else f"XLA needs {memory.gib_text(need)}"
+    if need is not None:
+        said = f"XLA needs {memory.gib_text(need)}"
+    elif rec.get("need_at_least_gib") is not None:
+        said = f"XLA needs at least {memory.gib_text(rec['need_at_least_gib'])}"
+    else:
+        said = "XLA refused the program"
     out.lines.append(f"per chip ({target.chip}, {hbm:g} GiB HBM): {said} -> "
                      f"{'fits' if fits else 'does NOT fit'}")
 

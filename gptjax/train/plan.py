@@ -82,6 +82,7 @@ def choose_remat(model_cfg: ModelConfig, compile_fn: Callable[[ModelConfig], lis
     if limit_gib == -1:
         limit_gib = device_memory_limit_gib()
     tried = {} if tried is None else tried
+    refused: set[str] = set()
     for policy in REMAT_TRY_ORDER:
         m = dataclasses.replace(model_cfg, remat=policy)
         try:
@@ -89,7 +90,8 @@ def choose_remat(model_cfg: ModelConfig, compile_fn: Callable[[ModelConfig], lis
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
             if not memory.out_of_memory(e):
                 raise
-            tried[policy] = memory.oom_need_gib(e)  # what XLA:TPU says it would have used
+            tried[policy] = memory.oom_need_gib(e)  # at least this, says XLA:TPU
+            refused.add(policy)
             continue
         needs = [memory_need_gib(c) for c in compiled]
         need = tried[policy] = None if None in needs else max(needs)
@@ -98,12 +100,17 @@ def choose_remat(model_cfg: ModelConfig, compile_fn: Callable[[ModelConfig], lis
     limit = "" if limit_gib is None else f"{limit_gib:.1f} "
     limit_text = limit_text or f"the {limit}GiB JAX may allocate per device"
     raise UserError(f"model.remat=auto: no remat policy fits {margin:.0%} of {limit_text} "
-                    f"({remat_needs_text(tried)}); use more train.microbatches, more devices, "
-                    f"or mesh.fsdp")
+                    f"({remat_needs_text(tried, refused)}); use more train.microbatches, more "
+                    f"devices, or mesh.fsdp")
 
 
-def remat_needs_text(tried: dict[str, float | None]) -> str:
-    """choose_remat's GiB per policy tried, for a log line (n/a: the compiler refused the
-    program as too large without saying how large)."""
-    return "XLA's memory need per device: " + ", ".join(
-        f"{k} {'n/a' if v is None else memory.gib_text(v)}" for k, v in tried.items())
+def remat_needs_text(tried: dict[str, float | None], refused: set[str] = frozenset()) -> str:
+    """choose_remat's GiB per policy tried, for a log line; a policy whose program the compiler
+    refused as too large shows what it said it needed at least (n/a: it did not say)."""
+    def one(k: str, v: float | None) -> str:
+        if v is None:
+            return f"{k} n/a (refused)" if k in refused else f"{k} n/a"
+        return f"{k} >= {memory.gib_text(v)} (refused)" if k in refused else (
+            f"{k} {memory.gib_text(v)}")
+
+    return "XLA's memory need per device: " + ", ".join(one(k, v) for k, v in tried.items())
