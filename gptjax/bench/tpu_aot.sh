@@ -35,7 +35,10 @@ row gpt3-6.7b v6e-64 mesh.data=1 mesh.fsdp=-1 train.microbatches=16
 row gpt3-13b v5p-64 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
 row gpt3-13b v6e-64 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
 row gpt3-175b v5p-1024 mesh.data=8 mesh.fsdp=16 mesh.tensor=4 train.microbatches=12
+# On 256 v6e chips of 32 GiB, replicas of 64 chips hold too much each; sharding the state
+# over all 256 (fsdp 64 x tensor 4) does fit.
 row gpt3-175b v6e-256 mesh.data=4 mesh.fsdp=16 mesh.tensor=4 train.microbatches=24
+row gpt3-175b v6e-256 mesh.data=1 mesh.fsdp=64 mesh.tensor=4 train.microbatches=24
 # A plan that does not fit, and what does: 13B on 16 v5e chips (16 GiB each), then on 32.
 row gpt3-13b v5litepod-16 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
 row gpt3-13b v5litepod-32 mesh.data=1 mesh.fsdp=-1 mesh.tensor=4
