@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import jax
@@ -104,13 +105,15 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
     refused: set[str] = set()  # policies whose program XLA refused as too large
 
     def compile_for(mc: ModelConfig) -> Any:
+        t0 = time.perf_counter()
         try:
             compiled, seconds[mc.remat] = memory.timed_compile(
                 lambda: compile_train_step(mc, tx, mesh, state_sh, abs_state, b_abs),
                 aot=mesh.devices.flat[0].platform == "tpu")
         except Exception as e:
-            if memory.out_of_memory(e):
+            if memory.out_of_memory(e):  # a refusal took its compile time too
                 refused.add(mc.remat)
+                seconds[mc.remat] = time.perf_counter() - t0
             raise
         return compiled
 
@@ -131,7 +134,7 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
                     limit_text=limit_text, tried=tried)
             except UserError as e:
                 return no_fit([str(e)], tried)
-            record.update(remat=chosen.remat, remat_tried=tried)
+            record.update(remat=chosen.remat, remat_tried=tried, refused=sorted(refused))
             lines.append(f"model.remat=auto: {chosen.remat} "
                          f"({remat_needs_text(tried, refused)})")
         else:
