@@ -379,24 +379,35 @@ def test_bench_serve_reports_latency_and_throughput() -> None:
     assert 0 < out["latency_p50_s"] <= out["latency_p99_s"]
 
 
-def test_engine_on_a_mesh_equals_one_device() -> None:
-    """--mesh: the same engine with its weights and slot cache sharded over 4 devices (slots over
-    data, heads over tensor) gives the tokens and log-probs it gives on one device."""
+def test_engine_on_a_mesh_equals_one_device(run_dir: Path) -> None:
+    """--mesh: the run restored straight into its shards over 4 devices, and the engine with its
+    weights and slot cache sharded (slots over data, heads over tensor), gives the tokens and
+    log-probs it gives on one device."""
     import threading
 
-    from gptjax import sharding
+    from gptjax.serve import app
     from gptjax.serve.engine import Choice, Engine, key_data
-    from helpers import tiny
 
-    cfg = tiny(context_length=CTX)
-    params = model.init_params(cfg, jax.random.key(3))
+    def loaded(*flags: str) -> tuple:
+        a = app.parse_args(["--checkpoint", str(run_dir), "--max-batch", "4", *flags])
+        return app.load(a)
 
-    def complete(mesh: object) -> list[tuple[list[int], list[float]]]:
-        engine = Engine(params, cfg, max_batch=4, eos_id=cfg.vocab_size - 1, steps_per_call=3,
+    params, cfg, _, _, none = loaded()
+    assert none is None
+    shards, _, _, _, mesh = loaded("--mesh", "2,1,-1")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    # Restored into the training layout's shards: the heads of each qkv kernel split 4 ways.
+    qkv = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(shards)
+           if "qkv_kernel" in jax.tree_util.keystr(path)][0]
+    assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[-2] == 1
+    cfg = cfg.model
+
+    def complete(mesh: object, params: object) -> list[tuple[list[int], list[float]]]:
+        engine = Engine(params, cfg, max_batch=4, eos_id=-1, steps_per_call=3,
                         mesh=mesh)
         if mesh is not None:  # really spread: every cache array and weight over the 4 devices
             for leaf in jax.tree.leaves((engine._cache, engine.params)):
-                assert len(leaf.sharding.device_set) == 4
+                assert len(leaf.sharding.device_set) == 8
         engine.start()
         outs: list[tuple[list[int], list[float]]] = [([], []) for _ in range(3)]
         done = threading.Semaphore(0)
@@ -417,9 +428,8 @@ def test_engine_on_a_mesh_equals_one_device() -> None:
         engine.close()
         return outs
 
-    alone = complete(None)
-    mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
-    shared = complete(mesh)
+    alone = complete(None, params)
+    shared = complete(mesh, shards)
     assert [t for t, _ in shared] == [t for t, _ in alone]
     assert all(len(t) == 10 for t, _ in alone)
     for (_, a), (_, b) in zip(alone, shared):

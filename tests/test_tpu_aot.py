@@ -97,6 +97,17 @@ def test_remat_auto_is_resolved_against_the_chips_hbm(monkeypatch) -> None:
     cfg = _cfg(batch_size=32, remat="none")
     name = "v5e:2x2"
     mesh = topology.slice_mesh(cfg.mesh, name)
+    # Each policy's program is compiled once for the whole test (XLA:TPU is deterministic):
+    # the three dry runs below choose among the same two compiled programs.
+    compiled: dict[str, object] = {}
+    compile_once = dryrun.compile_train_step
+
+    def memo(model_cfg, *args):
+        if model_cfg.remat not in compiled:
+            compiled[model_cfg.remat] = compile_once(model_cfg, *args)
+        return compiled[model_cfg.remat]
+
+    monkeypatch.setattr(dryrun, "compile_train_step", memo)
     need_none = dryrun.dry_run(cfg, mesh, target=topology.parse(name)).record["need_gib"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="auto"))
     monkeypatch.setitem(topology.TPU_CHIPS, "v5e", (197e12, need_none * 0.99))

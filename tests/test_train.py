@@ -144,9 +144,11 @@ def test_accumulated_microbatches_equal_one_big_batch(loss_chunk: int) -> None:
     b, mb = step(s2, split)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
     assert float(ma["grad_norm"]) == pytest.approx(float(mb["grad_norm"]), rel=1e-5)
-    # Adam's first step is ~lr·sign(g), so entries whose gradient is ~0 may differ by rounding
-    # (summation order): allow 0.1% of the learning rate.
-    atol = 1e-3 * cfg.optim.learning_rate
+    # Adam's first step is ~lr·g/(|g| + eps), so an entry whose gradient is near eps moves by a
+    # visible part of lr when rounding (summation order) changes g: allow 1% of the learning rate
+    # (one entry in 4096 moved by 0.12% under XLA:CPU's -O0 code generation; a wrong mean over
+    # the microbatches would move them all, and the loss and gradient norm above are tight).
+    atol = 1e-2 * cfg.optim.learning_rate
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, atol=atol)
 

@@ -25,11 +25,12 @@ from typing import Any
 
 import fastapi
 import uvicorn
+from jax.sharding import Mesh
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptjax import checkpoint, sharding, tokenizer
-from gptjax.config import MeshConfig
+from gptjax.config import MeshConfig, config_from_dict
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.errors import UserError
 from gptjax.serve.engine import Choice, Engine, Event, key_data
@@ -355,20 +356,30 @@ def mesh_sizes(text: str) -> MeshConfig:
     return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
 
 
+def load(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int, Mesh | None]:
+    """(params, config, meta, step, mesh) of --checkpoint; with --mesh the parameters are
+    restored straight into their shards, so no device ever holds the whole model."""
+    mesh, shardings = None, None
+    if a.mesh is not None:
+        mesh = sharding.make_mesh(a.mesh)
+        sharding.check_batch(a.max_batch, mesh, "--max-batch")
+        stored = config_from_dict(checkpoint.read_meta(a.checkpoint, a.step)[1]["config"])
+        shardings = sharding.param_shardings(stored.model, mesh)
+    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step, shardings)
+    return params, cfg, meta, step, mesh
+
+
 def run(a: argparse.Namespace) -> int:
     if a.dry_run:
         from gptjax.serve import dryrun
 
         return dryrun.main(a)
-    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
+    params, cfg, meta, step, mesh = load(a)
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the {tok.name} tokenizer has {tok.vocab_size} ids; the model "
                         f"{cfg.model.vocab_size}")
     name = Path(a.checkpoint).resolve().name
-    mesh = None if a.mesh is None else sharding.make_mesh(a.mesh)
-    if mesh is not None:
-        sharding.check_batch(a.max_batch, mesh, "--max-batch")
     engine = Engine(params, cfg.model, max_batch=a.max_batch, eos_id=tok.eot_id,
                     steps_per_call=a.steps_per_call, mesh=mesh)
     engine.start()
