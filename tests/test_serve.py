@@ -460,6 +460,8 @@ def test_dry_run_compiles_the_engine_for_a_tpu_slice(run_dir: Path, capsys) -> N
     (["--checkpoint", "x", "--mesh", "1,2"], "want three sizes DATA,FSDP,TENSOR"),
     (["--dry-run", "--topology", "v5e:2x2", "--config", "default", "--mesh", "1,1,3"],
      "the slice has 4 v5e chips"),
+    (["--dry-run", "--topology", "v5p-1024", "--config", "gpt3-175b"],
+     "tensor 512 does not divide the model's 96 heads"),
 ])
 def test_dry_run_and_mesh_flag_mistakes_are_one_line(args: list[str], message: str,
                                                      capsys) -> None:

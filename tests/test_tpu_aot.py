@@ -90,6 +90,7 @@ def test_the_same_step_on_cpu_runs_splash_in_interpret_mode() -> None:
     assert "mosaic_calls" not in rec and rec["need_gib"] > 0
 
 
+@pytest.mark.slow  # two TPU compiles of 25 s
 def test_remat_auto_is_resolved_against_the_chips_hbm(monkeypatch) -> None:
     """model.remat=auto on a slice keeps the least recomputation whose XLA figure fits the
     chip; with the chip's HBM shrunk below the no-remat need, a recomputing policy is chosen
@@ -176,6 +177,9 @@ def test_cli_topology_needs_dry_run(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--topology", "v5e:2x2"])
     assert e.value.code == 2 and "needs --dry-run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--dry-run", "--topology", "v5e:2x2", "--chip", "v5e"])
+    assert e.value.code == 2 and "drop --chip" in capsys.readouterr().err
 
 
 def test_estimate_is_within_a_quarter_of_xla_on_every_preset() -> None:

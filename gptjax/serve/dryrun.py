@@ -21,6 +21,7 @@ from gptjax.aot import memory, topology
 from gptjax.aot.topology import Slice
 from gptjax.config import MeshConfig, ModelConfig, config_from_dict, load_config
 from gptjax.decode.generate import PROMPT_BUCKET, decode_config
+from gptjax.errors import UserError
 from gptjax.serve.engine import placement, programs
 
 GIB = memory.GIB
@@ -104,6 +105,10 @@ def main(a: Any) -> int:
            else config_from_dict(checkpoint.read_meta(a.checkpoint, a.step)[1]["config"]))
     mesh_cfg = a.mesh or MeshConfig(data=1, fsdp=1, tensor=-1)
     mesh = topology.slice_mesh(mesh_cfg, a.topology)
+    if cfg.model.n_head % mesh.shape["tensor"]:
+        raise UserError(f"--mesh: tensor {mesh.shape['tensor']} does not divide the model's "
+                        f"{cfg.model.n_head} heads; give --mesh DATA,FSDP,TENSOR for the "
+                        f"{target.n_chips} chips")
     text, _ = dry_run(cfg.model, mesh, target, max_batch=a.max_batch,
                       steps_per_call=a.steps_per_call)
     print(text, flush=True)
