@@ -166,6 +166,13 @@ def test_cli_mesh_that_does_not_match_the_slice_is_one_line(capsys) -> None:
     assert "the slice has 4 v5e chips" in err
 
 
+def test_cli_microbatch_that_does_not_split_over_the_slice_is_one_line(capsys) -> None:
+    code, _, err = _run(["--dry-run", "--topology", "v5e:2x2", "mesh.data=1", "mesh.fsdp=4",
+                         "train.batch_size=6", "train.microbatches=1"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "a microbatch of 6 sequences does not split over 4 data-parallel devices" in err
+
+
 def test_cli_missing_libtpu_names_the_install(monkeypatch, capsys) -> None:
     monkeypatch.setattr(topology.importlib.util, "find_spec",
                         lambda name: None if name == "libtpu" else types.SimpleNamespace())

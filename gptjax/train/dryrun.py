@@ -200,16 +200,21 @@ def dry_run(cfg: Config, mesh: Mesh, *, compile: bool | None = None, mfu: float 
         out.lines += _chip_lines(chip, n_dev, est["total"] / GIB if target is None else None,
                                  days)
     if micro % n_data:
-        out.lines.append(
-            f"note: a microbatch of {micro} sequences does not split over {n_data} "
-            f"data-parallel devices; training needs train.microbatches dividing "
-            f"{cfg.train.batch_size} with batch_size / microbatches a multiple of {n_data} "
-            f"(fewer microbatches means a coarser batch ramp)")
+        note = (f"a microbatch of {micro} sequences does not split over {n_data} "
+                f"data-parallel devices; training needs train.microbatches dividing "
+                f"{cfg.train.batch_size} with batch_size / microbatches a multiple of {n_data} "
+                f"(fewer microbatches means a coarser batch ramp)")
+        if target is not None:  # there is no step to compile for the slice
+            raise UserError(f"--topology {target.topology}: {note}")
+        out.lines.append(f"note: {note}")
+        compile = False
     if compile is None:
         compile = target is not None or n_params < 3e9
     if not compile:
-        out.lines.append("XLA memory analysis: skipped (compiling a step this size on emulated "
-                         "CPU devices takes too long; pass --compile to try)")
+        out.lines.append("XLA memory analysis: skipped" + (
+            " (the microbatch does not split)" if micro % n_data else
+            " (compiling a step this size on emulated CPU devices takes too long; pass "
+            "--compile to try)"))
         return out
     if target is None:
         lines, rec = compile_step(cfg, mesh, n_micro, micro, -1)
