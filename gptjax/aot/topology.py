@@ -96,8 +96,8 @@ def _parse(name: str) -> Slice:
                             f"{_example(chip, cloud=True)})")
         return Slice(chip, f"{chip}:{'x'.join(map(str, shape))}", n_chips)
     raise UserError(f"--topology {name}: unknown TPU slice; give jax's topology name (v5e:2x2, "
-                    f"v5p:8x8x8, v6e:16x16, v4:4x4x4) or a Cloud TPU accelerator type "
-                    f"(v5litepod-16, v5p-1024, v6e-256, v4-32)")
+                    f"v5p:8x8x8, v6e:16x16) or a Cloud TPU accelerator type (v5litepod-16, "
+                    f"v5p-1024, v6e-256)")
 
 
 def _example(chip: str, cloud: bool = False) -> str:
