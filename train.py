@@ -118,12 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compile_for_slice(cfg: Config, args: argparse.Namespace) -> int:
-    """--dry-run --topology: the train step compiled by XLA:TPU for the slice, on this host (its
-    own devices stay on the CPU: nothing touches a TPU that may or may not be here)."""
-    target = topology.parse(args.topology)
-    topology.require_libtpu()
-    jax.config.update("jax_platforms", "cpu")
-    mesh = topology.slice_mesh(cfg.mesh, args.topology)
+    """--dry-run --topology: the train step compiled by XLA:TPU for the slice, on this host."""
+    target, mesh = topology.for_slice(cfg.mesh, args.topology)
     print(dryrun.dry_run(cfg, mesh, mfu=args.mfu, target=target).text, flush=True)
     return 0
 

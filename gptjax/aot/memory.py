@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from collections.abc import Callable
@@ -15,6 +16,16 @@ GIB = 2**30
 # "Ran out of memory in memory space hbm. Used 40.51G of 15.75G hbm".
 _OOM = re.compile(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])?")
 _UNIT = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def bytes_per_device(tree: Any, itemsize: int | None = None) -> int:
+    """Bytes one device holds of a tree of sharded arrays or shape structs (each leaf's shard;
+    itemsize: count every element at this size instead of its dtype's)."""
+    import jax
+    import numpy as np
+
+    return sum(math.prod(a.sharding.shard_shape(a.shape))
+               * (itemsize or np.dtype(a.dtype).itemsize) for a in jax.tree.leaves(tree))
 
 
 def gib_text(gib: float) -> str:

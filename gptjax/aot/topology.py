@@ -128,6 +128,17 @@ def devices(name: str) -> tuple[Any, ...]:
     return tuple(desc.devices)
 
 
+def for_slice(cfg: MeshConfig, name: str) -> tuple[Slice, Mesh]:
+    """What a dry run for a slice needs: the slice and the mesh of `cfg` over its chips. This
+    host's own devices stay on the CPU: nothing touches a TPU that may or may not be here."""
+    import jax
+
+    target = parse(name)
+    require_libtpu()
+    jax.config.update("jax_platforms", "cpu")
+    return target, slice_mesh(cfg, name)
+
+
 def slice_mesh(cfg: MeshConfig, name: str) -> Mesh:
     """The mesh of `cfg` over the slice's chips (-1 takes what the others leave)."""
     sl = parse(name)

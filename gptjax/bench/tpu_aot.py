@@ -13,13 +13,8 @@ from gptjax.train import dryrun
 
 def bench_tpu_aot(config: str, slice_name: str, overrides: list[str]) -> dict[str, Any]:
     """One compile for one slice: the dry run's record with what was asked, printed as it goes."""
-    import jax
-
-    target = topology.parse(slice_name)
-    topology.require_libtpu()
-    jax.config.update("jax_platforms", "cpu")
     cfg = load_config(config, overrides)
-    mesh = topology.slice_mesh(cfg.mesh, slice_name)
+    target, mesh = topology.for_slice(cfg.mesh, slice_name)
     out = dryrun.dry_run(cfg, mesh, target=target)
     print(out.text, flush=True)
     m = cfg.model

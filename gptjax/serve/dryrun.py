@@ -8,7 +8,6 @@ slots of the full context, with no weights allocated.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -25,11 +24,6 @@ from gptjax.errors import UserError
 from gptjax.serve.engine import placement, programs
 
 GIB = memory.GIB
-
-
-def _per_device(tree: Any) -> int:
-    return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree.leaves(tree))
 
 
 def abstract_inputs(cfg: ModelConfig, mesh: Mesh, max_batch: int) -> tuple[Any, Any, Any]:
@@ -67,7 +61,7 @@ def dry_run(cfg: ModelConfig, mesh: Mesh, target: Slice, *, max_batch: int,
         dec, dec_s = memory.timed_compile(lambda: decode.lower(
             params, cache, state, steps=steps_per_call, attend_len=cfg.context_length).compile(),
             aot=True)
-    weights, kv = _per_device(params), _per_device(cache)
+    weights, kv = memory.bytes_per_device(params), memory.bytes_per_device(cache)
     hbm = target.hbm_gib
     lines = [
         f"serving {model.count_params(cfg):,} parameters on {target.topology} "
@@ -98,13 +92,11 @@ def dry_run(cfg: ModelConfig, mesh: Mesh, target: Slice, *, max_batch: int,
 def main(a: Any) -> int:
     """The CLI's --dry-run --topology: the config from --config or the run's own, the mesh from
     --mesh (default: tensor parallel over the slice)."""
-    target = topology.parse(a.topology)
-    topology.require_libtpu()
-    jax.config.update("jax_platforms", "cpu")
+    topology.parse(a.topology)  # a bad name is one line before a run is read
     cfg = (load_config(a.config, []) if a.config is not None
            else config_from_dict(checkpoint.read_meta(a.checkpoint, a.step)[1]["config"]))
     mesh_cfg = a.mesh or MeshConfig(data=1, fsdp=1, tensor=-1)
-    mesh = topology.slice_mesh(mesh_cfg, a.topology)
+    target, mesh = topology.for_slice(mesh_cfg, a.topology)
     if cfg.model.n_head % mesh.shape["tensor"]:
         raise UserError(f"--mesh: tensor {mesh.shape['tensor']} does not divide the model's "
                         f"{cfg.model.n_head} heads; give --mesh DATA,FSDP,TENSOR for the "

@@ -10,7 +10,6 @@ HBM (model.remat=auto resolved against it).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -45,11 +44,6 @@ class DryRun:
         return "\n".join(self.lines)
 
 
-def _bytes_per_device(tree: Any) -> int:
-    return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree.leaves(tree))
-
-
 def activation_bytes(m: ModelConfig, mesh: Mesh, seqs_per_device: int) -> float:
     """What the step holds per device beyond the state and gradients, estimated: the saved
     activations and the loss's logits.
@@ -81,10 +75,9 @@ def estimate(cfg: Config, mesh: Mesh, abs_state: Any, seqs_per_device: int,
              n_micro: int) -> dict[str, float]:
     """Bytes per device by our own accounting: the state (parameters, Adam's moments), the
     gradients (fp32; a second copy accumulates over microbatches), saved activations."""
-    params = _bytes_per_device(abs_state.params)
-    opt = _bytes_per_device(abs_state.opt_state)
-    grad_one = sum(math.prod(a.sharding.shard_shape(a.shape)) * 4
-                   for a in jax.tree.leaves(abs_state.params))
+    params = memory.bytes_per_device(abs_state.params)
+    opt = memory.bytes_per_device(abs_state.opt_state)
+    grad_one = memory.bytes_per_device(abs_state.params, itemsize=4)
     grads = grad_one * (2 if n_micro > 1 else 1)
     act = activation_bytes(cfg.model, mesh, seqs_per_device)
     return {"params": params, "optimizer": opt, "gradients": grads, "activations": act,
