@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gptjax import checkpoint, tokenizer
+from gptjax import tokenizer
+from gptjax.lora.runs import load_model
 from gptjax.decode import generate
 from gptjax.cli import OneLineParser, nonneg_int, run_cli, user_path
 from gptjax.config import check_sampling
@@ -117,7 +118,7 @@ def stream_text(chunks: Any, decode: Any, prompt: str, n: int) -> list[list[int]
 def run(a: argparse.Namespace) -> int:
     _check_args(a)
     prompt = read_prompt(a)
-    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
+    params, cfg, meta, step = load_model(a.checkpoint, a.step)
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     s = cfg.sample
     settings = {

@@ -19,7 +19,7 @@ from gptjax import xla_flags
 
 xla_flags.quiet_libtpu_on_cpu_host()  # before anything below can start a JAX backend
 
-from gptjax.checkpoint import load_params  # noqa: E402
+from gptjax.lora.runs import load_model as load_params  # noqa: E402
 from gptjax.config import (
     Config,
     DataConfig,

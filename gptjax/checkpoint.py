@@ -377,12 +377,14 @@ def read_meta(run_dir: str | Path, step: int | None = None) -> tuple[int, dict[s
         manager.close()
 
 
-def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = None
-                ) -> tuple[Any, Config, dict[str, Any], int]:
+def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = None,
+                abstract: Any = None) -> tuple[Any, Config, dict[str, Any], int]:
     """Parameters only (no optimizer state) of a run: (params, config, meta, step); without
-    `step`, of the newest checkpoint that reads cleanly.
+    `step`, of the newest checkpoint that reads cleanly. A LoRA run's are its adapters alone
+    (gptjax.lora.runs.load_model adds the base).
 
-    shardings: optional tree of NamedShardings to restore into (default: one device)."""
+    shardings: optional tree of NamedShardings to restore into (default: one device).
+    abstract: the tree to restore into, when it is not the config's model parameters."""
     manager = _manager_for_reading(run_dir)
     reasons: dict[int, str] = {}
     try:
@@ -392,12 +394,14 @@ def load_params(run_dir: str | Path, step: int | None = None, shardings: Any = N
                     meta = manager.restore(
                         s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
                 cfg = config_from_dict(meta["config"])
-                abstract = param_shapes(cfg.model)
-                if shardings is not None:
-                    abstract = with_shardings(abstract, shardings)
+                target = abstract
+                if target is None:
+                    target = param_shapes(cfg.model)
+                    if shardings is not None:
+                        target = with_shardings(target, shardings)
                 with _quiet_orbax():
                     params = manager.restore(s, args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract))).params
+                        params=ocp.args.StandardRestore(target))).params
                 why = verify("params", params, meta)
             except UserError:
                 raise

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from gptjax import checkpoint, model
+from gptjax.lora import runs as lora_runs
 from gptjax.hf import convert, gpt2
 from gptjax.errors import UserError
 from helpers import needs_bpe, run_main, script
@@ -178,7 +179,7 @@ def test_init_from_hf_dir(hf_dir: Path) -> None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
                                 abstract)
-        return trainer.load_init_params(str(hf_dir), cfg, abstract)
+        return lora_runs.load_weights(str(hf_dir), cfg, abstract)[0]
 
     got = init(vocab_multiple=64, scan_layers=False)
     assert got["wte"].shape == (320, 32)

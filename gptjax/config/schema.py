@@ -23,6 +23,8 @@ ATTENTION_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
 DECODE_ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 PIPELINES = ("auto", "tf.data", "threads")
+# The projections a LoRA adapter may target (gptjax/lora/adapters.py), named as their kernels.
+LORA_TARGETS = ("qkv", "out", "fc", "proj")
 # JAX's random keys (64-bit mode off, its default) keep a seed's low 32 bits only: a larger seed
 # would silently repeat a smaller one's stream. One range for every seed.
 SEED_MAX = 2**32 - 1
@@ -260,6 +262,12 @@ class TrainConfig:
     xla_flags: str = "auto"
     fewshot_tasks: tuple[str, ...] = ()  # task files scored at each evaluation (docs/fewshot.md)
     fewshot_shots: int = 4  # examples per prompt for fewshot_tasks
+    # LoRA (docs/finetune-eval.md): rank 0 trains every weight; R > 0 trains only adapters of
+    # rank R over the frozen train.init_from, scaled by lora_alpha / R.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("qkv", "out")  # any of qkv, out (attention), fc, proj (MLP)
+    lora_dropout: float = 0.0  # on each adapter's input, during training
 
     def __post_init__(self) -> None:
         _expand_user(self, ("run_dir", "init_from"))
@@ -278,7 +286,22 @@ class TrainConfig:
                               f"train.batch_size={self.batch_size}")
         if self.steps == 0 and self.total_tokens == 0:
             raise ConfigError("train.steps and train.total_tokens are both 0: nothing to train")
+        self._check_lora()
         expand_xla_flags(self.xla_flags)  # a malformed flag is a config error before anything starts
+
+    def _check_lora(self) -> None:
+        _require("train", "nonneg", {"lora_rank": self.lora_rank})
+        _require("train", "positive", {"lora_alpha": self.lora_alpha})
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ConfigError(f"train.lora_targets must name distinct projections, got "
+                              f"{','.join(self.lora_targets) or 'none'}")
+        for t in self.lora_targets:
+            _require_choice("train.lora_targets", t, LORA_TARGETS)
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("train.lora_rank > 0 adapts a trained model: set train.init_from "
+                              "to a run directory or a Hugging Face GPT-2 directory")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:

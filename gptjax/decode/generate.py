@@ -24,7 +24,7 @@ from gptjax import model, sharding
 from gptjax.model import attention
 from gptjax.config import ModelConfig, check_sampling
 from gptjax.errors import UserError
-from gptjax.model import GPT, init_cache
+from gptjax.model import GPT, init_cache, variables
 from gptjax.decode.choose import filter_logits, row_keys, step_keys
 from gptjax.decode.loop import (
     PAD,
@@ -104,7 +104,7 @@ def decode_segment(step: int, end: int, longest: int, max_len: int) -> tuple[int
 
 def _model_logits_fn(cfg: ModelConfig, params: Any, attend_len: int | None = None) -> LogitsFn:
     def fn(tokens_B1: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        logits_B1V, cache = GPT(cfg, attend_len).apply({"params": params}, tokens_B1, cache=cache)
+        logits_B1V, cache = GPT(cfg, attend_len).apply(variables(params), tokens_B1, cache=cache)
         return logits_B1V[:, 0], cache
 
     return fn
@@ -117,7 +117,7 @@ def _prefill_logits(cfg: ModelConfig, params: Any, tokens_BT: jax.Array, lengths
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, mesh))
     # Hidden states, not logits: [B, T, V] logits of a long batched prompt would not fit.
-    x_BTD, cache = GPT(cfg).apply({"params": params}, tokens_BT, cache=cache,
+    x_BTD, cache = GPT(cfg).apply(variables(params), tokens_BT, cache=cache,
                                   num_valid_B=lengths_B, return_hidden=True)
     x_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
     return model.logits_from_hidden(x_B1D, params["wte"], cfg)[:, 0], cache

@@ -30,7 +30,8 @@ from typing import Any
 
 import jax
 
-from gptjax import checkpoint, tokenizer
+from gptjax import tokenizer
+from gptjax.lora.runs import load_model
 from gptjax.eval import scoring
 from gptjax.cli import OneLineParser, nonneg_int, positive_int, run_cli, user_path
 from gptjax.config import Config, ModelConfig
@@ -279,7 +280,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.examples and len(tasks) > 1:
         raise UserError("--examples goes with a single --task")
     examples = read_task(a.examples, over) if a.examples else None
-    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
+    params, cfg, meta, step = load_model(a.checkpoint, a.step)
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     setting = Setting(a.seed, a.limit, a.unconditional, a.max_new_tokens, a.batch_size,
                       progress=True)

@@ -27,7 +27,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
-from gptjax import checkpoint as ckpt
+from gptjax.lora.runs import load_model
 from gptjax import tokenizer
 from gptjax.eval import scoring
 from gptjax.cli import run_cli
@@ -63,7 +63,7 @@ class GptjaxLM(TemplateLM):
         if not checkpoint:
             raise UserError("gptjax model: give --model_args checkpoint=RUN_DIR")
         s = None if step in (None, "") else _int_arg("step", step, 0, low=0)
-        self.params, cfg, meta, self.step = ckpt.load_params(checkpoint, s)
+        self.params, cfg, meta, self.step = load_model(checkpoint, s)
         self.cfg = cfg.model
         self.tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
         self.batch = _int_arg("batch_size", batch_size, scoring.DEFAULT_BATCH)

@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import checkpoint, data, tokenizer
+from gptjax import data, tokenizer
+from gptjax.lora.runs import load_model
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.config import Config, ModelConfig
 from gptjax.errors import UserError
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     examples = read_last_word(a.last_word) if a.last_word else None
-    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step)
+    params, cfg, meta, step = load_model(a.checkpoint, a.step)
     tok_name = meta.get("tokenizer", cfg.data.tokenizer)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_name))
     m = cfg.model

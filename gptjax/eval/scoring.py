@@ -25,7 +25,7 @@ from gptjax.decode import generate
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 from gptjax.model.losses import token_nll
-from gptjax.model import GPT
+from gptjax.model import GPT, variables
 
 DEFAULT_BATCH = 8  # rows of a full-context call; shorter buckets take proportionally more
 MIN_BUCKET = 16
@@ -37,7 +37,7 @@ def continuation_logprob(params: Any, inputs_BL: jax.Array, targets_BL: jax.Arra
                          mask_BL: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Per row: the summed log-probability of the targets weighted by mask, and whether every
     masked target is the argmax (what greedy decoding would have produced)."""
-    logits = GPT(cfg).apply({"params": params}, inputs_BL)
+    logits = GPT(cfg).apply(variables(params), inputs_BL)
     nll = token_nll(logits, targets_BL)
     hit = (jnp.argmax(logits, -1) == targets_BL) | (mask_BL == 0)
     return -(nll * mask_BL).sum(-1), hit.all(-1)

@@ -19,6 +19,7 @@ and to this format: convert.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gptjax import checkpoint
 from gptjax.config import ModelConfig, config_from_dict
 from gptjax.errors import UserError
 from gptjax.tokenizer import TOKENIZER_CLASSES
@@ -364,3 +366,34 @@ def save_gpt2(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer: str
     os.replace(tmp, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     return out
+
+
+def init_params_for(hf_dir: str | Path, cfg: ModelConfig, abstract_params: Any,
+                    what: str = "train.init_from") -> Any:
+    """A GPT-2 directory's parameters in `cfg`'s layout, placed as `abstract_params` (a tree of
+    ShapeDtypeStructs with shardings) says: `train.init_from=HF_DIR`.
+
+    Raises:
+        UserError: when the checkpoint's shapes differ from cfg's (one line naming the field).
+    """
+    theirs = model_config_from_hf(read_hf_config(hf_dir), str(Path(hf_dir) / CONFIG_FILE))
+    if any(kind != "dense" for kind in cfg.attention_pattern):
+        raise UserError(f"{what}={hf_dir} is a GPT-2 (dense attention in every layer) but "
+                        f"model.attention_pattern={','.join(cfg.attention_pattern)}; "
+                        "set model.attention_pattern=dense")
+    for field in ModelConfig.SHAPE_FIELDS:
+        a, b = getattr(theirs, field), getattr(cfg, field)
+        if a != b:
+            raise UserError(f"{what}={hf_dir}: model.{field} is {a} there but {b} in this config")
+    # Only the layout comes from cfg: padding, scanning and dtype are ours to choose.
+    target = dataclasses.replace(theirs, vocab_multiple=cfg.vocab_multiple,
+                                 scan_layers=cfg.scan_layers, param_dtype=cfg.param_dtype)
+    params = params_from_hf(read_hf_tensors(hf_dir, theirs), target)
+    checkpoint.check_param_shapes(params, abstract_params, f"{what}={hf_dir}")
+
+    def place(a: jax.ShapeDtypeStruct, x: np.ndarray) -> jax.Array:
+        x = x.astype(a.dtype)
+        # From a callback, so each process builds only its own shards (multi-host safe).
+        return jax.make_array_from_callback(a.shape, a.sharding, lambda idx: x[idx])
+
+    return jax.tree.map(place, abstract_params, params)

@@ -6,6 +6,7 @@ from gptjax.model.gpt import (
     Block,
     BlockGroup,
     GPT,
+    LORA,
     LayerNorm,
     Mlp,
     attention_flops_per_token,
@@ -23,6 +24,7 @@ from gptjax.model.gpt import (
     param_shapes,
     stack_layers,
     unstack_layers,
+    variables,
 )
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "Block",
     "BlockGroup",
     "GPT",
+    "LORA",
     "LayerNorm",
     "Mlp",
     "attention_flops_per_token",
@@ -47,4 +50,5 @@ __all__ = [
     "param_shapes",
     "stack_layers",
     "unstack_layers",
+    "variables",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,43 @@ def _param(module: nn.Module, name: str, names: tuple[str | None, ...], shape: t
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
+
+
+LORA = "lora"  # the variable collection of low-rank adapters (gptjax.lora), beside "params"
+
+
+def lora_update(module: nn.Module, target: str, x: jax.Array, subscripts: str,
+                dropout: float) -> jax.Array | None:
+    """The low-rank update (x·A)·B of adapter `target` of this module, or None where the "lora"
+    collection has none. subscripts: "x,A,B->out" in the einsum letters of the base kernel, r
+    the rank. An adapter with one more (leading) axis holds one adapter per batch row: the
+    server's rows each apply their own. B arrives scaled by alpha / rank (gptjax.lora)."""
+    if not module.has_variable(LORA, f"{target}_a"):
+        return None
+    dt = jnp.dtype(module.cfg.dtype)
+    a = module.get_variable(LORA, f"{target}_a")
+    b = module.get_variable(LORA, f"{target}_b")
+    x_sub, a_sub, b_sub, out_sub = re.split(",|->", subscripts)
+    if a.ndim > len(a_sub):  # per row
+        a_sub, b_sub = "B" + a_sub, "B" + b_sub
+    if dropout > 0:  # on the adapter's input only (as PEFT): the base path stays exact
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    h = jnp.einsum(f"{x_sub},{a_sub}->{x_sub[:2]}r", x.astype(dt), a.astype(dt))
+    return jnp.einsum(f"{x_sub[:2]}r,{b_sub}->{out_sub}", h, b.astype(dt))
+
+
+def variables(params: Any) -> dict[str, Any]:
+    """What `GPT.apply` takes for a parameter tree: {"params": params}; adapters that a tree
+    carries under its "lora" key (a LoRA run loaded for inference, gptjax.lora) go in as their
+    own collection, beside the frozen weights."""
+    if LORA not in params:
+        return {"params": params}
+    return {"params": {k: v for k, v in params.items() if k != LORA}, LORA: params[LORA]}
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta
 
 
 class LayerNorm(nn.Module):
@@ -126,6 +164,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     kind: str  # "dense" | "local"
     attend_len: int | None = None  # see GPT
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, cache: Cache | None, index_B: jax.Array | None,
@@ -142,6 +181,7 @@ class Attention(nn.Module):
         b_out = _param(self, "out_bias", ("embed",), (D,), nn.initializers.zeros)
 
         qkv = jnp.einsum("BTD,DCHK->CBTHK", x_BTD.astype(dt), w_qkv.astype(dt))
+        qkv = _plus(qkv, lora_update(self, "qkv", x_BTD, "BTD,Dr,rCHK->CBTHK", self.lora_dropout))
         qkv = qkv + b_qkv.astype(dt)[:, None, None]
         q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
         window = cfg.local_window if self.kind == "local" else None
@@ -152,12 +192,15 @@ class Attention(nn.Module):
                 q, k, v, cache, index_B, num_valid_B, window, attend_len=self.attend_len,
                 step_impl=cfg.decode_attention_impl)
         o_BTHK = constrain(o_BTHK, ("batch", "length", "heads", "kv"))
-        y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt)) + b_out.astype(dt)
+        y = jnp.einsum("BTHK,HKD->BTD", o_BTHK, w_out.astype(dt))
+        y = _plus(y, lora_update(self, "out", o_BTHK, "BTHK,HKr,rD->BTD", self.lora_dropout))
+        y = y + b_out.astype(dt)
         return constrain(y, ("batch", "length", "embed")), cache
 
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -169,10 +212,14 @@ class Mlp(nn.Module):
         b_fc = _param(self, "fc_bias", ("mlp",), (F,), nn.initializers.zeros)
         w_proj = _param(self, "proj_kernel", ("mlp", "embed"), (F, D), resid)
         b_proj = _param(self, "proj_bias", ("embed",), (D,), nn.initializers.zeros)
-        h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD.astype(dt), w_fc.astype(dt)) + b_fc.astype(dt)
+        h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD.astype(dt), w_fc.astype(dt))
+        h_BTF = _plus(h_BTF, lora_update(self, "fc", x_BTD, "BTD,Dr,rF->BTF", self.lora_dropout))
+        h_BTF = h_BTF + b_fc.astype(dt)
         # GPT-2's tanh approximation, so imported GPT-2 weights give GPT-2's outputs.
         h_BTF = constrain(gelu_tanh(h_BTF), ("batch", "length", "mlp"))
-        y = jnp.einsum("BTF,FD->BTD", h_BTF, w_proj.astype(dt)) + b_proj.astype(dt)
+        y = jnp.einsum("BTF,FD->BTD", h_BTF, w_proj.astype(dt))
+        y = _plus(y, lora_update(self, "proj", h_BTF, "BTF,Fr,rD->BTD", self.lora_dropout))
+        y = y + b_proj.astype(dt)
         return constrain(y, ("batch", "length", "embed"))
 
 
@@ -180,15 +227,16 @@ class Block(nn.Module):
     cfg: ModelConfig
     kind: str
     attend_len: int | None = None
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: Cache | None, index_B: jax.Array | None,
                  num_valid_B: jax.Array | None) -> tuple[jax.Array, Cache | None]:
-        a, cache = Attention(self.cfg, self.kind, self.attend_len, name="attn")(
+        a, cache = Attention(self.cfg, self.kind, self.attend_len, self.lora_dropout, name="attn")(
             LayerNorm(self.cfg, name="ln1")(x), cache, index_B, num_valid_B
         )
         x = x + a
-        x = x + Mlp(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln2")(x))
+        x = x + Mlp(self.cfg, self.lora_dropout, name="mlp")(LayerNorm(self.cfg, name="ln2")(x))
         return x, cache
 
 
@@ -197,13 +245,14 @@ class BlockGroup(nn.Module):
 
     cfg: ModelConfig
     attend_len: int | None = None
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, caches: tuple[Cache, ...] | None, index_B: jax.Array | None,
                  num_valid_B: jax.Array | None) -> tuple[jax.Array, tuple[Cache, ...] | None]:
         new = []
         for j, kind in enumerate(self.cfg.attention_pattern):
-            x, c = Block(self.cfg, kind, self.attend_len, name=f"block{j}")(
+            x, c = Block(self.cfg, kind, self.attend_len, self.lora_dropout, name=f"block{j}")(
                 x, None if caches is None else caches[j], index_B, num_valid_B
             )
             new.append(c)
@@ -220,10 +269,15 @@ class GPT(nn.Module):
     attend_len (decoding): dense layers read only the first attend_len cache positions, which
     must hold every position the call attends (index + T <= attend_len), so a step costs what
     the sequence so far needs rather than the whole cache.
+
+    Low-rank adapters (gptjax.lora) ride in a second collection beside the frozen weights:
+    `apply({"params": base, "lora": adapters}, ...)`; lora_dropout (training) then needs a
+    "dropout" rng.
     """
 
     cfg: ModelConfig
     attend_len: int | None = None
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, cache: Cache | None = None,
@@ -258,13 +312,13 @@ class GPT(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 period_cls,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
+                variable_axes={"params": 0, LORA: 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=n_period,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, layer_caches = stack(cfg, self.attend_len, name="layers")(
+            x, layer_caches = stack(cfg, self.attend_len, self.lora_dropout, name="layers")(
                 x, layer_caches, index_B, num_valid_B)
         else:
             # Unrolled: one cache entry per period (init_cache's layout for scan_layers=False),
@@ -272,7 +326,7 @@ class GPT(nn.Module):
             outs = []
             for i in range(n_period):
                 c = None if layer_caches is None else layer_caches[i]
-                x, c = period_cls(cfg, self.attend_len, name=f"layers_{i}")(
+                x, c = period_cls(cfg, self.attend_len, self.lora_dropout, name=f"layers_{i}")(
                     x, c, index_B, num_valid_B)
                 outs.append(c)
             if layer_caches is not None:
@@ -345,9 +399,11 @@ def unstack_layers(params: Any, cfg: ModelConfig) -> Any:
     model's (`scan_layers=False`: layers_0, layers_1, ...). Unchanged if already unrolled."""
     if not cfg.scan_layers:
         return params
-    out = {k: v for k, v in params.items() if k != "layers"}
+    out = {k: v for k, v in params.items() if k not in ("layers", LORA)}
     for i in range(cfg.n_layer // cfg.period):
         out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    if LORA in params:
+        out[LORA] = unstack_layers(params[LORA], cfg)
     return out
 
 
@@ -355,8 +411,10 @@ def stack_layers(params: Any, cfg: ModelConfig) -> Any:
     """The inverse of unstack_layers: unrolled parameters (layers_0, layers_1, ...) of `cfg` as
     the scanned model's (layers stacked [n_layer / period, ...])."""
     n = cfg.n_layer // cfg.period
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out = {k: v for k, v in params.items() if not k.startswith("layers_") and k != LORA}
     out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"layers_{i}"] for i in range(n)])
+    if LORA in params:
+        out[LORA] = stack_layers(params[LORA], cfg)
     return out
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from gptjax.model.attention import NEG_INF
 from gptjax.config import ModelConfig
-from gptjax.model import GPT, cast_to_compute_dtype, constrain
+from gptjax.model import GPT, cast_to_compute_dtype, constrain, variables
 
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -127,16 +127,21 @@ def _fused_ce_bwd(vocab: int, dtype: str, res: tuple[jax.Array, jax.Array], ct: 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def sum_loss(params: Any, model_cfg: ModelConfig, batch: dict[str, jax.Array]
+def sum_loss(params: Any, model_cfg: ModelConfig, batch: dict[str, jax.Array], *,
+             lora_dropout: float = 0.0, rng: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, tokens counted) of one [B, T] batch of inputs, targets and an
-    optional mask, through the chunked loss when model_cfg.loss_chunk asks for it."""
+    optional mask, through the chunked loss when model_cfg.loss_chunk asks for it.
+
+    lora_dropout > 0 (training adapters the params carry under "lora") needs `rng`."""
     params = cast_to_compute_dtype(params, model_cfg, embeddings=False)
+    model = GPT(model_cfg, lora_dropout=lora_dropout)
+    rngs = {"dropout": rng} if lora_dropout > 0 else {}
     chunk = model_cfg.loss_chunk
     if chunk and chunk < batch["inputs"].shape[-1]:
-        x = GPT(model_cfg).apply({"params": params}, batch["inputs"], return_hidden=True)
+        x = model.apply(variables(params), batch["inputs"], return_hidden=True, rngs=rngs)
         return chunked_cross_entropy(x, params["wte"], batch["targets"], batch.get("mask"),
                                      model_cfg, chunk)
-    logits = GPT(model_cfg).apply({"params": params}, batch["inputs"])
+    logits = model.apply(variables(params), batch["inputs"], rngs=rngs)
     mean, count = cross_entropy(logits, batch["targets"], batch.get("mask"))
     return mean * count, count

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from gptjax import model, sharding
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
-from gptjax.model import GPT, init_cache
+from gptjax.model import GPT, init_cache, variables
 from gptjax.decode.choose import choose_tokens, row_keys, step_keys
 from gptjax.decode.generate import PROMPT_BUCKET, attend_buckets, decode_config
 
@@ -56,7 +56,7 @@ def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Cal
         T = tokens_1T.shape[1]
         row = init_cache(cfg, 1, max_len)
         x_1TD, row = GPT(cfg, attend_len=T).apply(
-            {"params": params}, tokens_1T, cache=row, num_valid_B=length[None],
+            variables(params), tokens_1T, cache=row, num_valid_B=length[None],
             return_hidden=True)
         layers = jax.tree.map(lambda big, r: jax.lax.dynamic_update_slice_in_dim(big, r, slot, 0),
                               cache["layers"], row["layers"])
@@ -76,7 +76,7 @@ def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Cal
         def body(carry: tuple[Any, dict], _: None) -> tuple[tuple[Any, dict], tuple]:
             cache, s = carry
             active = s["active"]
-            logits, cache = logits_fn.apply({"params": params}, s["last"][:, None], cache=cache,
+            logits, cache = logits_fn.apply(variables(params), s["last"][:, None], cache=cache,
                                             num_valid_B=active.astype(jnp.int32))
             logits_SV = logits[:, 0]
             tok = choose_tokens(logits_SV, step_keys(keys_S, s["count"]), s["temperature"],

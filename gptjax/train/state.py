@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from gptjax import sharding
 from gptjax.config import Config, ModelConfig
+from gptjax.lora import adapters as lora_lib
+from gptjax.lora.adapters import LoraSpec
 from gptjax.model.losses import sum_loss
 from gptjax.model import init_params
 
@@ -36,28 +38,40 @@ class TrainState:
                    bad_streak=jnp.int32(0))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, *,
-               model_cfg: ModelConfig, tx: optax.GradientTransformation
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array, base: Any = None,
+               *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+               lora: LoraSpec | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over batch [n_micro, B, T], gradients accumulated over the microbatches.
 
-    A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged.
+    With `lora`, state.params are the adapters and `base` the frozen weights they adapt: only
+    the adapters have gradients and optimizer state. A step whose loss or gradient norm is not
+    finite leaves params and optimizer state unchanged.
     """
-    grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+    def loss(trainable: Any, mb: dict[str, jax.Array], i: jax.Array) -> Any:
+        if lora is None:
+            return sum_loss(trainable, model_cfg, mb)
+        # Dropout masks are a function of the step and microbatch: a resumed run draws the same.
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(lora.seed), state.step), i)
+        return sum_loss(lora_lib.attach(base, trainable, lora), model_cfg, mb,
+                        lora_dropout=lora.dropout, rng=rng)
 
-    def micro(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def micro(carry: Any, xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[Any, None]:
         g_acc, nll_acc, n_acc = carry
-        (nll, n), g = grad_fn(state.params, model_cfg, mb)
+        (nll, n), g = grad_fn(state.params, *xs)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
         return (g_acc, nll_acc + nll, n_acc + n), None
 
     if jax.tree.leaves(batch)[0].shape[0] == 1:
         # One microbatch: no accumulator to zero and add into, no loop around the step.
-        (nll, count), grads = grad_fn(state.params, model_cfg, jax.tree.map(lambda a: a[0], batch))
+        (nll, count), grads = grad_fn(state.params, jax.tree.map(lambda a: a[0], batch), 0)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     else:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0),
+                                              (batch, jnp.arange(n_micro)))
     count = jnp.maximum(count, 1.0)
     # Sum of per-token gradients / tokens: k microbatches equal one batch k times as large.
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -92,23 +106,27 @@ def batch_abstract(mesh: Mesh, n_micro: int, micro: int, T: int) -> dict[str, ja
 
 
 def jit_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                   state_sh: TrainState) -> Any:
-    """train_step jitted as the loop runs it: (state, stacked batch, lr) -> (state, metrics),
-    the state donated and kept in its shardings."""
+                   state_sh: TrainState, lora: LoraSpec | None = None, base_sh: Any = None
+                   ) -> Any:
+    """train_step jitted as the loop runs it: (state, stacked batch, lr, base) -> (state,
+    metrics), the state donated and kept in its shardings; base (LoRA's frozen weights, else
+    None) is read, never donated."""
     return jax.jit(
-        functools.partial(train_step, model_cfg=model_cfg, tx=tx),
-        in_shardings=(state_sh, sharding.batch_sharding(mesh, 3, stacked=True), None),
+        functools.partial(train_step, model_cfg=model_cfg, tx=tx, lora=lora),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh, 3, stacked=True), None, base_sh),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
     )
 
 
 def compile_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                       state_sh: TrainState, state: Any, batch: Any) -> Any:
+                       state_sh: TrainState, state: Any, batch: Any,
+                       lora: LoraSpec | None = None, base: Any = None) -> Any:
     """jit_train_step compiled ahead of time for these (abstract or concrete) arguments. Call it
     inside sharding.activate(mesh)."""
-    return jit_train_step(model_cfg, tx, mesh, state_sh).lower(
-        state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    base_sh = None if base is None else jax.tree.map(lambda a: a.sharding, base)
+    return jit_train_step(model_cfg, tx, mesh, state_sh, lora, base_sh).lower(
+        state, batch, jax.ShapeDtypeStruct((), jnp.float32), base).compile()
 
 
 def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, params_sh: Any) -> Any:
@@ -117,12 +135,22 @@ def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, params_sh: Any) -> Any:
                    in_shardings=(params_sh, sharding.batch_sharding(mesh, 2)))
 
 
-def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
-                   ) -> tuple[TrainState, TrainState]:
-    """(abstract state with shardings, state shardings), allocating nothing."""
+def abstract_params(cfg: Config, mesh: Mesh) -> tuple[Any, Any]:
+    """(the model's parameters as ShapeDtypeStructs with shardings, their shardings)."""
     p_sh = sharding.param_shardings(cfg.model, mesh)
     p_abs = jax.eval_shape(lambda k: init_params(cfg.model, k), jax.random.key(0))
-    p_abs = sharding.with_shardings(p_abs, p_sh)
+    return sharding.with_shardings(p_abs, p_sh), p_sh
+
+
+def abstract_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation
+                   ) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, state shardings), allocating nothing. Under LoRA
+    (train.lora_rank > 0) the state's params are the adapters, sharded as their base kernels."""
+    p_abs, p_sh = abstract_params(cfg, mesh)
+    spec = LoraSpec.of(cfg.train)
+    if spec is not None:
+        p_sh = lora_lib.shardings(p_sh, p_abs, spec)
+        p_abs = sharding.with_shardings(lora_lib.shapes(p_abs, spec), p_sh)
     rep = sharding.replicated(mesh)
     o_abs = jax.eval_shape(tx.init, p_abs)
     o_sh = opt_state_shardings(o_abs, p_abs, rep)
@@ -155,8 +183,14 @@ def opt_state_shardings(opt_abs: Any, params_abs: Any, default: NamedSharding) -
 
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: TrainState,
                params: Any = None, step: int = 0) -> TrainState:
-    """A fresh optimizer state (from `params`, or freshly initialized ones) at `step`."""
-    if params is None:
+    """A fresh optimizer state (from `params`, or freshly initialized ones: under LoRA, fresh
+    adapters) at `step`."""
+    spec = LoraSpec.of(cfg.train)
+    if params is None and spec is not None:
+        base_abs = abstract_params(cfg, mesh)[0]
+        params = jax.jit(lambda k: lora_lib.init(k, base_abs, spec),
+                         out_shardings=shardings.params)(jax.random.key(cfg.train.seed))
+    elif params is None:
         params = sharding.init_sharded_params(cfg.model, mesh, jax.random.key(cfg.train.seed))
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return state_at(step, params, opt_state, shardings)

@@ -24,23 +24,18 @@ from jax.sharding import Mesh
 
 from gptjax import checkpoint, sharding
 from gptjax.eval import fewshot
-from gptjax.hf import convert, gpt2
+from gptjax.lora import adapters as lora_lib
+from gptjax.lora import runs as lora_runs
 from gptjax.train import optim
 from gptjax import data as data_lib
 from gptjax.train.plan import choose_remat, device_peak_flops, remat_needs_text
-from gptjax.config import Config, ModelConfig, config_from_dict, config_to_dict
+from gptjax.config import Config, ModelConfig, config_to_dict
 from gptjax.errors import UserError
-from gptjax.model import (
-    count_params,
-    flops_per_token,
-    hardware_flops_per_token,
-    init_params,
-    stack_layers,
-    unstack_layers,
-)
+from gptjax.model import count_params, flops_per_token, hardware_flops_per_token
 from gptjax.train.progress import Console, MetricsLog, Progress
 from gptjax.train.state import (
     TrainState,
+    abstract_params,
     abstract_state,
     batch_abstract,
     compile_train_step,
@@ -62,6 +57,10 @@ class Run:
     n_steps: int
     abs_state: TrainState
     state_sh: TrainState
+    lora: lora_lib.LoraSpec | None = None  # LoRA: state.params are adapters over `base`
+    base_abs: Any = None  # the frozen base's ShapeDtypeStructs with shardings
+    base: Any = None  # the frozen base, once restore_or_init has loaded it
+    base_ref: dict[str, Any] | None = None  # its path, step and checksum, for the meta
     console: Console | None = None
 
     @classmethod
@@ -76,10 +75,16 @@ class Run:
             raise UserError(f"the data axes (mesh data x fsdp = {n_data}) must span all "
                             f"{jax.process_count()} processes: each process feeds its own rows")
         tx = optim.make_optimizer(cfg.optim)
+        spec = lora_lib.LoraSpec.of(cfg.train)
         with sharding.activate(mesh):
             abs_state, state_sh = abstract_state(cfg, mesh, tx)
+            base_abs = abstract_params(cfg, mesh)[0] if spec else None
         return cls(cfg, mesh, checkpoint.run_path(cfg.train.run_dir), schedule, tx,
-                   schedule.total_steps(), abs_state, state_sh)
+                   schedule.total_steps(), abs_state, state_sh, spec, base_abs)
+
+    def params_for_eval(self, params: Any) -> Any:
+        """What evaluation scores: the parameters, or the base carrying the adapters."""
+        return params if self.lora is None else lora_lib.attach(self.base, params, self.lora)
 
     def say(self, line: str) -> None:
         if self.console is not None:
@@ -97,15 +102,22 @@ class Start:
 
 def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Start]:
     """The run directory's latest checkpoint that restores, else train.init_from's parameters
-    with a fresh optimizer, else fresh parameters. Called inside sharding.activate(run.mesh)."""
+    with a fresh optimizer, else fresh parameters. Under LoRA, loads the frozen base first (and
+    on resume checks it is the one the adapters were trained on). Called inside
+    sharding.activate(run.mesh)."""
     cfg, mesh = run.cfg, run.mesh
-    restored = None
+    restored, meta = None, None
     if ckpt.all_steps():
         _, meta = checkpoint.read_meta(run.run_dir)
-        diff = _model_diff(meta["config"]["model"], config_to_dict(cfg)["model"])
+        diff, what = _model_diff(meta["config"]["model"], config_to_dict(cfg)["model"]), "model"
+        if not diff:
+            diff, what = _lora_diff(meta["config"]["train"], config_to_dict(cfg)["train"]), "LoRA"
         if diff:
-            raise UserError(f"run directory {run.run_dir} was written by a different model "
+            raise UserError(f"run directory {run.run_dir} was written by a different {what} "
                             f"config ({diff}); use another train.run_dir")
+    if run.lora is not None:
+        load_base(run, meta)
+    if meta is not None:
         restored = ckpt.restore(run.abs_state.params, run.abs_state.opt_state)
     if restored is not None:
         step, params, opt_state, data_state, meta = restored
@@ -113,10 +125,24 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer) -> tuple[TrainState
         return (state_at(step, params, opt_state, run.state_sh),
                 Start(step, int(meta["tokens"]), data_state))
     params = None
-    if cfg.train.init_from:
-        params = load_init_params(cfg.train.init_from, cfg, run.abs_state.params)
+    if cfg.train.init_from and run.lora is None:
+        params, _ = lora_runs.load_weights(cfg.train.init_from, cfg, run.abs_state.params)
         run.say(f"fine-tuning: parameters from {cfg.train.init_from}, fresh optimizer, step 0")
     return init_state(cfg, mesh, run.tx, run.state_sh, params=params), Start()
+
+
+def load_base(run: Run, meta: dict[str, Any] | None) -> None:
+    """LoRA's frozen base from train.init_from: on resume, the step recorded in the run, and
+    refused unless its checksum equals the recorded one."""
+    ref = None if meta is None else meta.get(lora_runs.BASE_KEY)
+    source = run.cfg.train.init_from
+    run.base, step = lora_runs.load_weights(source, run.cfg, run.base_abs,
+                                            None if ref is None else ref["step"])
+    if ref is not None:
+        lora_runs.check_base(ref, run.base, f"train.init_from={source}")
+    run.base_ref = ref or lora_runs.base_reference(source, step, run.base)
+    at = "" if step is None else f" (step {step})"
+    run.say(f"LoRA {run.lora.describe()} over {source}{at}")
 
 
 def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -126,25 +152,17 @@ def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     return None
 
 
-def load_init_params(source: str, cfg: Config, abstract_params: Any) -> Any:
-    """Parameters (only) of another run or a Hugging Face GPT-2 directory, restored straight into
-    this run's shardings."""
-    if gpt2.is_hf_dir(source):
-        return convert.init_params_for(source, cfg.model, abstract_params)
-    _, meta = checkpoint.read_meta(source)
-    their_model = config_from_dict(meta["config"]).model
-    # The same weights in the other layout (scanned stacks vs unrolled layers_i) convert.
-    relayout = their_model.scan_layers != cfg.model.scan_layers
-    as_mine = dataclasses.replace(their_model, scan_layers=cfg.model.scan_layers)
-    theirs = jax.eval_shape(lambda k: init_params(as_mine, k), jax.random.key(0))
-    checkpoint.check_param_shapes(theirs, abstract_params, f"train.init_from={source}")
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-    if relayout:  # read onto one device in their layout, then restack and place
-        params = checkpoint.load_params(source)[0]
-        params = (unstack_layers(params, their_model) if their_model.scan_layers
-                  else stack_layers(params, their_model))
-        return jax.device_put(params, shardings)
-    return checkpoint.load_params(source, shardings=shardings)[0]
+def _lora_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """A change of what the adapters are: full fine-tuning vs LoRA, rank, targets or alpha."""
+    was, now = saved.get("lora_rank", 0), current["lora_rank"]
+    keys = ("lora_rank", "lora_targets", "lora_alpha") if was and now else ("lora_rank",)
+    for k in keys:
+        a, b = saved.get(k, 0), current[k]
+        if k == "lora_targets":
+            a, b = tuple(a), tuple(b)
+        if a != b:
+            return f"train.{k}: {a!r} in the run, {b!r} now"
+    return None
 
 
 def build_step(run: Run, tokens: int) -> tuple[ModelConfig, Any]:
@@ -162,14 +180,15 @@ def build_step(run: Run, tokens: int) -> tuple[ModelConfig, Any]:
         shapes = [batch_abstract(mesh, n, schedule.micro_size, m_cfg.context_length)
                   for n in n_micros]
         m_cfg, compiled, tried = choose_remat(m_cfg, lambda m: [
-            compile_train_step(m, run.tx, mesh, run.state_sh, run.abs_state, b)
-            for b in shapes])
+            compile_train_step(m, run.tx, mesh, run.state_sh, run.abs_state, b, run.lora,
+                               run.base_abs) for b in shapes])
         compiled_for = dict(zip(n_micros, compiled))
         run.say(f"model.remat=auto: {m_cfg.remat} ({remat_needs_text(tried)})")
-    jitted = jit_train_step(m_cfg, run.tx, mesh, run.state_sh)
+    base_sh = None if run.lora is None else jax.tree.map(lambda a: a.sharding, run.base_abs)
+    jitted = jit_train_step(m_cfg, run.tx, mesh, run.state_sh, run.lora, base_sh)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array) -> Any:
-        return compiled_for.get(batch["inputs"].shape[0], jitted)(state, batch, lr)
+        return compiled_for.get(batch["inputs"].shape[0], jitted)(state, batch, lr, run.base)
 
     return m_cfg, step_fn
 
@@ -180,7 +199,10 @@ class Evaluator:
 
     def __init__(self, run: Run, m_cfg: ModelConfig, log: MetricsLog, progress: Progress) -> None:
         self.run, self.log, self.progress = run, log, progress
-        self.eval_fn = jit_eval_step(m_cfg, run.mesh, run.state_sh.params)
+        p_sh = run.state_sh.params
+        if run.lora is not None:
+            p_sh = {**jax.tree.map(lambda a: a.sharding, run.base_abs), "lora": p_sh}
+        self.eval_fn = jit_eval_step(m_cfg, run.mesh, p_sh)
         self.enabled = True
         self.losses: list[tuple[int, float]] = []
 
@@ -197,6 +219,7 @@ class Evaluator:
     def __call__(self, params: Any, step: int) -> None:
         if not self.enabled:
             return
+        params = self.run.params_for_eval(params)
         try:
             loss = self.loss(params)
         except data_lib.CorruptCacheError:
@@ -336,6 +359,8 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
         with sharding.activate(run.mesh):
             state, start = restore_or_init(run, ckpt)
             run.say(describe_run(cfg.model, run.mesh))
+            if run.lora is not None:
+                run.say(describe_trainable(run, state.params))
             m_cfg, step_fn = build_step(run, start.tokens)
         log = MetricsLog(run.run_dir, start.step)
         cleanup.callback(log.close)
@@ -372,7 +397,7 @@ def train(cfg: Config, *, mesh: Mesh | None = None, quiet: bool = False) -> dict
             if eval_due:
                 evaluate(state.params, step)
             if save_due or preempted:
-                save(ckpt, cfg, state, step, tokens, data_state)
+                save(ckpt, run, state, step, tokens, data_state)
             if preempted:
                 run.say(f"stopping at step {step} on request; checkpoint saved")
                 break
@@ -392,9 +417,19 @@ def describe_run(m_cfg: ModelConfig, mesh: Mesh) -> str:
             f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
 
-def save(ckpt: checkpoint.Checkpointer, cfg: Config, state: TrainState, step: int, tokens: int,
+def describe_trainable(run: Run, adapters: Any) -> str:
+    n, total = lora_lib.count(adapters), count_params(run.cfg.model)
+    return (f"trainable: {n:,} adapter parameters ({100 * n / total:.3g}% of the base's "
+            f"{total:,}, frozen in {run.cfg.model.param_dtype})")
+
+
+def save(ckpt: checkpoint.Checkpointer, run: Run, state: TrainState, step: int, tokens: int,
          data_state: dict) -> None:
+    cfg = run.cfg
     if not checkpoint.all_finite(state.params):
         raise UserError(f"parameters are not finite at step {step}; not saving")
-    meta = checkpoint.make_meta(cfg, step, {"tokens": tokens})
+    extra = {"tokens": tokens}
+    if run.base_ref is not None:
+        extra[lora_runs.BASE_KEY] = run.base_ref
+    meta = checkpoint.make_meta(cfg, step, extra)
     ckpt.save(step, state.params, state.opt_state, data_state, meta)
