@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import config, sharding
+from gptjax import checkpoint, config, sharding
+from gptjax.lora.adapters import LoraSpec
 from gptjax.model import attention
 from gptjax.train import plan
 from gptjax.train import optim
@@ -34,25 +38,41 @@ def measure_matmul_tflops(n: int = 8192, repeats: int = 7, per_sample: int = 20)
 
 
 def _time_steps(compiled: Any, state: Any, batch: Any, lr: jax.Array, steps: int,
-                profile: str | None) -> tuple[Any, Any, list[float]]:
+                profile: str | None, base: Any = None) -> tuple[Any, Any, list[float]]:
     """(state, last metrics, seconds of each step) of `steps` timed steps after a warm-up one;
     with `profile`, 3 more steps traced into that folder beside the step's HLO."""
-    state, metrics = compiled(state, batch, lr)
+    state, metrics = compiled(state, batch, lr, base)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, metrics = compiled(state, batch, lr)
+        state, metrics = compiled(state, batch, lr, base)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     if profile:
         with jax.profiler.trace(profile):
             for _ in range(3):
-                state, metrics = compiled(state, batch, lr)
+                state, metrics = compiled(state, batch, lr, base)
             jax.block_until_ready(metrics["loss"])
         with open(os.path.join(profile, "step.hlo.txt"), "w") as f:
             f.write(compiled.as_text())
     return state, metrics, times
+
+
+def _state_sizes(state: Any, spec: LoraSpec | None) -> dict[str, Any]:
+    """What a run keeps and writes: trainable parameters, optimizer state bytes, the bytes of
+    one checkpoint as the trainer saves it (orbax, params + optimizer state), and the process's
+    peak resident memory so far."""
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = checkpoint.Checkpointer(d, async_save=False)
+        ckpt.save(0, state.params, state.opt_state, {}, {"step": 0})
+        ckpt.close()
+        size = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+    return {"lora": None if spec is None else spec.describe(),
+            "trainable_params": sum(x.size for x in jax.tree.leaves(state.params)),
+            "optimizer_state_bytes": nbytes(state.opt_state), "checkpoint_bytes": size,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int | None,
@@ -74,9 +94,12 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
     cfg = config.replace_cfg(cfg, train={"batch_size": B, "microbatches": 1})
     mesh = sharding.make_mesh(cfg.mesh)
     tx = optim.make_optimizer(cfg.optim)
+    lora = LoraSpec.of(cfg.train)
     with sharding.activate(mesh):
         _, sh = abstract_state(cfg, mesh, tx)
         state = init_state(cfg, mesh, tx, sh)
+        # LoRA trains over a random base here: train.init_from is not read.
+        base = None if lora is None else sharding.init_sharded_params(m, mesh, jax.random.key(1))
     T = m.context_length
     rng = np.random.default_rng(0)
     toks = rng.integers(0, m.vocab_size, size=(1, B, T + 1), dtype=np.int32)
@@ -85,7 +108,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
 
     def compile_for(mc: config.ModelConfig) -> Any:
         t0 = time.perf_counter()
-        compiled = compile_train_step(mc, tx, mesh, sh, state, batch_g)
+        compiled = compile_train_step(mc, tx, mesh, sh, state, batch_g, lora, base)
         compile_times.append(time.perf_counter() - t0)
         return compiled
 
@@ -99,7 +122,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
             compiled = compile_for(m)
             tried = {m.remat: plan.memory_need_gib(compiled)}
         compile_s, compile_total = compile_times[-1], sum(compile_times)
-        state, metrics, times = _time_steps(compiled, state, batch_g, lr, steps, profile)
+        state, metrics, times = _time_steps(compiled, state, batch_g, lr, steps, profile, base)
     med = statistics.median(times)
     tps = B * T / med
     spec = plan.device_peak_flops(cfg.train.peak_tflops)
@@ -119,6 +142,7 @@ def bench_train(cfg_name: str, overrides: list[str], batch: int | None, seq: int
         "compile_s": compile_s, "compile_s_all_tried": compile_total,
         "memory_needed_gib": tried,
         "loss": float(metrics["loss"]),
+        **_state_sizes(state, lora),
     }
     # The step's peak, read before the matmul probe below allocates its own operands.
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
