@@ -26,7 +26,8 @@ from gptjax.model import count_params, flops_per_token
 from gptjax.train import optim
 from gptjax.train.plan import (GPT3_GPU_YEARS, choose_remat, device_peak_flops,
                                remat_needs_text)
-from gptjax.train.state import abstract_state, batch_abstract, compile_train_step
+from gptjax.lora.adapters import LoraSpec
+from gptjax.train.state import abstract_params, abstract_state, batch_abstract, compile_train_step
 
 GIB = memory.GIB
 
@@ -74,8 +75,11 @@ def activation_bytes(m: ModelConfig, mesh: Mesh, seqs_per_device: int) -> float:
 def estimate(cfg: Config, mesh: Mesh, abs_state: Any, seqs_per_device: int,
              n_micro: int) -> dict[str, float]:
     """Bytes per device by our own accounting: the state (parameters, Adam's moments), the
-    gradients (fp32; a second copy accumulates over microbatches), saved activations."""
+    gradients (fp32; a second copy accumulates over microbatches), saved activations. Under
+    LoRA the state is the adapters', and the parameters add the frozen base."""
     params = memory.bytes_per_device(abs_state.params)
+    if LoraSpec.of(cfg.train) is not None:
+        params += memory.bytes_per_device(abstract_params(cfg, mesh)[0])
     opt = memory.bytes_per_device(abs_state.opt_state)
     grad_one = memory.bytes_per_device(abs_state.params, itemsize=4)
     grads = grad_one * (2 if n_micro > 1 else 1)
@@ -94,6 +98,8 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
     # The abstract state is built outside the mesh scope: under a mesh of a TPU slice's devices
     # (no client to run on), eval_shape's init would try to run its constants there.
     abs_state, state_sh = abstract_state(cfg, mesh, tx)
+    lora = LoraSpec.of(cfg.train)
+    base_abs = abstract_params(cfg, mesh)[0] if lora else None
     b_abs = batch_abstract(mesh, n_micro, micro, m.context_length)
     refused: set[str] = set()  # policies whose program XLA refused as too large
 
@@ -101,7 +107,8 @@ def compile_step(cfg: Config, mesh: Mesh, n_micro: int, micro: int, limit_gib: f
         t0 = time.perf_counter()
         try:
             compiled, seconds[mc.remat] = memory.timed_compile(
-                lambda: compile_train_step(mc, tx, mesh, state_sh, abs_state, b_abs),
+                lambda: compile_train_step(mc, tx, mesh, state_sh, abs_state, b_abs, lora,
+                                           base_abs),
                 aot=mesh.devices.flat[0].platform == "tpu")
         except Exception as e:
             if memory.out_of_memory(e):  # a refusal took its compile time too
