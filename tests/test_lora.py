@@ -61,18 +61,22 @@ def test_zero_b_is_the_base_and_merged_equals_unmerged(scan: bool) -> None:
     np.testing.assert_array_equal(np.asarray(mixed[1]), np.asarray(plain[1]))
 
 
-def test_train_step_changes_only_the_adapters() -> None:
+def _steps(mesh_shape: dict[str, int], n: int = 4) -> tuple[object, object, object, object]:
+    """(base before, base after, adapters at step 0, after n steps) of LoRA train steps on a
+    mesh of these sizes, dropout and two microbatches included."""
     cfg = config.config_from_dict({
-        "model": dataclasses.asdict(tiny(scan_layers=True)),
+        "model": dataclasses.asdict(tiny(scan_layers=True)), "mesh": mesh_shape,
         "train": {"lora_rank": 4, "lora_targets": list(ALL), "lora_dropout": 0.1,
-                  "init_from": "/base", "batch_size": 4, "microbatches": 2}})
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+                  "init_from": "/base", "batch_size": 8, "microbatches": 2}})
+    n_dev = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n_dev])
     tx = optim.make_optimizer(cfg.optim)
     spec = adapters.LoraSpec.of(cfg.train)
+    plain = model.init_params(cfg.model, jax.random.key(0))  # outside the mesh: batch 1
     with sharding.activate(mesh):
-        abs_state, sh = train_state.abstract_state(cfg, mesh, tx)
+        _, sh = train_state.abstract_state(cfg, mesh, tx)
         base_abs = train_state.abstract_params(cfg, mesh)[0]
-        base = jax.tree.map(lambda a: jnp.asarray(a), model.init_params(cfg.model, jax.random.key(0)))
+        base = jax.device_put(plain, jax.tree.map(lambda a: a.sharding, base_abs))
         before = jax.tree.map(np.array, base)
         state = train_state.init_state(cfg, mesh, tx, sh)
         adapters0 = jax.tree.map(np.array, state.params)
@@ -82,20 +86,33 @@ def test_train_step_changes_only_the_adapters() -> None:
         step = train_state.jit_train_step(cfg.model, tx, mesh, sh, spec,
                                           jax.tree.map(lambda a: a.sharding, base_abs))
         rng = np.random.default_rng(0)
-        for _ in range(5):
-            toks = rng.integers(0, cfg.model.vocab_size, (2, 2, cfg.model.context_length + 1))
+        T = cfg.model.context_length
+        for _ in range(n):
+            toks = rng.integers(0, cfg.model.vocab_size, (2, 4, T + 1))
             batch = {"inputs": toks[..., :-1].astype(np.int32),
                      "targets": toks[..., 1:].astype(np.int32),
-                     "mask": np.ones((2, 2, cfg.model.context_length), np.float32)}
+                     "mask": np.ones((2, 4, T), np.float32)}
             state, metrics = step(state, sharding.to_global(batch, mesh, stacked=True),
                                   jnp.float32(1e-2), base)
             assert not bool(metrics["skipped"])
-    del abs_state
+    return before, base, adapters0, jax.tree.map(np.array, state.params)
+
+
+def test_train_step_changes_only_the_adapters() -> None:
+    before, base, adapters0, trained = _steps({"data": 1, "fsdp": 1, "tensor": 1}, n=5)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(base)):
         np.testing.assert_array_equal(a, np.asarray(b))  # the base: bitwise unchanged
     for path, a in jax.tree_util.tree_leaves_with_path(adapters0):
-        b = np.asarray(_at(state.params, path))
-        assert not np.array_equal(a, b), jax.tree_util.keystr(path)  # every A and B moved
+        assert not np.array_equal(a, _at(trained, path)), jax.tree_util.keystr(path)
+
+
+def test_lora_steps_on_a_mesh_equal_one_device() -> None:
+    """Adapters sharded as their base kernels (data 2 x fsdp 2 x tensor 2) train as on one
+    device, up to reduction order."""
+    one = _steps({"data": 1, "fsdp": 1, "tensor": 1})[3]
+    eight = _steps({"data": 2, "fsdp": 2, "tensor": 2})[3]
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
 def _at(tree: object, path: tuple) -> object:
