@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "performance.md"
 # the docs that hold results tables
-DOCS = (DOC, ROOT / "docs" / "sweep.md", ROOT / "docs" / "tpu.md")
+DOCS = (DOC, ROOT / "docs" / "sweep.md", ROOT / "docs" / "tpu.md",
+        ROOT / "docs" / "finetune-eval.md")
 
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -127,9 +128,35 @@ def _tpu_aot_row(r: dict[str, Any]) -> list[str]:
             _num(sum((r.get("compile_s") or {}).values()), 0), _source(r)]
 
 
+def _lora_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """LoRA variants against the full fine-tuning row of the same shape (lora None)."""
+    full = {(r["config"], r["batch"], r["seq"]): r for r in rows if not r.get("lora")}
+    out = []
+    for r in rows:
+        f = full.get((r["config"], r["batch"], r["seq"]), r)
+        share = lambda k: f"{100 * r[k] / f[k]:.2f}%"  # noqa: E731
+        out.append([r["config"], r.get("lora") or "full fine-tuning", f"{r['batch']} × {r['seq']}",
+                    f"{r['trainable_params']:,}",
+                    f"{r['optimizer_state_bytes'] / 2**20:,.1f} ({share('optimizer_state_bytes')})",
+                    f"{r['checkpoint_bytes'] / 2**20:,.1f} ({share('checkpoint_bytes')})",
+                    f"{_num(r['step_ms_median'], 0)} ± {_num(r['step_ms_spread'] / 2, 0)}",
+                    _num(r["memory_needed_gib"][r["remat"]], 2), _num(r["peak_rss_gib"], 2),
+                    _source(r)])
+    return out
+
+
+def _lora_example_row(r: dict[str, Any]) -> list[str]:
+    t, o = r["run_config"]["train"], r["run_config"]["optim"]
+    what = (f"LoRA rank {t['lora_rank']}, {','.join(t['lora_targets'])}" if t.get("lora_rank")
+            else "every weight")
+    losses = " → ".join(f"{loss:.3f}" for _, loss in r["val_losses"])
+    return [what, f"{o['learning_rate']:g}", f"{r['steps']:,} × {r['batch']}", losses,
+            f"{r['seconds']:.0f}", _command(r), _source(r)]
+
+
 # name -> (results file, subcommand (None: every row), header, row maker returning one row or
 # a list of rows)
-TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], Any]]] = {
+TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], Any] | None]] = {
     "demo-cpu": ("demo-cpu.jsonl", None,
                  RUN_HEADER, _run_row),
     "demo-cpu-tuning": ("demo-cpu-tuning.jsonl", None,
@@ -153,6 +180,13 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
                  "remat (tried: XLA's GiB; ≥: refused)", "arguments GiB", "temporaries GiB", "XLA needs GiB",
                  "HBM GiB", "fits", "compile s", "date, commit"],
                 _tpu_aot_row),
+    "lora-cpu": ("lora.jsonl", "train",
+                 ["preset", "trained", "batch × T", "trainable params", "optimizer state MiB",
+                  "checkpoint MiB", "step ms (± half spread)", "XLA needs GiB", "peak RSS GiB",
+                  "date, commit"], None),
+    "lora-example": ("lora-example.jsonl", "run",
+                     ["fine-tuned", "peak lr", "steps × batch", "validation loss (start → end)",
+                      "seconds", "command", "date, commit"], _lora_example_row),
     "cpu-attention": ("cpu.jsonl", "attention",
                       ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),
 }
@@ -172,10 +206,13 @@ def subcommand(r: dict[str, Any]) -> str:
 def table(name: str) -> str:
     file, what, header, make = TABLES[name]
     rows: list[list[str]] = []
-    for r in load(file):
-        if what is None or ("provenance" in r and subcommand(r) == what):
-            made = make(r)
-            rows.extend(made if made and isinstance(made[0], list) else [made])
+    picked = [r for r in load(file)
+              if what is None or ("provenance" in r and subcommand(r) == what)]
+    if make is None:  # rows that are read together (a comparison)
+        rows = _lora_rows(picked)
+    for r in picked if make is not None else ():
+        made = make(r)
+        rows.extend(made if made and isinstance(made[0], list) else [made])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
