@@ -111,7 +111,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = CONFIG_FILE) -> ModelC
 
 def hf_config_from_model(cfg: ModelConfig, tokenizer: str | None = None) -> dict[str, Any]:
     """A GPT-2 config.json for `cfg` (which must be dense in every layer)."""
-    _check_exportable(cfg)
+    check_exportable(cfg)
     out: dict[str, Any] = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -133,7 +133,7 @@ def hf_config_from_model(cfg: ModelConfig, tokenizer: str | None = None) -> dict
     return out
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
+def check_exportable(cfg: ModelConfig) -> None:
     if any(kind != "dense" for kind in cfg.attention_pattern):
         raise UserError(
             f"model.attention_pattern={','.join(cfg.attention_pattern)} has banded (local) layers, "
@@ -273,7 +273,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 def params_to_hf(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Hugging Face GPT2LMHeadModel tensors (float32, `transformer.` names, no lm_head: it is
     tied) from our parameters in either layout."""
-    _check_exportable(cfg)
+    check_exportable(cfg)
     D, F = cfg.d_model, cfg.d_ff
     P = cfg.period
     params = _tree_map(lambda a: np.asarray(a, np.float32), params)

@@ -84,6 +84,12 @@ def load_weights(source: str, cfg: Config, abstract: Any, step: int | None = Non
     return _place(params, abstract), step
 
 
+def one_device(tree: Any) -> Any:
+    """The default device's sharding for every leaf of `tree`."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: dev, tree)
+
+
 def _place(params: Any, abstract: Any) -> Any:
     """In abstract's dtypes (a base kept in bfloat16) and shardings."""
     return jax.tree.map(
@@ -112,8 +118,8 @@ def load_base(cfg: Config, meta: dict[str, Any], shardings: Any = None) -> Any:
     """The base a LoRA run refers to, checked against its checksum."""
     ref = meta[BASE_KEY]
     abstract = param_shapes(cfg.model)
-    if shardings is not None:
-        abstract = with_shardings(abstract, shardings)
+    abstract = with_shardings(abstract, shardings if shardings is not None else one_device(
+        abstract))
     try:
         base, _ = load_weights(ref["path"], cfg, abstract, ref["step"])
     except UserError as e:
