@@ -392,9 +392,11 @@ def test_engine_on_a_mesh_equals_one_device(run_dir: Path) -> None:
         a = app.parse_args(["--checkpoint", str(run_dir), "--max-batch", "4", *flags])
         return app.load(a)
 
-    params, cfg, _, _, none = loaded()
+    served, none = loaded()
+    params, cfg = served.base, served.cfg
     assert none is None
-    shards, _, _, _, mesh = loaded("--mesh", "2,1,-1")
+    sharded, mesh = loaded("--mesh", "2,1,-1")
+    shards = sharded.base
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     # Restored into the training layout's shards: the heads of each qkv kernel split 4 ways.
     qkv = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(shards)

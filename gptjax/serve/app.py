@@ -2,7 +2,7 @@
 
     python -m gptjax.serve --checkpoint RUN_DIR [--step N] [--host 127.0.0.1] [--port 8000]
         [--max-batch 32] [--api-key KEY] [--steps-per-call 4] [--shutdown-timeout 10]
-        [--mesh DATA,FSDP,TENSOR]
+        [--mesh DATA,FSDP,TENSOR] [--adapter NAME=LORA_RUN_DIR ...]
     python -m gptjax.serve --dry-run --topology SLICE (--checkpoint RUN_DIR | --config PRESET)
 
 POST /v1/completions, GET /v1/models, GET /health, and the tokenizer endpoints lm-eval's
@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import fastapi
@@ -33,6 +32,7 @@ from gptjax import checkpoint, sharding, tokenizer
 from gptjax.config import MeshConfig, config_from_dict
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.errors import UserError
+from gptjax.serve import models as models_lib
 from gptjax.serve.engine import Choice, Engine, Event, key_data
 from gptjax.serve.protocol import (ApiError, CompletionRequest, find_stop, logprobs_json,
                                    parse_completion, safe_end)
@@ -59,7 +59,8 @@ class CompletionRun:
     """One /v1/completions request in flight: its choices in the engine, their events merged
     into one asyncio queue (the engine thread hands them over with call_soon_threadsafe)."""
 
-    def __init__(self, req: CompletionRequest, engine: Engine, tok: Tokenizer) -> None:
+    def __init__(self, req: CompletionRequest, engine: Engine, tok: Tokenizer,
+                 adapter: int = 0) -> None:
         self.req, self.engine, self.tok = req, engine, tok
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -74,7 +75,7 @@ class CompletionRun:
                     top_k=req.top_k, top_p=req.top_p,
                     # Sample j of a prompt has the stream (seed, j), alone or in a list.
                     key_data=key_data(req.seed, j),
-                    echo_logprobs=req.echo and req.logprobs is not None))
+                    echo_logprobs=req.echo and req.logprobs is not None, adapter=adapter))
 
     def _emitter(self, i: int) -> Any:
         def emit(ev: Event) -> None:
@@ -218,9 +219,13 @@ async def _unless_gone(request: fastapi.Request, work: Any) -> Any:
             return JSONResponse(ApiError(499, "the client went away").body(), status_code=499)
 
 
-def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | None = None
-             ) -> fastapi.FastAPI:
-    """The FastAPI application over a started engine."""
+def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | None = None,
+             models: dict[str, int] | None = None, root: str | None = None) -> fastapi.FastAPI:
+    """The FastAPI application over a started engine. models: name -> the engine's adapter
+    index, for a server of several LoRA adapters over one base (`root`, index 0); default:
+    model_name alone. A request without `model` gets model_name."""
+    models = models or {model_name: 0}
+    root = root or model_name
     app = fastapi.FastAPI(title="gptjax", docs_url=None, redoc_url=None, openapi_url=None)
     ctx = engine.max_len
 
@@ -249,25 +254,29 @@ def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | Non
                 **engine.stats}
 
     @app.get("/v1/models")
-    async def models(request: fastapi.Request) -> dict[str, Any]:
+    async def list_models(request: fastapi.Request) -> dict[str, Any]:
         check_key(request)
+        # As multi-LoRA servers list them: each adapter's root and parent is the base.
         return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "gptjax",
-             "context_length": ctx, "max_model_len": ctx}]}
+            {"id": name, "object": "model", "created": 0, "owned_by": "gptjax",
+             "context_length": ctx, "max_model_len": ctx, "root": root,
+             "parent": None if name == root else root} for name in models]}
 
     @app.post("/v1/completions")
     async def completions(request: fastapi.Request) -> Any:
         check_key(request)
         body = await _read_json(request)
         name = body.get("model") if isinstance(body, dict) else None
-        if name is not None and name != model_name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server has "
-                                f"'{model_name}'.", param="model", code="model_not_found")
+        name = model_name if name is None else name
+        if not isinstance(name, str) or name not in models:
+            have = ", ".join(f"'{n}'" for n in models)
+            raise ApiError(404, f"The model '{name}' does not exist; this server has {have}.",
+                           param="model", code="model_not_found")
         req = parse_completion(body, tok, ctx)
-        run = CompletionRun(req, engine, tok)
+        run = CompletionRun(req, engine, tok, adapter=models[name])
         if req.stream:
-            return StreamingResponse(stream(run, model_name), media_type="text/event-stream")
-        return await _unless_gone(request, complete(run, model_name))
+            return StreamingResponse(stream(run, name), media_type="text/event-stream")
+        return await _unless_gone(request, complete(run, name))
 
     _tokenizer_routes(app, tok, check_key)
     return app
@@ -310,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a training run directory (holding checkpoints/); required but with "
                         "--dry-run --config")
     p.add_argument("--step", type=nonneg_int, help="checkpoint step (default: the latest)")
+    p.add_argument("--adapter", action="append", type=models_lib.adapter_arg, default=[],
+                   metavar="NAME=RUN_DIR",
+                   help="also serve this LoRA run's adapters over the same base as model NAME "
+                        "(repeatable); requests pick one by their `model` field")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="0: any free port")
@@ -356,8 +369,8 @@ def mesh_sizes(text: str) -> MeshConfig:
     return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
 
 
-def load(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int, Mesh | None]:
-    """(params, config, meta, step, mesh) of --checkpoint; with --mesh the parameters are
+def load(a: argparse.Namespace) -> tuple[models_lib.Served, Mesh | None]:
+    """(the models --checkpoint and each --adapter give, mesh); with --mesh the weights are
     restored straight into their shards, so no device ever holds the whole model."""
     mesh, shardings = None, None
     if a.mesh is not None:
@@ -365,8 +378,7 @@ def load(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int, Mesh | N
         sharding.check_batch(a.max_batch, mesh, "--max-batch")
         stored = config_from_dict(checkpoint.read_meta(a.checkpoint, a.step)[1]["config"])
         shardings = sharding.param_shardings(stored.model, mesh)
-    params, cfg, meta, step = checkpoint.load_params(a.checkpoint, a.step, shardings)
-    return params, cfg, meta, step, mesh
+    return models_lib.load(a.checkpoint, a.step, shardings, a.adapter), mesh
 
 
 def run(a: argparse.Namespace) -> int:
@@ -374,18 +386,19 @@ def run(a: argparse.Namespace) -> int:
         from gptjax.serve import dryrun
 
         return dryrun.main(a)
-    params, cfg, meta, step, mesh = load(a)
+    served, mesh = load(a)
+    cfg, meta, step = served.cfg, served.meta, served.step
     tok = tokenizer.get_tokenizer(meta.get("tokenizer", cfg.data.tokenizer))
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the {tok.name} tokenizer has {tok.vocab_size} ids; the model "
                         f"{cfg.model.vocab_size}")
-    name = Path(a.checkpoint).resolve().name
-    engine = Engine(params, cfg.model, max_batch=a.max_batch, eos_id=tok.eot_id,
-                    steps_per_call=a.steps_per_call, mesh=mesh)
+    engine = Engine(served.base, cfg.model, max_batch=a.max_batch, eos_id=tok.eot_id,
+                    steps_per_call=a.steps_per_call, mesh=mesh, adapters=served.adapters)
     engine.start()
-    print(f"gptjax.serve: {name} step {step}, compiling...", file=sys.stderr, flush=True)
+    print(f"gptjax.serve: {models_lib.describe(served)} step {step}, compiling...",
+          file=sys.stderr, flush=True)
     engine.warm_up()
-    app = make_app(engine, tok, name, a.api_key)
+    app = make_app(engine, tok, served.default, a.api_key, served.names, served.root)
     server = uvicorn.Server(uvicorn.Config(
         app, host=a.host, port=a.port, access_log=False, log_level="info",
         timeout_graceful_shutdown=a.shutdown_timeout, timeout_keep_alive=5))

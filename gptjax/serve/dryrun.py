@@ -39,7 +39,8 @@ def abstract_inputs(cfg: ModelConfig, mesh: Mesh, max_batch: int) -> tuple[Any, 
     state = {k: jax.ShapeDtypeStruct(shape, dt, sharding=rep) for k, shape, dt in (
         ("last", (S,), np.int32), ("active", (S,), np.bool_), ("left", (S,), np.int32),
         ("count", (S,), np.int32), ("temperature", (S,), np.float32),
-        ("top_k", (S,), np.int32), ("top_p", (S,), np.float32), ("keys", (S, 2), np.uint32))}
+        ("top_k", (S,), np.int32), ("top_p", (S,), np.float32), ("keys", (S, 2), np.uint32),
+        ("adapter", (S,), np.int32))}
     return (sharding.with_shardings(params, p_sh), sharding.with_shardings(cache, c_sh), state)
 
 
@@ -57,10 +58,11 @@ def dry_run(cfg: ModelConfig, mesh: Mesh, target: Slice, *, max_batch: int,
     scalar = jax.ShapeDtypeStruct((), np.int32, sharding=rep)
     with sharding.activate(mesh):
         pre, pre_s = memory.timed_compile(lambda: prefill.lower(
-            params, cache, row, row, scalar, scalar, with_logprobs=True).compile(), aot=True)
-        dec, dec_s = memory.timed_compile(lambda: decode.lower(
-            params, cache, state, steps=steps_per_call, attend_len=cfg.context_length).compile(),
+            params, None, cache, row, row, scalar, scalar, scalar, with_logprobs=True).compile(),
             aot=True)
+        dec, dec_s = memory.timed_compile(lambda: decode.lower(
+            params, None, cache, state, steps=steps_per_call,
+            attend_len=cfg.context_length).compile(), aot=True)
     weights, kv = memory.bytes_per_device(params), memory.bytes_per_device(cache)
     hbm = target.hbm_gib
     lines = [

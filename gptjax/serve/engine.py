@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 from gptjax import model, sharding
 from gptjax.config import ModelConfig
 from gptjax.errors import warn
-from gptjax.model import GPT, init_cache, variables
+from gptjax.lora import adapters as lora_adapters
+from gptjax.model import GPT, LORA, init_cache, variables
 from gptjax.decode.choose import choose_tokens, row_keys, step_keys
 from gptjax.decode.generate import PROMPT_BUCKET, attend_buckets, decode_config
 
@@ -45,19 +46,30 @@ def _log_probs(logits_BV: jax.Array, tok_B: jax.Array) -> tuple[jax.Array, ...]:
     return jnp.take_along_axis(lp, tok_B[..., None], axis=-1)[..., 0], top_lp, top_id
 
 
+def with_rows(params: Any, bank: Any, ids_B: jax.Array) -> dict[str, Any]:
+    """The model's variables for a batch whose row b applies adapter ids_B[b] of the bank
+    (gptjax.lora.adapters.bank; entry 0 is none): per-row adapters, one gather per call. No
+    bank, no adapters: the program is the plain model's."""
+    if bank is None:
+        return variables(params)
+    return {"params": params, LORA: jax.tree.map(lambda b: b[ids_B], bank)}
+
+
 @functools.lru_cache(maxsize=8)
 def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Callable]:
     """(prefill, decode) over a slot cache of `max_len` positions; cfg is the unrolled model."""
 
-    def prefill(params: Any, cache: Any, tokens_1T: jax.Array, targets_1T: jax.Array,
-                length: jax.Array, slot: jax.Array, with_logprobs: bool) -> tuple[Any, Any]:
+    def prefill(params: Any, bank: Any, cache: Any, tokens_1T: jax.Array, targets_1T: jax.Array,
+                length: jax.Array, slot: jax.Array, adapter: jax.Array, with_logprobs: bool
+                ) -> tuple[Any, Any]:
         """Writes `length` prompt tokens into slot `slot` (a fresh row: nothing of the slot's
-        last occupant survives); with_logprobs: also the log-prob of each next prompt token."""
+        last occupant survives) through adapter `adapter` of the bank; with_logprobs: also the
+        log-prob of each next prompt token."""
         T = tokens_1T.shape[1]
         row = init_cache(cfg, 1, max_len)
         x_1TD, row = GPT(cfg, attend_len=T).apply(
-            variables(params), tokens_1T, cache=row, num_valid_B=length[None],
-            return_hidden=True)
+            with_rows(params, bank, adapter[None]), tokens_1T, cache=row,
+            num_valid_B=length[None], return_hidden=True)
         layers = jax.tree.map(lambda big, r: jax.lax.dynamic_update_slice_in_dim(big, r, slot, 0),
                               cache["layers"], row["layers"])
         cache = {"index": cache["index"].at[slot].set(length), "layers": layers}
@@ -66,17 +78,18 @@ def programs(cfg: ModelConfig, max_len: int, eos_id: int) -> tuple[Callable, Cal
         logits_TV = model.logits_from_hidden(x_1TD, params["wte"], cfg)[0]
         return cache, _log_probs(logits_TV, targets_1T[0])
 
-    def decode(params: Any, cache: Any, st: dict[str, jax.Array], steps: int,
+    def decode(params: Any, bank: Any, cache: Any, st: dict[str, jax.Array], steps: int,
                attend_len: int) -> tuple[Any, dict[str, jax.Array], tuple[jax.Array, ...]]:
-        """`steps` tokens for every active slot; a slot goes inactive after end-of-text or when
-        its token budget `left` runs out."""
+        """`steps` tokens for every active slot, each through its own adapter; a slot goes
+        inactive after end-of-text or when its token budget `left` runs out."""
         logits_fn = GPT(cfg, attend_len)
         keys_S = jax.random.wrap_key_data(st["keys"])
+        model_vars = with_rows(params, bank, st["adapter"])
 
         def body(carry: tuple[Any, dict], _: None) -> tuple[tuple[Any, dict], tuple]:
             cache, s = carry
             active = s["active"]
-            logits, cache = logits_fn.apply(variables(params), s["last"][:, None], cache=cache,
+            logits, cache = logits_fn.apply(model_vars, s["last"][:, None], cache=cache,
                                             num_valid_B=active.astype(jnp.int32))
             logits_SV = logits[:, 0]
             tok = choose_tokens(logits_SV, step_keys(keys_S, s["count"]), s["temperature"],
@@ -129,6 +142,7 @@ class Choice:
     top_p: float = 1.0
     key_data: np.ndarray | None = None  # uint32 [2]: the raw PRNG key of this choice
     echo_logprobs: bool = False
+    adapter: int = 0  # which of the engine's adapters (0: none, the base model)
     cancelled: bool = False  # set by anyone; the engine frees the slot at its next call
 
 
@@ -143,7 +157,11 @@ class Engine:
     """Owns the device: call `start`, then `submit` choices from any thread."""
 
     def __init__(self, params: Any, cfg: ModelConfig, *, max_batch: int, eos_id: int,
-                 steps_per_call: int = 4, mesh: Mesh | None = None) -> None:
+                 steps_per_call: int = 4, mesh: Mesh | None = None,
+                 adapters: list[Any] | None = None) -> None:
+        """params: the base weights (as trained: scanned or not). adapters: LoRA adapter trees
+        in inference form (gptjax.lora.adapters.scaled) in params' layout; Choice.adapter i + 1
+        applies adapters[i], 0 none."""
         stacked = cfg
         self.cfg = decode_config(cfg)
         self.max_len, self.S, self.K = cfg.context_length, max_batch, steps_per_call
@@ -152,13 +170,20 @@ class Engine:
         # Cast and unstack once here, not in every call (generate.programs does it per call).
         self.params = jax.device_put(model.unstack_layers(
             model.cast_to_compute_dtype(params, stacked), stacked), p_sh)
+        self.n_adapters = len(adapters or ())
+        self.bank = None
+        if adapters:
+            # Replicated on a mesh: a bank is small next to the weights it adapts.
+            bank = lora_adapters.bank([model.unstack_layers(a, stacked) for a in adapters])
+            self.bank = jax.device_put(bank, None if mesh is None else sharding.replicated(mesh))
         self._prefill, self._decode = programs(self.cfg, self.max_len, eos_id)
         self._cache = self._new_cache()
         S = self.S
         self._st = {"last": np.zeros(S, np.int32), "active": np.zeros(S, bool),
                     "left": np.zeros(S, np.int32), "count": np.zeros(S, np.int32),
                     "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
-                    "top_p": np.ones(S, np.float32), "keys": np.zeros((S, 2), np.uint32)}
+                    "top_p": np.ones(S, np.float32), "keys": np.zeros((S, 2), np.uint32),
+                    "adapter": np.zeros(S, np.int32)}
         self._pos = np.zeros(S, np.int64)  # tokens in each slot's cache
         self._slots: list[Choice | None] = [None] * S
         self._inbox: queue.SimpleQueue[Choice | None] = queue.SimpleQueue()
@@ -267,8 +292,9 @@ class Engine:
             tokens, targets = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
             tokens[0, :n], targets[0, :n] = c.prompt[:-1], c.prompt[1:]
             try:
-                self._cache, lp = self._prefill(self.params, self._cache, tokens, targets,
-                                                np.int32(n), np.int32(slot),
+                self._cache, lp = self._prefill(self.params, self.bank, self._cache, tokens,
+                                                targets, np.int32(n), np.int32(slot),
+                                                np.int32(c.adapter),
                                                 with_logprobs=c.echo_logprobs)
             except Exception as e:  # noqa: BLE001 - popped from the queue: finish it here too
                 c.emit(Event(finish=f"error: {type(e).__name__}"))
@@ -290,13 +316,14 @@ class Engine:
             st["left"][slot] = c.max_tokens
             st["count"][slot], st["temperature"][slot] = 0, c.temperature
             st["top_k"][slot], st["top_p"][slot], st["keys"][slot] = c.top_k, c.top_p, c.key_data
+            st["adapter"][slot] = c.adapter
 
     def _step(self) -> None:
         active = self._st["active"]
         need = min(int(self._pos[active].max()) + self.K, self.max_len)
         attend_len = next(b for b in attend_buckets(self.max_len) if b >= need)
-        self._cache, st, outs = self._decode(self.params, self._cache, self._st, steps=self.K,
-                                             attend_len=attend_len)
+        self._cache, st, outs = self._decode(self.params, self.bank, self._cache, self._st,
+                                             steps=self.K, attend_len=attend_len)
         st, (tok, live, lp, top_lp, top_id) = jax.device_get((st, outs))
         self._st = {k: np.array(v) for k, v in st.items()}
         for i, c in enumerate(self._slots):
