@@ -166,7 +166,6 @@ def test_local_layers_do_not_export(tmp_path: Path) -> None:
 def test_init_from_hf_dir(hf_dir: Path) -> None:
     """train.init_from=HF_DIR: converted into the fine-tuning config's layout and placement,
     with a one-line error naming the field that differs."""
-    from gptjax.train import trainer
     from gptjax.config import config_from_dict
 
     params, hcfg = gpt2.load_gpt2(hf_dir)
