@@ -17,6 +17,7 @@ from helpers import call_main, copy_run, loop_overrides, script, tiny, write_run
 
 from gptjax import checkpoint, config, model, sharding
 from gptjax.config import Config
+from gptjax.errors import ConfigError
 from gptjax.lora import adapters, merge, runs
 from gptjax.train import optim, state as train_state, trainer
 
@@ -229,10 +230,10 @@ def test_changed_adapters_or_base_on_resume_are_one_line(
 
 
 def test_lora_config_refusals() -> None:
-    with pytest.raises(config.ConfigError, match="set train.init_from"):
+    with pytest.raises(ConfigError, match="set train.init_from"):
         config.load_config("default", ["train.lora_rank=4"])
-    with pytest.raises(config.ConfigError, match="lora_targets='mlp' is not one of"):
+    with pytest.raises(ConfigError, match="lora_targets='mlp' is not one of"):
         config.load_config("default", ["train.lora_rank=4", "train.init_from=x",
                                        "train.lora_targets=qkv,mlp"])
-    with pytest.raises(config.ConfigError, match="lora_dropout must be in"):
+    with pytest.raises(ConfigError, match="lora_dropout must be in"):
         config.load_config("default", ["train.lora_dropout=1.0"])

@@ -42,7 +42,7 @@ def _train_step_text(impl: str) -> str:
         batch = batch_abstract(mesh, 1, B, T)
         step = jit_train_step(cfg.model, tx, mesh, state_sh)
         exported = jax.export.export(step, platforms=["tpu"])(
-            state, batch, jax.ShapeDtypeStruct((), jnp.float32))
+            state, batch, jax.ShapeDtypeStruct((), jnp.float32), None)
     return exported.mlir_module()
 
 
