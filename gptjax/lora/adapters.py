@@ -67,22 +67,23 @@ class LoraSpec:
                 f"dropout {self.dropout:g}")
 
 
-def _map(base: Any, spec: LoraSpec, fn: Any) -> Any:
-    """{name_a: .., name_b: ..} from fn(target name, Target, kernel) for every targeted kernel
-    in `base`, nested as `base` is; modules without a target are left out."""
+def _map(base: Any, spec: LoraSpec, fn: Any, path: tuple[str, ...] = ()) -> Any:
+    """{name_a: .., name_b: ..} from fn(Target, kernel, the kernel's path of keys) for every
+    targeted kernel in `base`, nested as `base` is; modules without a target are left out."""
     out = {}
     for key, node in base.items():
         if not isinstance(node, dict):
             continue
-        t_here = [n for n in spec.targets if TARGETS[n].module == key and
-                  TARGETS[n].kernel in node]
-        if t_here:
+        here = [n for n in spec.targets if TARGETS[n].module == key and
+                TARGETS[n].kernel in node]
+        if here:
             out[key] = {}
-            for name in t_here:
-                a, b = fn(name, TARGETS[name], node[TARGETS[name].kernel])
+            for name in here:
+                t = TARGETS[name]
+                a, b = fn(t, node[t.kernel], (*path, key, t.kernel))
                 out[key].update({f"{name}_a": a, f"{name}_b": b})
             continue
-        sub = _map(node, spec, fn)
+        sub = _map(node, spec, fn, (*path, key))
         if sub:
             out[key] = sub
     return out
@@ -95,7 +96,7 @@ def _split_shape(t: Target, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ..
 
 def shapes(base: Any, spec: LoraSpec) -> Any:
     """ShapeDtypeStructs (float32) of the adapters of a base tree (arrays or shape structs)."""
-    def fn(_: str, t: Target, w: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    def fn(t: Target, w: Any, _: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
         lead, ins, outs = _split_shape(t, w.shape)
         return (jax.ShapeDtypeStruct((*lead, *ins, spec.rank), jnp.float32),
                 jax.ShapeDtypeStruct((*lead, spec.rank, *outs), jnp.float32))
@@ -106,29 +107,17 @@ def shapes(base: Any, spec: LoraSpec) -> Any:
 def shardings(base_shardings: Any, base: Any, spec: LoraSpec) -> Any:
     """Each adapter sharded as its base kernel: A as the kernel's input axes (rank whole), B as
     its output axes, both over its layer axis; so a tensor-parallel kernel's B splits with it."""
-    def fn(name: str, t: Target, w: Any) -> tuple[NamedSharding, NamedSharding]:
+    def fn(t: Target, w: Any, path: tuple[str, ...]) -> tuple[NamedSharding, NamedSharding]:
         lead, ins, _ = _split_shape(t, w.shape)
-        sh = _lookup(base_shardings, base, w)
+        sh = base_shardings
+        for k in path:
+            sh = sh[k]
         spec_ = tuple(sh.spec) + (None,) * (len(w.shape) - len(sh.spec))
         n = len(lead) + len(ins)
         return (NamedSharding(sh.mesh, P(*spec_[:n], None)),
                 NamedSharding(sh.mesh, P(*spec_[:len(lead)], None, *spec_[n:])))
 
     return _map(base, spec, fn)
-
-
-def _lookup(tree: Any, like: Any, leaf: Any) -> Any:
-    """The entry of `tree` at the place `leaf` has in `like` (same structure)."""
-    for path, x in jax.tree_util.tree_leaves_with_path(like):
-        if x is leaf:
-            return _at(tree, path)
-    raise KeyError("kernel not found in the base tree")
-
-
-def _at(tree: Any, path: tuple[Any, ...]) -> Any:
-    for k in path:
-        tree = tree[k.key]
-    return tree
 
 
 def init(key: jax.Array, base: Any, spec: LoraSpec) -> Any:
