@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # pytest workers; the suite is sized for 2 cores
 JOBS ?= 2
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,14 +22,22 @@ install: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check gptjax tests train.py sample.py
 
+# The playground's browser test drives Debian's chromium through Selenium (docs/install.md):
+# installed here when missing and we are root, else the test says how.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
+
 # Everything: what CI runs (7 minutes on 2 cores; 12 in a fresh clone, with .cache/jax-tests,
 # the tests' compile cache, cold).
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
 # Without the tests marked slow (subprocesses, training runs, benchmark scripts): 1.5 minutes (3
 # with a cold compile cache), for the edit-and-check loop.
-test-fast: lint
+test-fast: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow" tests
 
 # Trains configs/default.yaml (about 4 minutes on 2 cores), samples 1,000 bytes (temperature,

@@ -42,6 +42,11 @@ class Tokenizer:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD and the EOT id `<|endoftext|>`."""
         raise NotImplementedError
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes one id stands for (a character may span several ids); the EOT id's are
+        `<|endoftext|>`'s."""
+        raise NotImplementedError
+
     def encode_array(self, text: str) -> np.ndarray:
         """Like `encode`, as a uint16/uint32 array (the token cache's fast path)."""
         return np.asarray(self.encode(text), dtype=self.dtype)
@@ -99,6 +104,10 @@ class ByteTokenizer(Tokenizer):
         parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
 
+    def token_bytes(self, i: int) -> bytes:
+        self._check_ids([i])
+        return EOT_TEXT.encode() if i == self.eot_id else bytes([i])
+
     def __reduce__(self) -> tuple:
         return (ByteTokenizer, ())
 
@@ -130,6 +139,10 @@ class GPT2Tokenizer(Tokenizer):
         ids = [int(i) for i in ids]
         self._check_ids(ids)
         return self._enc.decode(ids, errors="replace")
+
+    def token_bytes(self, i: int) -> bytes:
+        self._check_ids([i])
+        return self._enc.decode_single_token_bytes(i)
 
     def __reduce__(self) -> tuple:
         # Worker processes rebuild the encoder from the same file instead of pickling 50k ranks.

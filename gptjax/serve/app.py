@@ -33,6 +33,7 @@ from gptjax.config import MeshConfig, config_from_dict
 from gptjax.cli import OneLineParser, int_at_least, nonneg_int, positive_int, run_cli, user_path
 from gptjax.errors import UserError
 from gptjax.serve import models as models_lib
+from gptjax.serve import playground
 from gptjax.serve.engine import Choice, Engine, Event, key_data
 from gptjax.serve.protocol import (ApiError, CompletionRequest, find_stop, logprobs_json,
                                    parse_completion, safe_end)
@@ -220,10 +221,12 @@ async def _unless_gone(request: fastapi.Request, work: Any) -> Any:
 
 
 def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | None = None,
-             models: dict[str, int] | None = None, root: str | None = None) -> fastapi.FastAPI:
+             models: dict[str, int] | None = None, root: str | None = None, *,
+             step: int | None = None, ui: bool = True) -> fastapi.FastAPI:
     """The FastAPI application over a started engine. models: name -> the engine's adapter
     index, for a server of several LoRA adapters over one base (`root`, index 0); default:
-    model_name alone. A request without `model` gets model_name."""
+    model_name alone. A request without `model` gets model_name. ui: the playground page at /
+    (static/; step is what it shows of the run)."""
     models = models or {model_name: 0}
     root = root or model_name
     app = fastapi.FastAPI(title="gptjax", docs_url=None, redoc_url=None, openapi_url=None)
@@ -278,7 +281,15 @@ def make_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | Non
             return StreamingResponse(stream(run, name), media_type="text/event-stream")
         return await _unless_gone(request, complete(run, name))
 
+    @app.get("/info")
+    async def info(request: fastapi.Request) -> dict[str, Any]:
+        check_key(request)
+        return {"model": model_name, "models": list(models), "step": step,
+                "tokenizer": tok.name, "context_length": ctx}
+
     _tokenizer_routes(app, tok, check_key)
+    if ui:
+        playground.routes(app)
     return app
 
 
@@ -337,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
                    help="serve on a mesh of the devices: slots split over data x fsdp, heads "
                         "over tensor (-1: what the others leave; default: one device)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve the playground page at / (the API only)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --topology: compile the engine's programs for a TPU slice and "
                         "report XLA's memory per chip; serve nothing")
@@ -398,7 +411,8 @@ def run(a: argparse.Namespace) -> int:
     print(f"gptjax.serve: {models_lib.describe(served)} step {step}, compiling...",
           file=sys.stderr, flush=True)
     engine.warm_up()
-    app = make_app(engine, tok, served.default, a.api_key, served.names, served.root)
+    app = make_app(engine, tok, served.default, a.api_key, served.names, served.root,
+                   step=step, ui=not a.no_ui)
     server = uvicorn.Server(uvicorn.Config(
         app, host=a.host, port=a.port, access_log=False, log_level="info",
         timeout_graceful_shutdown=a.shutdown_timeout, timeout_keep_alive=5))

@@ -186,8 +186,14 @@ def logprobs_json(tok: Tokenizer, ids: list[int], lps: list[float | None],
     for d, t, lp in zip(top_json, texts, lps):
         if d is not None and lp is not None:
             d.setdefault(t, lp)
+    # Extensions: each token's bytes (a character split over tokens shows as U+FFFD in
+    # `tokens`), and the alternatives by id (two partial-byte tokens share a text key above).
     return {"tokens": texts, "token_logprobs": lps, "top_logprobs": top_json,
-            "text_offset": offsets}
+            "text_offset": offsets,
+            "token_bytes": [list(tok.token_bytes(i)) for i in ids],
+            "top_tokens": [None if top is None else
+                           [{"id": j, "bytes": list(tok.token_bytes(j)), "logprob": lp}
+                            for j, lp in top[:k]] for top in tops]}
 
 
 def safe_end(text: str, stops: list[str], final: bool) -> int:
