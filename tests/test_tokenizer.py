@@ -122,3 +122,21 @@ def test_gpt2_bad_env_file(monkeypatch, tmp_path, no_network):
     monkeypatch.setenv(GPT2_BPE_ENV, str(wrong))
     with pytest.raises(UserError, match="sha256 mismatch"):
         get_tokenizer("gpt2")
+
+
+@pytest.mark.parametrize("name", ["byte", pytest.param("gpt2", marks=needs_bpe)])
+def test_token_bytes_rebuild_text_split_characters_included(name: str, no_network) -> None:
+    """What the playground shows: each token's bytes (tokenizer.token_bytes, the logprobs
+    extension), joined, are the text's UTF-8 even where a character spans tokens."""
+    from gptjax.serve.protocol import logprobs_json
+
+    tok = get_tokenizer(name)
+    text = "ünïcödé 🧪 naïve\n\tdef f():"
+    ids = tok.encode(text)
+    pieces = [tok.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(len(p.decode("utf-8", errors="replace")) != len(p.decode("utf-8", "ignore"))
+               for p in pieces)  # some token ends inside a character
+    lp = logprobs_json(tok, ids, [None] * len(ids), [None] * len(ids), 5, 0)
+    assert b"".join(bytes(b) for b in lp["token_bytes"]) == text.encode()
+    assert tok.token_bytes(tok.eot_id) == b"<|endoftext|>"
