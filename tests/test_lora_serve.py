@@ -62,12 +62,17 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _complete(engine: Engine, jobs: list[tuple[list[int], int, float, int]]) -> list[list[int]]:
     """Tokens of each (prompt, adapter, temperature, seed), all submitted before the engine
-    starts, so the first admission takes them all into one batch."""
+    starts, so the first admission takes them all into one batch (checked: every job held a
+    slot at once, so they shared decode calls)."""
     out: list[list[int]] = [[] for _ in jobs]
     done = threading.Semaphore(0)
+    peak = [0]
 
     def emit(i: int):
         def f(ev: object) -> None:
+            # On the engine thread, so its slot table is current: a finishing choice's slot is
+            # freed before its last event.
+            peak[0] = max(peak[0], engine.busy()[0] + bool(ev.finish))
             out[i].extend(ev.tokens)
             if ev.finish:
                 done.release()
@@ -80,6 +85,7 @@ def _complete(engine: Engine, jobs: list[tuple[list[int], int, float, int]]) -> 
     for _ in jobs:
         assert done.acquire(timeout=120)
     engine.close()
+    assert peak[0] == len(jobs), f"only {peak[0]} of {len(jobs)} choices were in flight at once"
     return out
 
 
@@ -107,6 +113,32 @@ def test_adapters_share_a_batch_and_match_alone(runs_dir: Path) -> None:
         want = generate(params, cfg, [prompt], max_new_tokens=12, temperature=temp, top_k=20,
                         seed=seed)[0]
         assert got == want, run
+
+
+def test_lora_checkpoint_params_and_mesh(runs_dir: Path) -> None:
+    """A LoRA run's params as runs.load_model gives them (its base carrying its adapters) are
+    the base (adapter 0) plus that adapter (1) to the engine; on a mesh, the bank replicated,
+    the tokens are one device's."""
+    jobs = [(PROMPTS[0], 1, 0.0, 0), (PROMPTS[1], 2, 1.0, 3), (PROMPTS[2], 0, 0.0, 0)]
+    argv = ["--checkpoint", str(runs_dir / "a"), "--adapter", f"b={runs_dir / 'b'}",
+            "--max-batch", "4"]
+    served, _ = serve_app.load(serve_app.parse_args(argv))
+    cfg = served.cfg.model
+
+    def engine(params: object, more: list, mesh: object = None) -> Engine:
+        return Engine(params, cfg, max_batch=4, eos_id=-1, steps_per_call=3, mesh=mesh,
+                      adapters=more)
+
+    want = _complete(engine(served.base, served.adapters), jobs)
+    as_sampled = runs.load_model(runs_dir / "a")[0]
+    assert model.LORA in as_sampled
+    assert _complete(engine(as_sampled, served.adapters[1:]), jobs) == want
+
+    sharded, mesh = serve_app.load(serve_app.parse_args([*argv, "--mesh", "2,1,-1"]))
+    on_mesh = engine(sharded.base, sharded.adapters, mesh)
+    assert all(len(x.sharding.device_set) == 8 and x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(on_mesh.bank))
+    assert _complete(on_mesh, jobs) == want
 
 
 def test_model_field_picks_and_models_lists(runs_dir: Path) -> None:

@@ -161,8 +161,14 @@ class Engine:
                  adapters: list[Any] | None = None) -> None:
         """params: the base weights (as trained: scanned or not). adapters: LoRA adapter trees
         in inference form (gptjax.lora.adapters.scaled) in params' layout; Choice.adapter i + 1
-        applies adapters[i], 0 none."""
+        applies adapters[i], 0 none. params carrying adapters under "lora" (a LoRA run as
+        runs.load_model gives it) are its base and adapter 1, `adapters` following from 2."""
         stacked = cfg
+        if LORA in params:
+            # Split off, not applied to every row: Choice.adapter 0 stays the bare base, and the
+            # base alone matches the parameter shardings a mesh gives.
+            adapters = [params[LORA], *(adapters or ())]
+            params = {k: v for k, v in params.items() if k != LORA}
         self.cfg = decode_config(cfg)
         self.max_len, self.S, self.K = cfg.context_length, max_batch, steps_per_call
         self.eos_id, self.mesh = eos_id, mesh
