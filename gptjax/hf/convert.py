@@ -101,7 +101,6 @@ def import_peft(peft_dir: str | Path, base: str | None, out: str | Path) -> Conf
     `config.yaml`."""
     where = str(Path(peft_dir) / peft.CONFIG_FILE)
     conf, tensors = peft.read(peft_dir)
-    spec = peft.spec_of(conf, where)
     base = base or conf.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise UserError(f"{where}: base model {base!r} is not a local directory; pass --base "
@@ -113,6 +112,12 @@ def import_peft(peft_dir: str | Path, base: str | None, out: str | Path) -> Conf
     else:
         meta = checkpoint.read_meta(base)[1]
         model_dict, tok = meta["config"]["model"], meta.get("tokenizer", "byte")
+    pattern = list(model_dict.get("attention_pattern") or ["dense"])
+    if any(kind != "dense" for kind in pattern):
+        raise UserError(f"--base {base}: model.attention_pattern={','.join(pattern)} has banded "
+                        "(local) layers; a PEFT adapter is for GPT-2, dense in every layer")
+    # Target names resolve against the base's layers, as PEFT matches them.
+    spec = peft.spec_of(conf, int(model_dict["n_layer"]), where)
     cfg = config_from_dict({"model": model_dict, "data": {"tokenizer": tok}, "train": {
         "run_dir": str(out), "init_from": str(base), "lora_rank": spec.rank,
         "lora_alpha": spec.alpha, "lora_targets": list(spec.targets),

@@ -12,7 +12,8 @@ the mapping is a reshape and a transpose:
     h.i.mlp.c_proj   proj  a [F, r]                b [r, D]
 
 Target modules are written with their parent (`attn.c_proj`, `mlp.c_proj`), so PEFT does not
-confuse the two c_proj. Every target of ours has a module there; what PEFT can express and we
+confuse the two c_proj; on import, target_modules match as PEFT matches them (a bare "c_proj"
+is both). Every target of ours has a module there; what PEFT can express and we
 cannot (DoRA, trained biases, extra trained modules, per-layer ranks, ...) is refused on import.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,19 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MODULES = {"qkv": "attn.c_attn", "out": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
 PREFIX = "base_model.model.transformer.h."
-# adapter_config.json keys whose non-default values we cannot represent: key -> its defaults
+# adapter_config.json keys whose non-default values change what the adapter computes in a way
+# ours cannot (DoRA, activated LoRA, extra trained modules, per-layer ranks, ...): key -> the
+# values that mean "off"
 UNSUPPORTED = {"use_dora": (False, None), "modules_to_save": (None, []),
                "layers_to_transform": (None, []), "rank_pattern": ({}, None),
                "alpha_pattern": ({}, None), "layer_replication": (None,),
                "trainable_token_indices": (None,), "lora_bias": (False, None),
-               "target_parameters": (None, [])}
+               "target_parameters": (None, []), "alora_invocation_tokens": (None,),
+               "use_qalora": (False, None), "use_bdlora": (None, False),
+               "kasa_config": (None,), "monteclora_config": (None,), "arrow_config": (None,)}
+# init_lora_weights that also rewrite the base's weights: the adapter then belongs to a changed
+# base, not to the one given
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def is_peft_dir(path: str | Path) -> bool:
@@ -129,34 +138,74 @@ def adapter_config(spec: LoraSpec, base: str) -> dict[str, Any]:
             "base_model_name_or_path": base}
 
 
-def spec_of(conf: dict[str, Any], where: str) -> LoraSpec:
-    """Our LoraSpec of a PEFT adapter config, or a UserError naming what we cannot hold."""
+def spec_of(conf: dict[str, Any], n_layer: int, where: str) -> LoraSpec:
+    """Our LoraSpec of a PEFT adapter config for a GPT-2 of `n_layer` layers, or a UserError
+    naming what we cannot hold."""
     if conf.get("peft_type") != "LORA":
         raise UserError(f"{where}: peft_type {conf.get('peft_type')!r}; only LORA adapters load")
     for key, defaults in UNSUPPORTED.items():
         if conf.get(key) not in defaults:
             raise UserError(f"{where}: {key}={conf[key]!r} is not supported (gptjax's adapters "
                             "are plain LoRA on GPT-2's projections)")
+    init = conf.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise UserError(f"{where}: init_lora_weights={init!r} changes the base's weights too; "
+                        "convert the adapter to a plain LoRA with PEFT first")
     if conf.get("bias", "none") != "none":
         raise UserError(f"{where}: bias={conf['bias']!r}: trained biases are not supported")
     if not conf.get("fan_in_fan_out", True):
         raise UserError(f"{where}: fan_in_fan_out=false; GPT-2's Conv1D adapters need true")
-    modules = conf.get("target_modules") or []
+    r, alpha = conf.get("r"), conf.get("lora_alpha")
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1
+            or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
+        raise UserError(f"{where}: r={r!r}, lora_alpha={alpha!r}: need a positive integer r "
+                        "and a numeric lora_alpha")
+    alpha = float(alpha)
+    if conf.get("use_rslora"):  # PEFT scales by alpha / sqrt(r), ours by alpha / r: same scale
+        alpha *= math.sqrt(r)
+    targets = _targets(conf.get("target_modules"), n_layer, where)
+    return LoraSpec(r, alpha, targets, float(conf.get("lora_dropout") or 0.0))
+
+
+def _targets(modules: Any, n_layer: int, where: str) -> tuple[str, ...]:
+    """Our targets of PEFT's target_modules, matched as PEFT matches them against the model's
+    module names: a list entry by name or dotted suffix ("c_proj" is both c_proj), a string as a
+    regular expression of the whole name. Each must adapt its modules in every layer."""
+    names = {n: [f"transformer.h.{i}.{m}" for i in range(n_layer)] for n, m in MODULES.items()}
+    if modules == "all-linear":  # PEFT: every linear layer but the output head
+        return tuple(MODULES)
     if isinstance(modules, str):
-        raise UserError(f"{where}: target_modules is a pattern ({modules!r}); name the "
-                        f"modules (of {', '.join(MODULES.values())})")
-    by_module = {m: n for n, m in MODULES.items()}
-    targets = []
+        try:
+            hits = {n: [re.fullmatch(modules, k) is not None for k in ks]
+                    for n, ks in names.items()}
+        except re.error as e:
+            raise UserError(f"{where}: target_modules {modules!r} is not a regular expression "
+                            f"({e})") from None
+        matched = _whole_layers(hits, modules, where)
+        if not matched:
+            raise UserError(f"{where}: target_modules {modules!r} matches none of GPT-2's "
+                            f"{', '.join(MODULES.values())}")
+        return matched
+    if not isinstance(modules, list) or not modules:
+        raise UserError(f"{where}: target_modules={modules!r}: expected a list of module names")
+    found: set[str] = set()
     for m in modules:
-        if m not in by_module:
+        hits = {n: [k == m or k.endswith(f".{m}") for k in ks] for n, ks in names.items()}
+        here = _whole_layers(hits, m, where)
+        if not here:
             raise UserError(f"{where}: target module {m!r} has no gptjax counterpart (the "
                             f"adaptable ones: {', '.join(MODULES.values())})")
-        targets.append(by_module[m])
-    r, alpha = int(conf["r"]), float(conf["lora_alpha"])
-    if conf.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); ours is alpha / r
-        alpha *= math.sqrt(r)
-    return LoraSpec(r, alpha, tuple(n for n in MODULES if n in targets),
-                    float(conf.get("lora_dropout") or 0.0))
+        found.update(here)
+    return tuple(n for n in MODULES if n in found)
+
+
+def _whole_layers(hits: dict[str, list[bool]], pattern: str, where: str) -> tuple[str, ...]:
+    """The targets whose module `pattern` matches in every layer; in only some is refused."""
+    for n, h in hits.items():
+        if any(h) and not all(h):
+            raise UserError(f"{where}: target module {pattern!r} adapts {MODULES[n]} in only "
+                            f"some layers; gptjax's adapters span every layer")
+    return tuple(n for n, h in hits.items() if all(h))
 
 
 def read(peft_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -164,10 +213,17 @@ def read(peft_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     d = Path(peft_dir)
     try:
         conf = json.loads((d / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{d / CONFIG_FILE}: not readable JSON ({e})") from None
-    from safetensors import SafetensorError  # the hf extra
-    from safetensors.numpy import load_file
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{d / CONFIG_FILE}: not readable JSON "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{d / CONFIG_FILE}: not a JSON object")
+    try:
+        from safetensors import SafetensorError  # optional: the hf extra
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise UserError("reading safetensors needs the `safetensors` package: "
+                        "pip install -e '.[hf]'") from None
 
     if not (d / WEIGHTS_FILE).is_file():
         raise UserError(f"{d} has no {WEIGHTS_FILE}")
@@ -182,7 +238,11 @@ def read(peft_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def write(adapters: Any, spec: LoraSpec, cfg: ModelConfig, out: str | Path, base: str,
           force: bool = False) -> Path:
     """Writes a PEFT directory that `PeftModel.from_pretrained(GPT2LMHeadModel, out)` loads."""
-    from safetensors.numpy import save_file  # the hf extra
+    try:
+        from safetensors.numpy import save_file  # optional: the hf extra
+    except ImportError:
+        raise UserError("writing safetensors needs the `safetensors` package: "
+                        "pip install -e '.[hf]'") from None
 
     out = Path(out)
     tensors = to_peft(adapters, spec, cfg)
