@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch requirement would otherwise pull a CUDA build of several GB.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,hf,serve,eval,sweep,tpu]'
+	$(BIN)/pip install -q -e '.[test,hf,serve,eval,sweep,tpu,data]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -179,7 +179,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # stdlib | tfds:NAME[/CONFIG][:VERSION] | a comma-separated list of globs of .txt/.jsonl[.gz]
+    # stdlib | tfds:NAME[/CONFIG][:VERSION] | comma-separated globs of .txt/.jsonl[.gz|.zst],
+    # .parquet files and datasets.save_to_disk directories
     source: str = "stdlib"
     tokenizer: str = "byte"  # byte | gpt2
     cache_dir: str = ".cache/gptjax/tokens"

@@ -60,7 +60,7 @@ MASK_FILE = "mask.bin"
 # Bumped when the rule that turns .jsonl records into tokens and weights changes. Only plans with
 # .jsonl files put it in their digest, so caches of other sources keep their names; caches built
 # before records could be prompt/completion pairs lack it and are never found.
-JSONL_RULE = 1
+JSONL_RULE = 2  # 2: a record's split follows its `id` field when it has one
 # Below this much text (and for the byte tokenizer, which is faster than the pickling a process
 # pool adds) tokenization stays in this process: starting workers would cost more than it saves.
 PARALLEL_MIN_BYTES = 32 << 20
@@ -105,7 +105,7 @@ class _Plan:
 
     @property
     def has_jsonl(self) -> bool:
-        return any(u.jsonl for u in self.units)
+        return any(u.records for u in self.units)
 
     def dir_name(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9_]+", "_", self.source).strip("_")[:40] or "source"
@@ -148,7 +148,7 @@ def _plan(cfg: Config, split: str, tokenizer: Tokenizer) -> _Plan:
         kind = "files"
     # .txt files are split whole here; .jsonl files go to both splits and are split by line.
     want_val = split == "validation"
-    keep = [u for u in units if u.jsonl or in_validation(u.key, d.val_fraction) == want_val]
+    keep = [u for u in units if u.records or in_validation(u.key, d.val_fraction) == want_val]
     return _Plan(
         source=source,
         split=split,

@@ -1,8 +1,12 @@
-"""Where documents come from: the standard library's sources, globs of text and JSON-lines files,
-and prepared TFDS datasets, each read as a stream of documents.
+"""Where documents come from: the standard library's sources, globs of text, JSON-lines,
+Parquet and Arrow files (gzip or zstd compressed where it says so), and prepared TFDS datasets,
+each read as a stream of documents: a Parquet file row group by row group, a compressed file
+as it decompresses, never a whole file of records in memory.
 
-A file's split (train or validation) is decided by a hash of its stable name, a .jsonl record's by
-a hash of its name and line number, so neither depends on the seed or on where the corpus lies.
+A text file's split (train or validation) is decided by a hash of its stable name; a record's
+(a .jsonl line, a Parquet or Arrow row) by a hash of its document id where it has one (an `id`
+field, as FineWeb's), else of its file's name and row number. So no split depends on the seed,
+on where the corpus lies, or on its format.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import dataclasses
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import sysconfig
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +46,18 @@ class FileUnit:
     mtime_ns: int
 
     @property
-    def jsonl(self) -> bool:
-        return self.path.endswith((".jsonl", ".jsonl.gz"))
+    def format(self) -> str:
+        """text | jsonl | parquet | arrow (by the name, compression suffix aside)."""
+        name = re.sub(r"\.(gz|zst)$", "", self.path)
+        for fmt, ext in (("jsonl", ".jsonl"), ("parquet", ".parquet"), ("arrow", ".arrow")):
+            if name.endswith(ext):
+                return fmt
+        return "text"
+
+    @property
+    def records(self) -> bool:
+        """A file of records, each a document split on its own (not the file as one)."""
+        return self.format != "text"
 
 
 def in_validation(key: str, fraction: float) -> bool:
@@ -83,12 +99,13 @@ def glob_units(source: str) -> list[FileUnit]:
     if not patterns or not all(_looks_like_path(p) for p in patterns):
         raise DataError(
             f"unknown data.source={source!r} (use stdlib, tfds:NAME[/CONFIG][:VERSION], or "
-            "comma-separated globs of .txt/.jsonl files, .gz accepted)"
+            "comma-separated globs of .txt/.jsonl/.parquet files or datasets directories, "
+            ".gz and .zst accepted)"
         )
     found: dict[str, str] = {}  # path -> key
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
-        matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+        matches = sorted(f for m in glob.glob(pattern, recursive=True) for f in _files_of(m))
         if not matches:
             raise DataError(f"data.source: {pattern!r} matches no files")
         # Keys are relative to the pattern's fixed leading directories, so a file's split does
@@ -104,6 +121,25 @@ def glob_units(source: str) -> list[FileUnit]:
     return sorted(
         stat_units((key, path) for path, key in found.items()), key=lambda u: (u.key, u.path)
     )
+
+
+def _files_of(match: str) -> list[str]:
+    """A file; or a directory written by Hugging Face `datasets.save_to_disk` (state.json lists
+    its Arrow files); else nothing."""
+    if os.path.isfile(match):
+        return [match]
+    state = os.path.join(match, "state.json")
+    if not os.path.isfile(state):
+        return []
+    try:
+        files = [f["filename"] for f in json.loads(Path(state).read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{state}: not a datasets save_to_disk state file") from None
+    out = [os.path.join(match, f) for f in files]
+    for f in out:
+        if not os.path.isfile(f):
+            raise DataError(f"{match}: {os.path.basename(f)}, listed in state.json, is missing")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +239,56 @@ def _tfds_missing_message(spec: TfdsSpec) -> str:
 Doc = tuple[str, bytes, bytes | None]
 
 
-def _read(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read()
+def _open(path: str) -> Any:
+    """A binary stream of the file, decompressed as read (.gz, .zst)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path), 1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file decompressed as it is read, frame after frame. Unlike zstandard's own
+    stream reader, a stream cut short is an error (EOFError), not a quiet early end."""
+
+    def __init__(self, path: str) -> None:
+        import zstandard  # the data extra
+
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._f, self._d, self._buf = open(path, "rb"), self._new(), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            if self._d.eof:  # a frame ended: another may follow
+                rest = self._d.unused_data or self._f.read(1 << 20)
+                if not rest:
+                    return 0
+                self._d = self._new()
+                self._buf = self._d.decompress(rest)
+                continue
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                raise EOFError("the zstd stream ends inside a frame (truncated)")
+            self._buf = self._d.decompress(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _zstd_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
 
 
 def _utf8(text: str) -> bytes:
@@ -217,39 +299,99 @@ def _utf8(text: str) -> bytes:
 def file_documents(
     units: tuple[FileUnit, ...], split: str, val_fraction: float, text_key: str
 ) -> Iterator[Doc]:
-    """The documents of `units` in order: a text file is one document, a .jsonl file gives one
-    per record of `split` (a text, or a prompt/completion pair)."""
+    """The documents of `units` in order: a text file is one document; a file of records gives
+    one per record of `split` (a text, or a prompt/completion pair). A file that cannot be read
+    to its end (truncated, corrupt, a missing or non-text column) is a DataError naming it."""
     for u in units:
-        data = _read(u.path)
-        if not u.jsonl:
-            yield u.key, data, None
-            continue
-        for i, line in enumerate(data.splitlines(), 1):
-            if not line.strip() or in_validation(f"{u.key}:{i}", val_fraction) != (
-                split == "validation"
-            ):
+        try:
+            if not u.records:
+                with _open(u.path) as f:
+                    yield u.key, f.read(), None
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise DataError(f"{u.path}:{i}: not valid JSON") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{u.path}:{i}: not a JSON object")
-            # Both keys make a fine-tuning record, whatever else it holds (a "text" copy, say).
-            if PROMPT_KEY in record and COMPLETION_KEY in record:
-                prompt, completion = record[PROMPT_KEY], record[COMPLETION_KEY]
-                if not isinstance(prompt, str) or not isinstance(completion, str):
-                    raise DataError(
-                        f"{u.path}:{i}: {PROMPT_KEY!r} and {COMPLETION_KEY!r} must both be strings"
-                    )
-                yield f"{u.key}:{i}", _utf8(prompt), _utf8(completion)
-            elif isinstance(record.get(text_key), str):
-                yield f"{u.key}:{i}", _utf8(record[text_key]), None
-            else:
-                raise DataError(
-                    f"{u.path}:{i}: no string field {text_key!r} (data.text_key), nor "
-                    f"{PROMPT_KEY!r} and {COMPLETION_KEY!r}"
-                )
+            for row, record in _rows(u, text_key):
+                doc_id = record.get("id")
+                key = f"id:{doc_id}" if doc_id is not None else f"{u.key}:{row}"
+                if in_validation(key, val_fraction) == (split == "validation"):
+                    yield _document(u, row, record, text_key)
+        except DataError:
+            raise
+        except (OSError, EOFError, ValueError, zlib.error, *_zstd_errors()) as e:  # arrow's too
+            raise DataError(f"{u.path}: unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'truncated'})") from None
+
+
+def _document(u: FileUnit, row: int, record: dict[str, Any], text_key: str) -> Doc:
+    where = f"{u.path}:{row}"
+    # Both keys make a fine-tuning record, whatever else it holds (a "text" copy, say).
+    if record.get(PROMPT_KEY) is not None and record.get(COMPLETION_KEY) is not None:
+        prompt, completion = record[PROMPT_KEY], record[COMPLETION_KEY]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{where}: {PROMPT_KEY!r} and {COMPLETION_KEY!r} must both be strings")
+        return f"{u.key}:{row}", _utf8(prompt), _utf8(completion)
+    if isinstance(record.get(text_key), str):
+        return f"{u.key}:{row}", _utf8(record[text_key]), None
+    raise DataError(f"{where}: no string field {text_key!r} (data.text_key), nor "
+                    f"{PROMPT_KEY!r} and {COMPLETION_KEY!r}")
+
+
+def _rows(u: FileUnit, text_key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based row, record) of a file of records, streamed."""
+    if u.format == "jsonl":
+        with _open(u.path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise DataError(f"{u.path}:{i}: not valid JSON") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{u.path}:{i}: not a JSON object")
+                yield i, record
+        return
+    yield from _table_rows(u, text_key)
+
+
+TABLE_COLUMNS = ("id", PROMPT_KEY, COMPLETION_KEY)
+
+
+def _table_rows(u: FileUnit, text_key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a Parquet file (row group by row group) or an Arrow stream file (batch by batch,
+    datasets' format), with only the columns a document needs."""
+    import pyarrow as pa  # the data extra
+    import pyarrow.parquet as pq
+
+    if u.format == "parquet":
+        pf = pq.ParquetFile(u.path)
+        schema = pf.schema_arrow
+        cols = _columns(u, schema, text_key)
+        batches = (b for g in range(pf.num_row_groups)
+                   for b in pf.iter_batches(row_groups=[g], columns=cols, batch_size=4096))
+    else:
+        reader = pa.ipc.open_stream(pa.memory_map(u.path))
+        cols = _columns(u, reader.schema, text_key)
+        batches = (b.select(cols) for b in reader)
+    row = 0
+    for batch in batches:
+        columns = {name: batch.column(name).to_pylist() for name in cols}
+        for i in range(batch.num_rows):
+            row += 1
+            yield row, {name: values[i] for name, values in columns.items()}
+
+
+def _columns(u: FileUnit, schema: Any, text_key: str) -> list[str]:
+    import pyarrow as pa
+
+    names = set(schema.names)
+    text_cols = [c for c in (text_key, PROMPT_KEY, COMPLETION_KEY) if c in names]
+    if text_key not in names and not {PROMPT_KEY, COMPLETION_KEY} <= names:
+        raise DataError(f"{u.path}: no column {text_key!r} (data.text_key), nor {PROMPT_KEY!r} "
+                        f"and {COMPLETION_KEY!r}; it has {', '.join(schema.names)}")
+    for c in text_cols:
+        t = schema.field(c).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise DataError(f"{u.path}: column {c!r} is {t}, not text")
+    return [c for c in (text_key, *TABLE_COLUMNS) if c in names]
 
 
 def import_tf() -> Any:
