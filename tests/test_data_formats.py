@@ -116,3 +116,37 @@ def test_bad_files_are_one_line_and_leave_no_cache(corpus: Path, tmp_path: Path,
     message = str(e.value)
     assert str(path) in message and needle in message and "\n" not in message, message
     assert not list((tmp_path / "cache").rglob("tokens.bin"))  # nothing half-written kept
+
+
+def test_a_large_parquet_file_splits_over_jobs_by_row_group(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No job holds a whole large Parquet file: slices of row groups (rows still numbered over
+    the file, so the split and the tokens are the whole file's)."""
+    from gptjax.data import encode
+    from gptjax.data.sources import glob_units
+
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1)
+    parts = encode.parquet_parts(glob_units(str(corpus / "c.parquet"))[0])
+    assert [p.groups for p in parts] == [(g, g + 1) for g in range(5)]
+    assert [p.first_row for p in parts] == [0, 16, 32, 48, 64]
+    want = _batches(_cfg(tmp_path / "ref", str(corpus / "ref.jsonl")))
+    got = _batches(_cfg(tmp_path / "fmt", str(corpus / "c.parquet")))
+    for a, b in zip(want[0] + want[1], got[0] + got[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_data_build_command(corpus: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import call_main
+
+    from gptjax.data.build import main
+
+    args = ["build", f"data.source={corpus / 'c.parquet'}", f"data.cache_dir={tmp_path / 'c'}",
+            "data.val_fraction=0.25", "model.context_length=16", "model.local_window=8"]
+    code, out, err = call_main(main, args, capsys)
+    assert code == 0, err
+    assert out.count("tokens") == 2 and "already built" not in out
+    code, out, _ = call_main(main, args, capsys)
+    assert code == 0 and out.count("already built") == 2
+    code, _, err = call_main(main, ["build", "data.source=/no/such/*.parquet"], capsys)
+    assert code == 2 and "matches no files" in err and len(err.strip().splitlines()) == 1

@@ -10,7 +10,8 @@ Fine-tuning data comes as `.jsonl` records with `prompt` and `completion` string
 the document prompt + completion + end-of-text, and a parallel uint8 loss-weight file (0 on prompt
 tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
 
-Each module imports only the ones before it: sources (where documents come from), encode
+Each module imports only the ones before it: readers (files opened, gzip and zstd
+decompressed as read), sources (where documents come from), encode
 (documents → tokens, also in worker processes), integrity (checksums and the stamp that spares
 re-hashing), cache (plan, build), load (verified memory maps), batches (windows, their order, the
 iterators, each batch's ids checked against the vocabulary). TensorFlow loads only where tf.data

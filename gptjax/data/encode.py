@@ -106,17 +106,42 @@ Job = tuple[Callable[..., Encoded], tuple]
 def file_jobs(
     units: Iterable[FileUnit], split: str, val_fraction: float, text_key: str
 ) -> Iterator[Job]:
-    """Jobs of about CHUNK_BYTES of files each; the files are read in the job, by the worker."""
+    """Jobs of about CHUNK_BYTES of files each; the files are read in the job, by the worker. A
+    Parquet file larger than that is split by row groups, so no job (and no worker's memory)
+    holds a whole multi-GB file's tokens."""
     chunk: list[FileUnit] = []
     size = 0
     for u in units:
-        chunk.append(u)
-        size += u.size
-        if size >= CHUNK_BYTES:
-            yield _encode_files, (tuple(chunk), split, val_fraction, text_key)
-            chunk, size = [], 0
+        parts = parquet_parts(u) if u.format == "parquet" and u.size > CHUNK_BYTES else [u]
+        for part in parts:
+            chunk.append(part)
+            size += u.size // len(parts)
+            if size >= CHUNK_BYTES:
+                yield _encode_files, (tuple(chunk), split, val_fraction, text_key)
+                chunk, size = [], 0
     if chunk:
         yield _encode_files, (tuple(chunk), split, val_fraction, text_key)
+
+
+def parquet_parts(u: FileUnit) -> list[FileUnit]:
+    """A Parquet file as slices of consecutive row groups of about CHUNK_BYTES each (by the
+    footer's sizes); the file whole when its footer cannot be read (the job then says why)."""
+    import pyarrow.parquet as pq  # the data extra
+
+    try:
+        meta = pq.ParquetFile(u.path).metadata
+    except (OSError, ValueError):
+        return [u]
+    parts, start, rows, size = [], 0, 0, 0
+    first_row = 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        rows, size = rows + rg.num_rows, size + rg.total_byte_size
+        if size >= CHUNK_BYTES or g == meta.num_row_groups - 1:
+            parts.append(dataclasses.replace(u, groups=(start, g + 1), first_row=first_row))
+            start, first_row, size = g + 1, first_row + rows, 0
+            rows = 0
+    return parts or [u]
 
 
 def text_jobs(docs: Iterable[tuple[str, bytes]]) -> Iterator[Job]:

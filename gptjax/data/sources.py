@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -27,6 +25,7 @@ from typing import Any
 
 from etils import epath
 
+from gptjax.data.readers import open_file, zstd_errors
 from gptjax.errors import UserError
 
 PROMPT_KEY, COMPLETION_KEY = "prompt", "completion"
@@ -44,6 +43,10 @@ class FileUnit:
     path: str
     size: int
     mtime_ns: int
+    # A slice of a Parquet file, so one file's row groups spread over jobs: groups [a, b), and
+    # the rows before group a (rows are numbered over the whole file).
+    groups: tuple[int, int] | None = None
+    first_row: int = 0
 
     @property
     def format(self) -> str:
@@ -239,58 +242,6 @@ def _tfds_missing_message(spec: TfdsSpec) -> str:
 Doc = tuple[str, bytes, bytes | None]
 
 
-def _open(path: str) -> Any:
-    """A binary stream of the file, decompressed as read (.gz, .zst)."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(path), 1 << 20)
-    return open(path, "rb")
-
-
-class _ZstdReader(io.RawIOBase):
-    """A .zst file decompressed as it is read, frame after frame. Unlike zstandard's own
-    stream reader, a stream cut short is an error (EOFError), not a quiet early end."""
-
-    def __init__(self, path: str) -> None:
-        import zstandard  # the data extra
-
-        self._new = zstandard.ZstdDecompressor().decompressobj
-        self._f, self._d, self._buf = open(path, "rb"), self._new(), b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            if self._d.eof:  # a frame ended: another may follow
-                rest = self._d.unused_data or self._f.read(1 << 20)
-                if not rest:
-                    return 0
-                self._d = self._new()
-                self._buf = self._d.decompress(rest)
-                continue
-            chunk = self._f.read(1 << 20)
-            if not chunk:
-                raise EOFError("the zstd stream ends inside a frame (truncated)")
-            self._buf = self._d.decompress(chunk)
-        n = min(len(b), len(self._buf))
-        b[:n], self._buf = self._buf[:n], self._buf[n:]
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-def _zstd_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import zstandard
-    except ImportError:
-        return ()
-    return (zstandard.ZstdError,)
-
-
 def _utf8(text: str) -> bytes:
     # JSON may hold lone surrogates; encode.decode_utf8 turns them into counted U+FFFD.
     return text.encode("utf-8", errors="surrogatepass")
@@ -305,7 +256,7 @@ def file_documents(
     for u in units:
         try:
             if not u.records:
-                with _open(u.path) as f:
+                with open_file(u.path) as f:
                     yield u.key, f.read(), None
                 continue
             for row, record in _rows(u, text_key):
@@ -315,7 +266,7 @@ def file_documents(
                     yield _document(u, row, record, text_key)
         except DataError:
             raise
-        except (OSError, EOFError, ValueError, zlib.error, *_zstd_errors()) as e:  # arrow's too
+        except (OSError, EOFError, ValueError, zlib.error, *zstd_errors()) as e:  # arrow's too
             raise DataError(f"{u.path}: unreadable ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else 'truncated'})") from None
 
@@ -337,7 +288,7 @@ def _document(u: FileUnit, row: int, record: dict[str, Any], text_key: str) -> D
 def _rows(u: FileUnit, text_key: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based row, record) of a file of records, streamed."""
     if u.format == "jsonl":
-        with _open(u.path) as f:
+        with open_file(u.path) as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -365,13 +316,14 @@ def _table_rows(u: FileUnit, text_key: str) -> Iterator[tuple[int, dict[str, Any
         pf = pq.ParquetFile(u.path)
         schema = pf.schema_arrow
         cols = _columns(u, schema, text_key)
-        batches = (b for g in range(pf.num_row_groups)
+        first, end = u.groups or (0, pf.num_row_groups)
+        batches = (b for g in range(first, end)
                    for b in pf.iter_batches(row_groups=[g], columns=cols, batch_size=4096))
     else:
         reader = pa.ipc.open_stream(pa.memory_map(u.path))
         cols = _columns(u, reader.schema, text_key)
         batches = (b.select(cols) for b in reader)
-    row = 0
+    row = u.first_row
     for batch in batches:
         columns = {name: batch.column(name).to_pylist() for name in cols}
         for i in range(batch.num_rows):
