@@ -357,15 +357,20 @@ def save_gpt2(params: Any, cfg: ModelConfig, out_dir: str | Path, tokenizer: str
         raise UserError("writing safetensors needs the `safetensors` package: "
                         "pip install -e '.[hf]'") from None
     out.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed: a crash never leaves a truncated model.safetensors.
-    tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    write_safetensors(save_file, tensors, out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    return out
+
+
+def write_safetensors(save_file: Any, tensors: dict[str, np.ndarray], path: Path) -> None:
+    """Written beside and renamed, so a crash never leaves a truncated file; readable as any
+    file the user makes (safetensors creates 0600)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: readable by owner only
-    os.replace(tmp, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-    return out
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def init_params_for(hf_dir: str | Path, cfg: ModelConfig, abstract_params: Any,

@@ -30,7 +30,7 @@ import numpy as np
 
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
-from gptjax.hf.gpt2 import check_exportable
+from gptjax.hf.gpt2 import check_exportable, write_safetensors
 from gptjax.lora.adapters import TARGETS, LoraSpec, shapes
 from gptjax.model import param_shapes
 
@@ -249,13 +249,7 @@ def write(adapters: Any, spec: LoraSpec, cfg: ModelConfig, out: str | Path, base
     if not force and any((out / n).exists() for n in (CONFIG_FILE, WEIGHTS_FILE)):
         raise UserError(f"{out} already holds an adapter; pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed: a crash never leaves a truncated adapter.
-    tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600: readable by owner only
-    os.replace(tmp, out / WEIGHTS_FILE)
+    write_safetensors(save_file, tensors, out / WEIGHTS_FILE)
     tmp = out / f".{CONFIG_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(adapter_config(spec, base), indent=2) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
