@@ -30,12 +30,12 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (7 minutes on 2 cores; 12 in a fresh clone, with .cache/jax-tests,
+# Everything: what CI runs (9 minutes on 2 cores; 13 in a fresh clone, with .cache/jax-tests,
 # the tests' compile cache, cold).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
-# Without the tests marked slow (subprocesses, training runs, benchmark scripts): 1.5 minutes (3
+# Without the tests marked slow (subprocesses, training runs, benchmark scripts): 2 minutes (4
 # with a cold compile cache), for the edit-and-check loop.
 test-fast: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow" tests

@@ -108,6 +108,7 @@ def test_train_step_changes_only_the_adapters() -> None:
         assert not np.array_equal(a, _at(trained, path)), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_lora_steps_on_a_mesh_equal_one_device() -> None:
     """Adapters sharded as their base kernels (data 2 x fsdp 2 x tensor 2), under remat, train
     as on one device without, up to reduction order."""

@@ -180,6 +180,7 @@ def test_what_peft_says_and_we_cannot_is_one_line(hf_base: Path, lora_run: Path,
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_imported_run_resumes_in_train(hf_base: Path, lora_run: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """train.py takes an imported adapter as a LoRA run at step 0 and trains on from it."""

@@ -115,6 +115,7 @@ def test_adapters_share_a_batch_and_match_alone(runs_dir: Path) -> None:
         assert got == want, run
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_params_and_mesh(runs_dir: Path) -> None:
     """A LoRA run's params as runs.load_model gives them (its base carrying its adapters) are
     the base (adapter 0) plus that adapter (1) to the engine; on a mesh, the bank replicated,
