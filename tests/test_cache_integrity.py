@@ -71,12 +71,14 @@ def overwrite(file: Path, offset: int, payload: bytes, *, keep_mtime: bool = Fal
 def rerecord(path: Path, manifest: dict) -> None:
     """Records the token file's current sha256 in the manifest, as a cache written with bad ids
     by other code would have: only the range check can catch it then."""
-    sha256 = hashlib.sha256((path / manifest["file"]).read_bytes()).hexdigest()
-    (path / "manifest.json").write_text(json.dumps(dict(manifest, sha256=sha256)))
+    shard = manifest["shards"][0]
+    sha256 = hashlib.sha256((path / shard["file"]).read_bytes()).hexdigest()
+    shards = [dict(shard, sha256=sha256), *manifest["shards"][1:]]
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, shards=shards)))
 
 
 def put_bad_id(path: Path, manifest: dict, position: int, value: int = 0xFFFF) -> None:
-    tokens = np.memmap(path / manifest["file"], dtype=manifest["dtype"], mode="r+")
+    tokens = np.memmap(path / manifest["shards"][0]["file"], dtype=manifest["dtype"], mode="r+")
     tokens[position] = value
     tokens.flush()
     del tokens
@@ -121,7 +123,7 @@ def test_fresh_cache_is_stamped_and_loads_without_rehashing(cfg, hashes):
 @pytest.mark.parametrize("how", ["flipped bytes", "ids beyond the vocabulary", "mtime restored"])
 def test_in_place_overwrite_of_tokens_is_caught(cfg, how):
     manifest, path = built(cfg)
-    tokens = path / "tokens.bin"
+    tokens = path / "tokens.00000.bin"
     if how == "ids beyond the vocabulary":
         overwrite(tokens, 100, b"\xff" * 64)
     else:
@@ -140,12 +142,12 @@ def test_in_place_overwrite_of_tokens_is_caught(cfg, how):
 
 def test_touch_rehashes_once_and_restamps(cfg, hashes):
     _, path = built(cfg)
-    (path / "tokens.bin").touch()
+    (path / "tokens.00000.bin").touch()
     load_tokens(cfg, "train")
-    assert hashes == [path / "tokens.bin"]
+    assert hashes == [path / "tokens.00000.bin"]
     load_tokens(cfg, "train")
     load_split(cfg, "train")
-    assert hashes == [path / "tokens.bin"]  # the new look was stamped
+    assert hashes == [path / "tokens.00000.bin"]  # the new look was stamped
 
 
 @pytest.mark.parametrize("stamp", ["missing", "damaged"])
@@ -155,11 +157,11 @@ def test_cache_without_a_usable_stamp_is_hashed_once(cfg, hashes, stamp):
     if stamp == "missing":
         (path / "verified.json").unlink()
     else:
-        (path / "verified.json").write_text('{"format": 1, "files": {"tokens.bin": [')
+        (path / "verified.json").write_text('{"format": 1, "files": {"tokens.00000.bin": [')
     tokens = np.asarray(load_tokens(cfg, "train"))
-    assert hashes == [path / "tokens.bin"]
+    assert hashes == [path / "tokens.00000.bin"]
     np.testing.assert_array_equal(load_tokens(cfg, "train"), tokens)
-    assert hashes == [path / "tokens.bin"]
+    assert hashes == [path / "tokens.00000.bin"]
     json.loads((path / "verified.json").read_text())
 
 
@@ -167,7 +169,7 @@ def test_cache_without_a_usable_stamp_is_hashed_once(cfg, hashes, stamp):
 def test_concurrent_loaders_leave_a_whole_stamp(cfg, tmp_path):
     """Processes of one run that all find a changed stat re-hash and re-stamp at once."""
     _, path = built(cfg)
-    (path / "tokens.bin").touch()
+    (path / "tokens.00000.bin").touch()
     script = (
         "from gptjax.config import config_from_dict\n"
         "from gptjax.data import load_tokens\n"
@@ -182,7 +184,7 @@ def test_concurrent_loaders_leave_a_whole_stamp(cfg, tmp_path):
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errs
     stamp = json.loads((path / "verified.json").read_text())
-    looks = stamp["files"]["tokens.bin"]
+    looks = stamp["files"]["tokens.00000.bin"]
     assert len(looks) == len({json.dumps(x, sort_keys=True) for x in looks})  # no duplicates
     assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
 
@@ -215,8 +217,9 @@ def completion_cfg(tmp_path: Path):
 def test_in_place_overwrite_of_the_mask_is_caught(tmp_path):
     cfg = completion_cfg(tmp_path)
     manifest, path = built(cfg)
-    assert manifest["mask"] == "mask.bin" and "mask_sha256" in manifest
-    mask = path / "mask.bin"
+    assert manifest["mask"] and manifest["shards"][0]["mask"] == "mask.00000.bin"
+    assert manifest["shards"][0]["mask_sha256"]
+    mask = path / "mask.00000.bin"
     overwrite(mask, 10, bytes(1 - b for b in mask.read_bytes()[10:40]))
     with pytest.raises(DataError) as e:
         load_split(cfg, "train")
@@ -224,15 +227,14 @@ def test_in_place_overwrite_of_the_mask_is_caught(tmp_path):
     assert str(mask) in msg and f"delete the token cache directory {path}" in msg
 
 
-def test_cache_whose_mask_has_no_checksum_is_rebuilt(tmp_path, capsys):
-    """Caches built before mask.bin had a checksum cannot be verified: they are rebuilt once."""
+def test_cache_of_another_format_is_rebuilt(tmp_path, capsys):
+    """A manifest of another cache format (a single token file, before shards) is not read."""
     cfg = completion_cfg(tmp_path)
     manifest, path = built(cfg)
-    old = {k: v for k, v in manifest.items() if k != "mask_sha256"}
-    (path / "manifest.json").write_text(json.dumps(old))
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, format=1)))
     capsys.readouterr()
     again, path2, rebuilt = data.ensure_cache(cfg, "train")
-    assert rebuilt and path2 == path and again["mask_sha256"] == manifest["mask_sha256"]
+    assert rebuilt and path2 == path and again["sha256"] == manifest["sha256"]
     assert "rebuilding" in capsys.readouterr().err
 
 
@@ -261,7 +263,7 @@ def test_out_of_range_id_stops_training_at_its_batch(cfg, capfd, pipeline):
         next(it)
     msg = one_line(e)
     assert type(e.value).__name__ == "CorruptCacheError"
-    assert f"token id {0xFFFF} at token {position} of {path / 'tokens.bin'}" in msg
+    assert f"token id {0xFFFF} at token {position} of {path / 'tokens.00000.bin'}" in msg
     assert "(train split)" in msg and f"vocabulary size {VOCAB}" in msg
     assert "delete the token cache directory" in msg
     # Raised in Python, not logged by the pipeline's threads; the position stays at the bad batch.
@@ -280,7 +282,7 @@ def test_out_of_range_id_stops_evaluation(cfg):
     with pytest.raises(DataError) as e:
         list(eval_batches(cfg, 4, process_index=0, process_count=1))
     msg = one_line(e)
-    assert f"token id {VOCAB} at token {position} of {path / 'tokens.bin'}" in msg
+    assert f"token id {VOCAB} at token {position} of {path / 'tokens.00000.bin'}" in msg
     assert "(validation split)" in msg
 
 
@@ -334,16 +336,16 @@ def test_unwritable_cache_dir(tmp_path, corpus):
 
 def test_read_only_complete_cache_still_loads(cfg, hashes, capsys):
     manifest, path = built(cfg)
-    (path / "tokens.bin").touch()  # its stamp no longer matches: this load must re-hash
+    (path / "tokens.00000.bin").touch()  # its stamp no longer matches: this load must re-hash
     capsys.readouterr()
     with read_only(path), read_only(path.parent):
         tokens = load_tokens(cfg, "train")
         assert len(tokens) == manifest["tokens"]
-        assert hashes == [path / "tokens.bin"]
+        assert hashes == [path / "tokens.00000.bin"]
     assert capsys.readouterr().err == ""  # the stamp was not updated, quietly
     assert sorted(p.name for p in path.iterdir()) == [
         "manifest.json",
-        "tokens.bin",
+        "tokens.00000.bin",
         "verified.json",
     ]
 
@@ -359,10 +361,10 @@ def test_train_py_refuses_a_corrupted_cache(tmp_path, corpus, corruption):
     built(cfg, "validation")  # so that the run's only line on stderr is its error
     manifest, path = built(cfg)
     if corruption == "overwritten in place":
-        overwrite(path / "tokens.bin", 0, bytes(range(1, 101)))
+        overwrite(path / "tokens.00000.bin", 0, bytes(range(1, 101)))
         needle = "does not match the sha256"
     else:
-        tokens = np.memmap(path / "tokens.bin", dtype=np.uint16, mode="r+")
+        tokens = np.memmap(path / "tokens.00000.bin", dtype=np.uint16, mode="r+")
         tokens[::7] = 1000  # in every window
         tokens.flush()
         del tokens

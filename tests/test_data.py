@@ -29,8 +29,10 @@ from gptjax.data import (
     encode,
     eval_batches,
     load_tokens,
+    shards,
     sources,
 )
+from gptjax.data.store import Store
 from gptjax.tokenizer import get_tokenizer
 from helpers import needs_bpe
 
@@ -348,7 +350,7 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, corpus, capsys):
     assert built and path4 == path3 and m4["tokenizer"]["name"] == "byte"
     assert "rebuilding" in capsys.readouterr().err
     # So is a token file of the wrong size.
-    with open(path4 / m4["file"], "ab") as f:
+    with open(path4 / m4["shards"][0]["file"], "ab") as f:
         f.write(b"\0\0")
     assert data.ensure_cache(cfg, "train")[2]
 
@@ -370,40 +372,91 @@ def test_cache_of_another_tokenizer_is_not_used(tmp_path, corpus):
     one_line(e)
 
 
-def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
+def _cache_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name.endswith(".bin")}
+
+
+def test_interrupted_build_resumes_from_its_finished_shards(tmp_path, corpus, monkeypatch):
+    """Ctrl-C mid-build keeps the finished shards (and no half-written file); the next build
+    tokenizes only what is left and gives the cache an uninterrupted build gives."""
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
     monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
     real = encode._encode_files
     calls = []
 
     def flaky(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 6 and interrupt:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    interrupt = True
+    monkeypatch.setattr(encode, "_encode_files", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        load_tokens(cfg, "train")
+    interrupt = False
+    [partial] = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    left = sorted(p.name for p in partial.iterdir())
+    assert left == ["shard.00000.json", "shard.00001.json", "tokens.00000.bin",
+                    "tokens.00001.bin"]  # no manifest, no temporary file
+    calls.clear()
+    manifest, path, built = data.ensure_cache(cfg, "train")
+    assert built and path == partial and manifest["resumed_shards"] == 2
+    jobs = len(calls)
+    assert manifest["shards"][-1]["file"] == f"tokens.{len(manifest['shards']) - 1:05d}.bin"
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["manifest.json", "verified.json", *(s["file"] for s in manifest["shards"])])
+    # An uninterrupted build elsewhere: the same files and checksums, and 4 more jobs.
+    calls.clear()
+    whole, whole_path, _ = data.ensure_cache(make_cfg(tmp_path / "b", f"{corpus}/*.txt",
+                                                      val_fraction=0.2), "train")
+    assert len(calls) == jobs + 4
+    assert whole["sha256"] == manifest["sha256"] and whole["shards"] == manifest["shards"]
+    assert _cache_files(whole_path) == _cache_files(path)
+
+
+def test_resume_with_other_job_sizes_starts_over(tmp_path, corpus, monkeypatch):
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
+    real, calls = encode._encode_files, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(encode, "_encode_files", flaky)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(cfg, "train")
-    assert list((tmp_path / "cache").iterdir()) == []  # neither a cache nor a temporary dir
     monkeypatch.setattr(encode, "_encode_files", real)
-    assert data.ensure_cache(cfg, "train")[2]
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 3000)
+    manifest, path, built = data.ensure_cache(cfg, "train")
+    assert built and manifest["resumed_shards"] == 0
+    assert not [p for p in path.iterdir() if p.name.startswith("shard.")]
+    np.testing.assert_array_equal(
+        load_tokens(cfg, "train"),
+        load_tokens(make_cfg(tmp_path / "b", f"{corpus}/*.txt", val_fraction=0.2), "train"))
 
 
 @pytest.mark.slow
-def test_killed_build_is_not_reused(tmp_path, corpus):
-    """A build killed with SIGKILL leaves only a temporary dir, which the next build removes."""
-    cache = tmp_path / "cache"
+def test_killed_build_resumes(tmp_path, corpus):
+    """A build killed with SIGKILL leaves its finished shards, and temporary files that the next
+    build removes before it resumes."""
+    cache_dir = tmp_path / "cache"
     script = textwrap.dedent(
         f"""
         import time
         from gptjax import data
         from gptjax.config import config_from_dict
-        from gptjax.data import encode
+        from gptjax.data import encode, shards
         cfg = config_from_dict({{"model": {{"vocab_size": 257, "context_length": {T},
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
-            "cache_dir": "{cache}", "val_fraction": 0.2}}}})
+            "cache_dir": "{cache_dir}", "val_fraction": 0.2}}}})
         encode.CHUNK_BYTES = 1000
+        shards.SHARD_JOBS = 2
         real = encode._encode_files
         def slow(*args):
             print("chunk", flush=True)
@@ -415,17 +468,30 @@ def test_killed_build_is_not_reused(tmp_path, corpus):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        for _ in range(3):
+        for _ in range(6):
             assert proc.stdout.readline() == "chunk\n"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    leftovers = list(cache.iterdir())
-    assert leftovers and all(p.name.startswith(".tmp.") for p in leftovers)
+    [partial] = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    names = [p.name for p in partial.iterdir()]
+    assert "manifest.json" not in names and "shard.00001.json" in names
+    assert any(n.endswith(".tmp") for n in names)  # the shard it was writing
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    manifest, path, built = data.ensure_cache(cfg, "train")
-    assert built and [p for p in cache.iterdir() if p.name.startswith(".tmp.")] == []
-    assert manifest["tokens"] == path.joinpath("tokens.bin").stat().st_size // 2
+    encode_chunk, shard_jobs = encode.CHUNK_BYTES, shards.SHARD_JOBS
+    encode.CHUNK_BYTES, shards.SHARD_JOBS = 1000, 2
+    try:
+        manifest, path, built = data.ensure_cache(cfg, "train")
+    finally:
+        encode.CHUNK_BYTES, shards.SHARD_JOBS = encode_chunk, shard_jobs
+    assert built and manifest["resumed_shards"] >= 2
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+    whole = data.ensure_cache(make_cfg(tmp_path / "b", f"{corpus}/*.txt", val_fraction=0.2),
+                              "train")[0]
+    np.testing.assert_array_equal(load_tokens(cfg, "train"),
+                                  load_tokens(make_cfg(tmp_path / "b", f"{corpus}/*.txt",
+                                                       val_fraction=0.2), "train"))
+    assert whole["tokens"] == manifest["tokens"]
 
 
 @pytest.mark.slow
@@ -433,6 +499,7 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
     """Two processes (two hosts' processes on one filesystem) building the same cache at once."""
     script = textwrap.dedent(
         f"""
+        import numpy as np
         from gptjax import data
         from gptjax.config import config_from_dict
         from gptjax.data import encode
@@ -440,7 +507,7 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
             "local_window": 8}}, "data": {{"source": "{corpus}/*.txt",
             "cache_dir": "{tmp_path}/cache", "val_fraction": 0.2}}}})
         encode.CHUNK_BYTES = 500
-        print(int(data.load_tokens(cfg, "train").sum()))
+        print(int(np.asarray(data.load_tokens(cfg, "train")).sum()))
         """
     )
     procs = [
@@ -450,19 +517,33 @@ def test_concurrent_builds_of_one_cache(tmp_path, corpus):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    assert outs[0] == outs[1] == f"{int(load_tokens(cfg, 'train').sum())}\n"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
-        data.ensure_cache(cfg, "train")[1].name
-    ]
+    assert outs[0] == outs[1] == f"{int(np.asarray(load_tokens(cfg, 'train')).sum())}\n"
+    name = data.ensure_cache(cfg, "train")[1].name
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f".{name}.lock", name]
 
 
-def test_build_that_loses_the_race_uses_the_winners_cache(tmp_path, corpus):
+def test_a_second_builder_waits_for_the_first_and_uses_its_cache(tmp_path, corpus, capsys):
+    """The build lock: a process that finds another one building waits, then reads its cache."""
+    import fcntl
+
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    manifest, final, _ = data.ensure_cache(cfg, "train")
-    plan = cache._plan(cfg, "train", get_tokenizer("byte"))
-    again = cache._build(plan, final, 1)  # finishes second: its rename fails
-    assert again == manifest
-    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    plan = cache.make_plan(cfg, "train", get_tokenizer("byte"))
+    lock = tmp_path / "cache" / f".{plan.dir_name()}.lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another builder holds it
+
+    def other_builder() -> None:  # builds while holding the lock, then lets go
+        time.sleep(0.5)
+        shards.build(plan, Store(tmp_path / "cache").sub(plan.dir_name()), 1)
+        os.close(fd)
+
+    builder = threading.Thread(target=other_builder)
+    builder.start()
+    manifest, path, built = data.ensure_cache(cfg, "train")
+    builder.join()
+    assert not built and manifest["tokens"] > 0
+    assert "waiting for the process building it" in capsys.readouterr().err
 
 
 @needs_bpe
@@ -472,16 +553,16 @@ def test_parallel_build_equals_sequential(tmp_path, corpus, monkeypatch):
         tmp_path / "b", f"{corpus}/*.txt", val_fraction=0.2, tokenizer="gpt2", num_workers=2
     )
     expected = np.asarray(load_tokens(seq, "train"))
-    monkeypatch.setattr(cache, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(shards, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(encode, "CHUNK_BYTES", 2000)
     used = []
-    real = cache._encode_all
+    real = shards._encode_all
 
     def spy(tok, jobs, workers):
         used.append(workers)
         return real(tok, jobs, workers)
 
-    monkeypatch.setattr(cache, "_encode_all", spy)
+    monkeypatch.setattr(shards, "_encode_all", spy)
     np.testing.assert_array_equal(load_tokens(par, "train"), expected)
     assert used == [2]
 

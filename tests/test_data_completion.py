@@ -13,10 +13,11 @@ from helpers import needs_bpe, tiny
 
 from gptjax import data
 from gptjax.config import config_from_dict
+from gptjax.data import plan
+from gptjax.data.plan import make_plan
 from gptjax.data import (
     DataError,
     TrainIterator,
-    cache,
     encode,
     eval_batches,
     load_mask,
@@ -98,7 +99,7 @@ def test_weights_are_zero_on_prompt_tokens_and_one_on_completion(tmp_path, name)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, want_mask)
     manifest, path, _ = data.ensure_cache(cfg, "train")
-    assert manifest["mask"] == "mask.bin" and (path / "mask.bin").stat().st_size == len(mask)
+    assert manifest["mask"] and (path / "mask.00000.bin").stat().st_size == len(mask)
     assert manifest["documents"] == 5 and manifest["loss_tokens"] == want_mask.sum()
     # The prompt's first token after an EOT is a target with weight 0: the weight is the target's.
     eots = np.flatnonzero(want_tokens == tok.eot_id)
@@ -124,7 +125,7 @@ def test_plain_text_sources_store_no_mask(tmp_path):
     write_jsonl(tmp_path / "src" / "t.jsonl", [{"text": "a" * 40}, {"text": "b" * 40}])
     cfg = make_cfg(tmp_path, f"{tmp_path}/src/*.jsonl", val_fraction=1e-9)
     manifest, path, _ = data.ensure_cache(cfg, "train")
-    assert manifest["mask"] is None and not (path / "mask.bin").exists()
+    assert manifest["mask"] is False and not list(path.glob("mask.*"))
     assert load_mask(cfg, "train") is None
     with TrainIterator(cfg, 2, process_index=0, process_count=1) as it:
         assert (next(it)["mask"] == 1).all()
@@ -135,16 +136,14 @@ def test_cache_without_weights_is_not_reused_for_completions(tmp_path, capsys, m
     cfg = make_cfg(tmp_path, f"{tmp_path}/src/*.jsonl", val_fraction=1e-9)
     want = np.array(load_mask(cfg, "train"))
     manifest, path, _ = data.ensure_cache(cfg, "train")
-    # As a build that knew nothing of weights would have left it.
-    (path / "mask.bin").unlink()
-    del manifest["mask"]
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    # A weight file that went missing.
+    (path / "mask.00000.bin").unlink()
     capsys.readouterr()
     assert data.ensure_cache(cfg, "train")[2]
     assert "rebuilding" in capsys.readouterr().err
     np.testing.assert_array_equal(load_mask(cfg, "train"), want)
     # A weight file of the wrong size is not trusted either.
-    with open(path / "mask.bin", "ab") as f:
+    with open(path / "mask.00000.bin", "ab") as f:
         f.write(b"\1")
     assert data.ensure_cache(cfg, "train")[2]
     # Caches of .jsonl sources are named by the record rule, so a new rule never meets an old
@@ -152,9 +151,9 @@ def test_cache_without_weights_is_not_reused_for_completions(tmp_path, capsys, m
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("plain")
     tok = get_tokenizer("byte")
-    plans = [cache._plan(c, "train", tok) for c in (cfg, make_cfg(tmp_path, f"{tmp_path}/txt/*"))]
+    plans = [make_plan(c, "train", tok) for c in (cfg, make_cfg(tmp_path, f"{tmp_path}/txt/*"))]
     before = [p.digest() for p in plans]
-    monkeypatch.setattr(cache, "JSONL_RULE", cache.JSONL_RULE + 1)
+    monkeypatch.setattr(plan, "JSONL_RULE", plan.JSONL_RULE + 1)
     assert [p.digest() != d for p, d in zip(plans, before)] == [True, False]
 
 

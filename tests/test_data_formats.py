@@ -127,8 +127,10 @@ def test_a_large_parquet_file_splits_over_jobs_by_row_group(
 
     monkeypatch.setattr(encode, "CHUNK_BYTES", 1)
     parts = encode.parquet_parts(glob_units(str(corpus / "c.parquet"))[0])
-    assert [p.groups for p in parts] == [(g, g + 1) for g in range(5)]
-    assert [p.first_row for p in parts] == [0, 16, 32, 48, 64]
+    assert [p.groups for p, _, _ in parts] == [(g, g + 1) for g in range(5)]
+    assert [p.first_row for p, _, _ in parts] == [0, 16, 32, 48, 64]
+    # Their shares of the file's size, for the progress bar, add up to it.
+    assert sum(share for _, _, share in parts) == parts[0][0].size
     want = _batches(_cfg(tmp_path / "ref", str(corpus / "ref.jsonl")))
     got = _batches(_cfg(tmp_path / "fmt", str(corpus / "c.parquet")))
     for a, b in zip(want[0] + want[1], got[0] + got[1]):

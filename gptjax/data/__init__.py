@@ -2,8 +2,8 @@
 
 GPT-3 trains on windows slid over one long token stream: documents are packed, each followed by
 the end-of-text id, and nothing is masked across them. A source is tokenized once into a cache
-directory (one token file per split plus a JSON manifest); training windows are then read from a
-memory map in a seeded pseudo-random order that needs no buffer, so the iterator's position is
+directory (token shards per split plus a JSON manifest); training windows are then read from
+memory maps in a seeded pseudo-random order that needs no buffer, so the iterator's position is
 three numbers and a resumed run sees exactly the batches an uninterrupted one would.
 
 Fine-tuning data comes as `.jsonl` records with `prompt` and `completion` strings: each becomes
@@ -11,11 +11,14 @@ the document prompt + completion + end-of-text, and a parallel uint8 loss-weight
 tokens, 1 elsewhere) is cached next to the tokens, so the loss counts completion tokens only.
 
 Each module imports only the ones before it: readers (files opened, gzip and zstd
-decompressed as read), sources (where documents come from), encode
-(documents → tokens, also in worker processes), integrity (checksums and the stamp that spares
-re-hashing), cache (plan, build), load (verified memory maps), batches (windows, their order, the
-iterators, each batch's ids checked against the vocabulary). TensorFlow loads only where tf.data
-or TFDS is used, so importing this package and building the cache of a file source need none.
+decompressed as read), sources (where documents come from), encode (documents → tokens, also in
+worker processes), integrity (checksums and the stamp that spares re-hashing), store (a local
+directory or a gs:// URL; the shards read as one array), plan (what a cache holds and its
+digest), shards (the resumable sharded build), cache (find, lock or wait, build), load (verified
+arrays over the shards), batches (windows, their order, the iterators, each batch's ids checked
+against the vocabulary), build (the `python -m gptjax.data build` command). TensorFlow loads
+only where tf.data or TFDS is used, so importing this package and building the cache of a file
+source need none.
 """
 
 from gptjax.data.batches import TrainIterator, eval_batches, num_windows, permute

@@ -24,6 +24,7 @@ from gptjax.config import Config
 from gptjax.data.integrity import CorruptCacheError, fix_hint
 from gptjax.data.load import CachedSplit, open_split
 from gptjax.data.sources import DataError, import_tf
+from gptjax.data.store import TokenArray
 
 
 def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
@@ -116,7 +117,7 @@ def _id_check(opened: CachedSplit) -> Callable[[np.ndarray, np.ndarray], None]:
     written by other code) before the model sees an id its embedding does not have (a gather out
     of range gives NaN or garbage, not an error)."""
     # Plain values only: the check runs on tf.data's threads.
-    limit, split, file = opened.vocab_size, opened.split, opened.tokens_file
+    limit, split, locate = opened.vocab_size, opened.split, opened.locate
     hint = fix_hint(opened.path)
 
     def check(x_NS: np.ndarray, starts: np.ndarray) -> None:
@@ -126,23 +127,23 @@ def _id_check(opened: CachedSplit) -> Callable[[np.ndarray, np.ndarray], None]:
         if not ids.size or ids.max() < limit:
             return
         row, col = np.argwhere(ids >= limit)[0]
+        file, at = locate(int(starts[row]) + int(col))
         raise CorruptCacheError(
-            f"token id {ids[row, col]} at token {int(starts[row]) + col} of {file} ({split} "
-            f"split) is not below the vocabulary size {limit}; {hint}"
+            f"token id {ids[row, col]} at token {at} of {file} ({split} split) is not below "
+            f"the vocabulary size {limit}; {hint}"
         )
 
     return check
 
 
-def _rows(tokens: np.ndarray, starts: np.ndarray, span: int, dtype: Any = np.int32) -> np.ndarray:
-    """[len(starts), span] of `dtype`: contiguous slices of the memory map, one read each."""
-    out = np.empty((len(starts), span), dtype=dtype)
-    for i, s in enumerate(starts):
-        out[i] = tokens[s : s + span]
-    return out
+def _rows(tokens: TokenArray, starts: np.ndarray, span: int, dtype: Any = np.int32
+          ) -> np.ndarray:
+    """[len(starts), span] of `dtype`: contiguous slices of the cache, one read each (a ranged
+    request each, together, when the cache is a URL)."""
+    return tokens.rows(starts, span, dtype)
 
 
-def _window_mask(mask: np.ndarray | None, starts: np.ndarray, T: int) -> np.ndarray:
+def _window_mask(mask: TokenArray | None, starts: np.ndarray, T: int) -> np.ndarray:
     """float32 [len(starts), T]: the weights of the targets of the windows at `starts`, i.e. of
     tokens start + 1 ... start + T (all ones without a mask)."""
     if mask is None:
@@ -217,7 +218,7 @@ class TrainIterator:
             batch_size, process_index, process_count
         )
         self.batch_size = batch_size
-        opened = open_split(cfg, "train")
+        opened = open_split(cfg, "train", self.process_index)
         _check_split(cfg, opened)
         self.tokens, self.mask = opened.tokens, opened.mask
         self._check_ids = _id_check(opened)
@@ -363,7 +364,7 @@ def eval_batches(
         {"inputs", "targets": int32 [L, T], "mask": float32 [L, T]}, L = batch_size // processes.
     """
     index, _, local = _check_processes(batch_size, process_index, process_count)
-    opened = open_split(cfg, "validation")
+    opened = open_split(cfg, "validation", index)
     _check_split(cfg, opened)
     T = cfg.model.context_length
     n = num_windows(len(opened.tokens), T, T)

@@ -28,6 +28,7 @@ class Encoded:
     nbytes: int = 0
     replaced: int = 0
     replaced_in: str = ""  # the first document with undecodable bytes
+    source_bytes: int = 0  # the job's share of its files' sizes on disk, for the progress bar
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
@@ -74,9 +75,16 @@ def _encode_documents(tok: Tokenizer, docs: Iterable[Doc]) -> Encoded:
 
 
 def _encode_files(
-    tok: Tokenizer, units: tuple[FileUnit, ...], split: str, val_fraction: float, text_key: str
+    tok: Tokenizer,
+    units: tuple[FileUnit, ...],
+    split: str,
+    val_fraction: float,
+    text_key: str,
+    source_bytes: int = 0,
 ) -> Encoded:
-    return _encode_documents(tok, file_documents(units, split, val_fraction, text_key))
+    out = _encode_documents(tok, file_documents(units, split, val_fraction, text_key))
+    out.source_bytes = source_bytes
+    return out
 
 
 def encode_texts(tok: Tokenizer, names: list[str], texts: list[bytes]) -> Encoded:
@@ -106,42 +114,81 @@ Job = tuple[Callable[..., Encoded], tuple]
 def file_jobs(
     units: Iterable[FileUnit], split: str, val_fraction: float, text_key: str
 ) -> Iterator[Job]:
-    """Jobs of about CHUNK_BYTES of files each; the files are read in the job, by the worker. A
-    Parquet file larger than that is split by row groups, so no job (and no worker's memory)
-    holds a whole multi-GB file's tokens."""
+    """Jobs of about CHUNK_BYTES of text each, so that no job (and no worker's memory) holds more
+    than that whatever the file sizes. Small files are grouped and read by the worker. A Parquet
+    file is cut by row groups. Any other file bigger than a job (a .jsonl.zst, an Arrow file) is
+    streamed here and its documents are cut into jobs; only a single document (a .txt file is
+    one) can exceed a job."""
     chunk: list[FileUnit] = []
-    size = 0
+    size = weight = 0
     for u in units:
-        parts = parquet_parts(u) if u.format == "parquet" and u.size > CHUNK_BYTES else [u]
-        for part in parts:
+        if u.format != "parquet" and _text_bytes(u) > CHUNK_BYTES:
+            if chunk:
+                yield _encode_files, (tuple(chunk), split, val_fraction, text_key, weight)
+                chunk, size, weight = [], 0, 0
+            yield from _streamed_jobs(u, split, val_fraction, text_key)
+            continue
+        for part, text, share in parquet_parts(u) if u.format == "parquet" else [(u, u.size,
+                                                                                    u.size)]:
             chunk.append(part)
-            size += u.size // len(parts)
+            size, weight = size + text, weight + share
             if size >= CHUNK_BYTES:
-                yield _encode_files, (tuple(chunk), split, val_fraction, text_key)
-                chunk, size = [], 0
+                yield _encode_files, (tuple(chunk), split, val_fraction, text_key, weight)
+                chunk, size, weight = [], 0, 0
     if chunk:
-        yield _encode_files, (tuple(chunk), split, val_fraction, text_key)
+        yield _encode_files, (tuple(chunk), split, val_fraction, text_key, weight)
 
 
-def parquet_parts(u: FileUnit) -> list[FileUnit]:
-    """A Parquet file as slices of consecutive row groups of about CHUNK_BYTES each (by the
-    footer's sizes); the file whole when its footer cannot be read (the job then says why)."""
+def _text_bytes(u: FileUnit) -> int:
+    """About how much text a file holds: compressed files a few times their size."""
+    return u.size * (4 if u.path.endswith((".gz", ".zst")) else 1)
+
+
+def _streamed_jobs(u: FileUnit, split: str, val_fraction: float, text_key: str
+                   ) -> Iterator[Job]:
+    """Jobs of about CHUNK_BYTES of one big file's documents, read here; the file's size counts
+    toward the progress bar with its last job."""
+    docs: list[Doc] = []
+    size = 0
+    for doc in file_documents((u,), split, val_fraction, text_key):
+        docs.append(doc)
+        size += len(doc[1]) + len(doc[2] or b"")
+        if size >= CHUNK_BYTES:
+            yield _encode_docs, (docs, 0)
+            docs, size = [], 0
+    yield _encode_docs, (docs, u.size)
+
+
+def _encode_docs(tok: Tokenizer, docs: list[Doc], source_bytes: int) -> Encoded:
+    out = _encode_documents(tok, docs)
+    out.source_bytes = source_bytes
+    return out
+
+
+def parquet_parts(u: FileUnit) -> list[tuple[FileUnit, int, int]]:
+    """A Parquet file as slices of consecutive row groups of about CHUNK_BYTES of uncompressed
+    data each (by the footer's sizes), each with that size and its share of the file's size on
+    disk; the file whole when its footer cannot be read (the job then says why)."""
     import pyarrow.parquet as pq  # the data extra
 
     try:
         meta = pq.ParquetFile(u.path).metadata
     except (OSError, ValueError):
-        return [u]
-    parts, start, rows, size = [], 0, 0, 0
-    first_row = 0
+        return [(u, u.size, u.size)]
+    total = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) or 1
+    parts, start, first_row, rows, size, shared = [], 0, 0, 0, 0, 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         rows, size = rows + rg.num_rows, size + rg.total_byte_size
         if size >= CHUNK_BYTES or g == meta.num_row_groups - 1:
-            parts.append(dataclasses.replace(u, groups=(start, g + 1), first_row=first_row))
-            start, first_row, size = g + 1, first_row + rows, 0
-            rows = 0
-    return parts or [u]
+            # The last part takes the rounding, so the shares add up to the file's size.
+            share = u.size - shared if g == meta.num_row_groups - 1 else u.size * size // total
+            whole = start == 0 and g == meta.num_row_groups - 1
+            part = u if whole else dataclasses.replace(u, groups=(start, g + 1),
+                                                       first_row=first_row)
+            parts.append((part, size, share))
+            start, first_row, rows, size, shared = g + 1, first_row + rows, 0, 0, shared + share
+    return parts or [(u, u.size, u.size)]
 
 
 def text_jobs(docs: Iterable[tuple[str, bytes]]) -> Iterator[Job]:

@@ -75,9 +75,11 @@ def file_sha256(path: Path) -> str:
 
 def recorded_checksums(manifest: dict) -> dict[str, str]:
     """{file name: sha256 recorded at build} of the cache's data files."""
-    out = {manifest["file"]: manifest["sha256"]}
-    if manifest.get("mask"):
-        out[manifest["mask"]] = manifest["mask_sha256"]
+    out = {}
+    for s in manifest["shards"]:
+        out[s["file"]] = s["sha256"]
+        if s["mask"]:
+            out[s["mask"]] = s["mask_sha256"]
     return out
 
 

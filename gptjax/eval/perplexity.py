@@ -242,6 +242,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if a.max_tokens is not None:
             tokens = tokens[: a.max_tokens]
             weights = None if weights is None else weights[: a.max_tokens]
+        # The cache's shards as numpy arrays: the stream to score is read whole anyway.
+        tokens = np.asarray(tokens)
+        weights = None if weights is None else np.asarray(weights)
         table = token_bytes(tok)
         if int(tokens.max()) >= len(table):
             raise UserError(f"token id {int(tokens.max())} is outside the {tok_name} tokenizer")
