@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from gptjax import xla_flags
 from gptjax.bench.run import bench_run, check_steps
 from gptjax.bench.attention import bench_attention
+from gptjax.bench.cache import bench_cache
 from gptjax.bench.data import bench_data
 from gptjax.bench.decode import bench_decode
 from gptjax.bench.loglikelihood import bench_loglikelihood
@@ -122,6 +124,15 @@ def _use_parsers(sub: Any) -> None:
     r.add_argument("--run-dir", type=out_dir, default=None,
                    help="keep the run here (default: a temporary directory, removed)")
     r.add_argument("overrides", nargs="*", metavar="section.key=value")
+    c = sub.add_parser("cache", help="python -m gptjax.data build on a generated Parquet "
+                                     "corpus: tokens/s per core, peak RSS, kill and resume")
+    c.add_argument("--gb", type=float, default=1.0, help="corpus size on disk (default 1 GB)")
+    c.add_argument("--tokenizers", default="byte,gpt2", help="comma-separated (default: both)")
+    c.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="data.num_workers of the builds (default: one per core)")
+    c.add_argument("--workdir", type=out_dir, default=Path(".cache/gptjax/bench-cache"),
+                   help="where the corpus (kept) and the caches (removed) are written")
+    c.add_argument("--no-resume", action="store_true", help="skip the kill-and-resume build")
     g = sub.add_parser("data", help="tokenizer MB/s and tokens/s from the cache")
     g.add_argument("--seq", type=positive_int, default=2048)
     g.add_argument("--batch", type=positive_int, default=8)
@@ -190,6 +201,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
         out = bench_loglikelihood(args.config, args.overrides, requests=args.requests,
                                   batch=args.score_batch, train_batch=args.batch,
                                   repeats=args.repeats)
+    elif args.what == "cache":
+        out = bench_cache(Path(args.workdir), args.gb, args.tokenizers.split(","), args.workers,
+                          resume=not args.no_resume)
     elif args.what == "tpu-aot":
         out = bench_tpu_aot(args.config, args.topology, args.overrides)
     else:
