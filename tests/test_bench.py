@@ -209,3 +209,42 @@ def test_decode_bench_checks_a_step_kernel_against_xla(monkeypatch) -> None:
     monkeypatch.setattr(jax.nn, "dot_product_attention",
                         lambda *a, key_value_seq_lengths=None, **kw: fake(*a, **kw))
     assert step_attention_error(cfg, 4, 16) > 0.1
+
+
+@pytest.mark.slow
+def test_cache_bench_builds_kills_resumes_and_records(tmp_path) -> None:
+    """`bench cache` on a tiny corpus: the build, a build killed at half its shards and
+    resumed into the same cache, and the row the docs' table is made from."""
+    from gptjax.bench import report
+    from gptjax.data import encode, shards
+
+    record = tmp_path / "cache.jsonl"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Small jobs and shards, and slow ones, so the kill lands mid-build (in the build commands,
+    # through a sitecustomize).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import time\n"
+        "from gptjax.bench import cache\n"
+        "from gptjax.data import encode, shards\n"
+        "cache.ROWS_PER_GROUP = 20\n"
+        "encode.CHUNK_BYTES = 1 << 16\nshards.SHARD_JOBS = 2\n"
+        "real = encode._encode_files\n"
+        "def slow(*args):\n    time.sleep(0.01)\n    return real(*args)\n"
+        "encode._encode_files = slow\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "gptjax.bench", "cache", "--gb", "0.004",
+                        "--tokenizers", "byte", "--workdir", str(tmp_path / "w"),
+                        "--record", str(record), "--json"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(record.read_text())
+    assert out["corpus"]["bytes_on_disk"] >= 0.004e9 and out["corpus"]["files"] >= 1
+    [b] = out["builds"]
+    assert b["tokens"] >= out["corpus"]["text_bytes"] and b["shards"] >= 4
+    assert b["peak_rss_mib"] > 0 and b["resume"]["killed"]
+    assert 0 < b["resume"]["resumed_shards"] < b["shards"]
+    assert b["resume"]["sha256_equal"] and b["resume"]["shards_equal"]
+    assert encode.CHUNK_BYTES == 4 << 20 and shards.SHARD_JOBS == 16  # not this process's
+    assert report._cache_rows(out)[0][9].endswith("kept; equal")

@@ -10,10 +10,12 @@ the set repeated (each copy marked) until the corpus is as large as asked.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +25,37 @@ ROWS_PER_GROUP = 1000
 FILE_BYTES = 256 << 20  # text per Parquet file
 
 
+def _documents() -> Iterator[tuple[str, str]]:
+    """(id, text) forever: the standard library's files, each copy of the set marked."""
+    texts = [p.read_text(errors="replace") for _, p in stdlib_files()]
+    for copy in itertools.count():
+        for i, t in enumerate(texts):
+            yield f"<urn:copy:{copy}:{i}>", f"# copy {copy}\n{t}"
+
+
 def write_corpus(directory: Path, gb: float) -> dict[str, Any]:
     """Parquet files of at least `gb` GB on disk (snappy, pyarrow's default); returns sizes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     directory.mkdir(parents=True, exist_ok=True)
-    texts = [p.read_text(errors="replace") for _, p in stdlib_files()]
-    want, on_disk, text_bytes, rows, copy, f = gb * 1e9, 0, 0, 0, 0, 0
+    docs = _documents()
+    schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+    want, on_disk, text_bytes, rows, f = gb * 1e9, 0, 0, 0, 0
+    ratio = 3.0  # text bytes per byte on disk, until a file has measured it
     while on_disk < want:
         path = directory / f"part-{f:04d}.parquet"
-        with pq.ParquetWriter(path, pa.schema([("id", pa.string()), ("text", pa.string())])) as w:
-            written = 0
-            while written < FILE_BYTES:
-                ids, batch = [], []
-                for i, t in enumerate(texts):
-                    ids.append(f"<urn:copy:{copy}:{i}>")
-                    batch.append(f"# copy {copy}\n{t}")
-                    if len(batch) == ROWS_PER_GROUP:
-                        w.write_table(pa.table({"id": ids, "text": batch}))
-                        written += sum(len(b) for b in batch)
-                        rows += len(batch)
-                        ids, batch = [], []
-                if batch:
-                    w.write_table(pa.table({"id": ids, "text": batch}))
-                    written += sum(len(b) for b in batch)
-                    rows += len(batch)
-                copy += 1
-        text_bytes += written
-        on_disk += path.stat().st_size
-        f += 1
+        target = min(FILE_BYTES, (want - on_disk) * ratio)
+        written = 0
+        with pq.ParquetWriter(path, schema) as w:
+            while written < target:
+                ids, texts = zip(*itertools.islice(docs, ROWS_PER_GROUP))
+                w.write_table(pa.table({"id": list(ids), "text": list(texts)}, schema=schema))
+                written += sum(len(t) for t in texts)
+                rows += len(texts)
+        size = path.stat().st_size
+        text_bytes, on_disk, f = text_bytes + written, on_disk + size, f + 1
+        ratio = text_bytes / on_disk
     return {"files": f, "bytes_on_disk": on_disk, "text_bytes": text_bytes, "rows": rows}
 
 

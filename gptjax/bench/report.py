@@ -26,7 +26,7 @@ RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "performance.md"
 # the docs that hold results tables
 DOCS = (DOC, ROOT / "docs" / "sweep.md", ROOT / "docs" / "tpu.md",
-        ROOT / "docs" / "finetune-eval.md")
+        ROOT / "docs" / "finetune-eval.md", ROOT / "docs" / "data.md")
 
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -154,6 +154,22 @@ def _lora_example_row(r: dict[str, Any]) -> list[str]:
             f"{r['seconds']:.0f}", _command(r), _source(r)]
 
 
+def _cache_rows(r: dict[str, Any]) -> list[list[str]]:
+    """A row per tokenizer: the build, then the killed-and-resumed one."""
+    c, out = r["corpus"], []
+    for b in r["builds"]:
+        res = b.get("resume") or {}
+        resumed = (f"{res['resumed_shards']} of {b['shards']} shards kept; "
+                   f"{'equal' if res['sha256_equal'] and res['shards_equal'] else 'DIFFERENT'}"
+                   if res else "n/a")
+        out.append([f"{c['bytes_on_disk'] / 1e9:.2f} GB ({c['text_bytes'] / 1e9:.2f} GB text)",
+                    b["tokenizer"], str(b["cores"]), f"{b['tokens'] / 1e6:,.0f}M",
+                    f"{b['seconds']:,.0f}", f"{b['tokens_per_s_per_core'] / 1e6:,.2f}M",
+                    f"{b['text_mb_per_s']:,.1f}", f"{b['peak_rss_mib']:,}",
+                    f"{b['peak_rss_one_process_mib']:,}", resumed, _source(r)])
+    return out
+
+
 # name -> (results file, subcommand (None: every row), header, row maker returning one row or
 # a list of rows)
 TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], Any] | None]] = {
@@ -187,6 +203,11 @@ TABLES: dict[str, tuple[str, str | None, list[str], Callable[[dict[str, Any]], A
     "lora-example": ("lora-example.jsonl", "run",
                      ["fine-tuned", "peak lr", "steps × batch", "validation loss (start → end)",
                       "seconds", "command", "date, commit"], _lora_example_row),
+    "cache-build": ("cache-build.jsonl", "cache",
+                    ["corpus (Parquet)", "tokenizer", "cores", "tokens", "seconds",
+                     "tokens/s per core", "text MB/s", "peak RSS MiB (all processes)",
+                     "peak RSS MiB (largest process)", "killed at half, resumed",
+                     "date, commit"], _cache_rows),
     "cpu-attention": ("cpu.jsonl", "attention",
                       ["T", "banded ms", "dense ms", "command", "date, commit"], _attention_rows),
 }

@@ -263,10 +263,19 @@ def _plan_lines(cfg: Config, mesh: Mesh, est: dict[str, float], b_dev: int, wher
         f"= ~{est['total'] / GIB:.2f} GiB",
         f"FLOPs per step: {fpt * cfg.train.batch_size * T:.3e} ({cfg.train.batch_size} x {T} "
         f"tokens, {fpt:.3e} per token)",
-        f"training budget: {budget:.3e} tokens -> {fpt * budget:.3e} FLOPs = {days:,.0f} "
-        f"device-days ({days / 365:,.1f} device-years) at {mfu:.0%} MFU of "
+        f"training budget: {budget:.3e} tokens -> {fpt * budget:.3e} FLOPs = {_days(days)} at "
+        f"{mfu:.0%} MFU of "
         f"{peak / 1e12:.0f} TFLOP/s",
     ]
+
+
+def _days(days: float) -> str:
+    """Device-days, with years for long budgets and hours for short ones (a 10B-token run is
+    hours, not "0 device-days")."""
+    if days >= 365:
+        return f"{days:,.0f} device-days ({days / 365:,.1f} device-years)"
+    return f"{days:,.0f} device-days" if days >= 10 else \
+        f"{days:.2f} device-days ({days * 24:.1f} device-hours)"
 
 
 def _chip_lines(chip: str, n_devices: int, estimate_gib: float | None,
