@@ -56,20 +56,22 @@ def test_url_cache_reads_ranges_and_equals_a_local_cache(corpus, tmp_path, monke
     m_url, where, built = data.ensure_cache(url, "train")
     assert built and isinstance(where, str) and where.startswith("file://")
     assert len(m_url["shards"]) > 3 and m_url["sha256"] == m_local["sha256"]
-    requested = []
-    real = store.RangedFile.read_many
+    requested, calls = [], []
+    real = store.read_ranges
 
-    def spy(self, ranges):
-        requested.extend(hi - lo for lo, hi in ranges)
-        return real(self, ranges)
+    def spy(requests):
+        requested.extend(hi - lo for _, lo, hi in requests)
+        calls.append(len({id(f) for f, _, _ in requests}))
+        return real(requests)
 
-    monkeypatch.setattr(store.RangedFile, "read_many", spy)
+    monkeypatch.setattr(store, "read_ranges", spy)
     kw = {"process_index": 0, "process_count": 1}
     for a, b in zip(batches(local, **kw), batches(url, **kw)):
         np.testing.assert_array_equal(a, b)
     # Only the windows' tokens were read (and those of the batches prefetched): a range per
     # window, two where it crosses shards.
     assert requested and max(requested) <= T + 1 and sum(requested) % (T + 1) == 0
+    assert max(calls) > 1  # one batch of requests spans several shards
     for a, b in zip(data.eval_batches(local, 4, **kw), data.eval_batches(url, 4, **kw)):
         np.testing.assert_array_equal(a["targets"], b["targets"])
     np.testing.assert_array_equal(data.load_tokens(url, "train"),

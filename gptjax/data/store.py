@@ -164,29 +164,32 @@ class RangedFile:
     def __init__(self, kv: Any, key: str, dtype: np.dtype, n: int, where: str) -> None:
         self.kv, self.key, self.dtype, self.n, self.where = kv, key, dtype, n, where
 
-    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Items [lo, hi) for each range, requested together in one tensorstore batch."""
-        import tensorstore as ts
-
+    def request(self, lo: int, hi: int, batch: Any) -> Any:
+        """Items [lo, hi), requested as part of a tensorstore batch: a future for `take`."""
         size = self.dtype.itemsize
-        batch = ts.Batch()
-        futures = [
-            self.kv.read(self.key, byte_range=slice(lo * size, hi * size), batch=batch)
-            for lo, hi in ranges
-        ]
-        batch.submit()
-        out = []
-        for (lo, hi), f in zip(ranges, futures):
-            try:
-                r = f.result()
-            except (ValueError, RuntimeError) as e:
-                raise DataError(f"cannot read token cache file {self.where}: {e}") from None
-            if r.state != "value" or len(r.value) != (hi - lo) * size:
-                raise DataError(
-                    f"token cache file {self.where} is missing or shorter than its manifest says"
-                )
-            out.append(np.frombuffer(r.value, self.dtype))
-        return out
+        return self.kv.read(self.key, byte_range=slice(lo * size, hi * size), batch=batch)
+
+    def take(self, future: Any, lo: int, hi: int) -> np.ndarray:
+        try:
+            r = future.result()
+        except (ValueError, RuntimeError) as e:
+            raise DataError(f"cannot read token cache file {self.where}: {e}") from None
+        if r.state != "value" or len(r.value) != (hi - lo) * self.dtype.itemsize:
+            raise DataError(
+                f"token cache file {self.where} is missing or shorter than its manifest says"
+            )
+        return np.frombuffer(r.value, self.dtype)
+
+
+def read_ranges(requests: Sequence[tuple[RangedFile, int, int]]) -> list[np.ndarray]:
+    """Items [lo, hi) of each file, all requested at once (one tensorstore batch), so a batch
+    of rows spread over many shards costs one round trip, not one per shard."""
+    import tensorstore as ts
+
+    batch = ts.Batch()
+    futures = [f.request(lo, hi, batch) for f, lo, hi in requests]
+    batch.submit()
+    return [f.take(fut, lo, hi) for (f, lo, hi), fut in zip(requests, futures)]
 
 
 class TokenArray:
@@ -218,7 +221,7 @@ class TokenArray:
         """[len(starts), span]: the items [s, s + span) for each start s, a row crossing a shard
         boundary read from both."""
         out = np.empty((len(starts), span), dtype or self.dtype)
-        remote: dict[int, list[tuple[int, int, int, int]]] = {}  # part -> (row, col, lo, hi)
+        remote: list[tuple[int, int, int, int, int]] = []  # (row, col, part, lo, hi)
         for r, s in enumerate(starts):
             s = int(s)
             if s < 0 or s + span > len(self):
@@ -232,14 +235,13 @@ class TokenArray:
                 if part is None:
                     out[r, col : col + hi - lo] = self.fill
                 elif isinstance(part, RangedFile):
-                    remote.setdefault(p, []).append((r, col, lo, hi))
+                    remote.append((r, col, p, lo, hi))
                 else:
                     out[r, col : col + hi - lo] = part[lo:hi]
                 col += hi - lo
-        for p, reqs in remote.items():
-            got = self.parts[p].read_many([(lo, hi) for _, _, lo, hi in reqs])
-            for (r, col, lo, hi), values in zip(reqs, got):
-                out[r, col : col + hi - lo] = values
+        got = read_ranges([(self.parts[p], lo, hi) for _, _, p, lo, hi in remote])
+        for (r, col, _, lo, hi), values in zip(remote, got):
+            out[r, col : col + hi - lo] = values
         return out
 
     def __getitem__(self, key: int | slice) -> Any:
