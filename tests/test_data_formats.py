@@ -147,7 +147,7 @@ def test_data_build_command(corpus: Path, tmp_path: Path,
             "data.val_fraction=0.25", "model.context_length=16", "model.local_window=8"]
     code, out, err = call_main(main, args, capsys)
     assert code == 0, err
-    assert out.count("tokens") == 2 and "already built" not in out
+    assert out.count("tokens,") == 2 and out.count("tokens/s") == 2 and "already built" not in out
     code, out, _ = call_main(main, args, capsys)
     assert code == 0 and out.count("already built") == 2
     code, _, err = call_main(main, ["build", "data.source=/no/such/*.parquet"], capsys)

@@ -11,7 +11,7 @@ import json
 
 from gptjax.cli import OneLineParser, run_cli
 from gptjax.config import load_config
-from gptjax.data.cache import SPLITS, ensure_cache, num_workers
+from gptjax.data.cache import SPLITS, ensure_cache
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"split": split, "path": str(path), "built": built,
                                   **manifest}))
             else:
-                how = (f"built in {manifest['build_seconds']:.1f} s with {num_workers(cfg)} "
-                       "worker(s)" if built else "already built")
+                secs = manifest["build_seconds"]
+                resumed = (f", resumed after {manifest['resumed_shards']} finished shard(s)"
+                           if manifest["resumed_shards"] else "")
+                how = (f"built in {secs:.1f} s, {manifest['tokens'] / max(secs, 1e-9):,.0f} "
+                       f"tokens/s{resumed}" if built else "already built")
                 print(f"{split}: {manifest['tokens']:,} tokens, {manifest['documents']:,} "
                       f"documents -> {path} ({how})")
 
