@@ -137,7 +137,11 @@ SCRIPT = textwrap.dedent("""
             "model": {"vocab_size": 257, "context_length": %d, "local_window": 8},
             "data": {"source": sys.argv[3] + "/*.jsonl", "cache_dir": cache_dir,
                      "val_fraction": 0.2, "pipeline": "threads"}})
-        built = data.ensure_cache(cfg, "train", process_index=jax.process_index())[2]
+        try:
+            built = data.ensure_cache(cfg, "train", process_index=jax.process_index())[2]
+        except data.DataError as e:
+            print(e, file=sys.stderr)
+            sys.exit(2)
         with data.TrainIterator(cfg, 4) as it:
             rows = [next(it)["inputs"].tolist() for _ in range(4)]
         out[cache_dir] = {"built": built, "rows": rows, "index": jax.process_index()}
@@ -145,9 +149,8 @@ SCRIPT = textwrap.dedent("""
 """ % T)
 
 
-@pytest.mark.slow
-def test_two_processes_build_one_cache_and_read_one_process_batches(corpus, tmp_path):
-    dirs = [f"file://{tmp_path}/url", str(tmp_path / "shared")]
+def two_processes(corpus: Path, dirs: list[str]) -> tuple[list[int], list[tuple[str, str]]]:
+    """SCRIPT run as the two processes of one jax.distributed run: (exit codes, outputs)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -158,9 +161,20 @@ def test_two_processes_build_one_cache_and_read_one_process_batches(corpus, tmp_
                          stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_cache_and_read_one_process_batches(corpus, tmp_path):
+    dirs = [f"file://{tmp_path}/url", str(tmp_path / "shared")]
+    codes, outs = two_processes(corpus, dirs)
+    for code, (_, err) in zip(codes, outs):
+        assert code == 0, err[-2000:]
     got = [json.loads(out) for out, _ in outs]
     one = batches(make_cfg(str(tmp_path / "one"), corpus), process_index=0, process_count=1)
     for d in dirs:
@@ -175,3 +189,17 @@ def test_two_processes_build_one_cache_and_read_one_process_batches(corpus, tmp_
     assert "waiting for process 0" in outs[0][1] + outs[1][1]
     [cache] = [p for p in (tmp_path / "shared").iterdir() if not p.name.startswith(".")]
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_when_process_0_cannot_build_the_others_stop_waiting(tmp_path):
+    """A corrupt source: process 0 fails, and the process waiting for its manifest hears of it
+    through the run's key-value store (else both would hang: it polling, process 0 in
+    jax.distributed's shutdown, which waits for it)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bad.jsonl").write_text('{"text": "a b c"}\n{"text": ')
+    codes, outs = two_processes(tmp_path / "src", [f"file://{tmp_path}/url"])
+    assert codes == [2, 2], outs
+    assert "bad.jsonl:2: not valid JSON" in outs[0][1]
+    assert "process 0 could not build the token cache" in outs[1][1]
+    assert "bad.jsonl:2: not valid JSON" in outs[1][1]

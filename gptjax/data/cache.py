@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,10 +92,44 @@ def _build_lock(root: Store, name: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _run_store() -> Any:
+    """The key-value store of this jax.distributed run (what orbax uses to signal between
+    processes), or None: one process, or JAX not started as several."""
+    if "jax" not in sys.modules:
+        return None
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    return getattr(distributed.global_state, "client", None)
+
+
+def _signal_key(plan: Plan) -> str:
+    return f"gptjax/token-cache/{plan.dir_name()}"
+
+
+def _tell_waiters(plan: Plan, outcome: str) -> None:
+    """Process 0 says how its build ended ("ok", or "failed:" and why), so that the processes
+    waiting for it stop waiting: a failed builder would otherwise leave them polling forever,
+    and itself stuck in jax.distributed's shutdown, which waits for them."""
+    client = _run_store()
+    if client is not None:
+        with contextlib.suppress(Exception):  # a run without a coordination service
+            client.key_value_set(_signal_key(plan), outcome, allow_overwrite=True)
+
+
 def _wait_for_builder(plan: Plan, store: Store) -> dict:
     """The manifest process 0 writes, once it is there."""
     print(f"token cache {store}: waiting for process 0 to build it", file=sys.stderr)
+    client = _run_store()
     while not _matches(manifest := read_manifest(store), plan):
+        outcome = None
+        if client is not None:
+            with contextlib.suppress(Exception):  # a missing key raises in some versions
+                outcome = client.key_value_try_get(_signal_key(plan))
+        if outcome and outcome.startswith("failed:"):
+            raise DataError(f"process 0 could not build the token cache {store}: "
+                            f"{outcome[len('failed:'):]}")
         time.sleep(WAIT_POLL_SECONDS)
     return manifest
 
@@ -115,6 +150,22 @@ def ensure_cache(cfg: Config, split: str, *, process_index: int = 0
         return manifest, store.path, False
     if root.remote and process_index != 0:
         return _wait_for_builder(plan, store), store.path, False
+    if not root.remote:
+        return _build_here(plan, root, store, num_workers(cfg))
+    try:
+        built = _build_here(plan, root, store, num_workers(cfg))
+    except DataError as e:
+        _tell_waiters(plan, f"failed:{e}")
+        raise
+    except BaseException:
+        _tell_waiters(plan, "failed:its build was interrupted")
+        raise
+    _tell_waiters(plan, "ok")
+    return built
+
+
+def _build_here(plan: Plan, root: Store, store: Store, workers: int
+                ) -> tuple[dict, Path | str, bool]:
     try:
         with _build_lock(root, plan.dir_name()):
             manifest = read_manifest(store)
@@ -124,7 +175,7 @@ def ensure_cache(cfg: Config, split: str, *, process_index: int = 0
                 print(f"token cache {store} is stale or incomplete; rebuilding", file=sys.stderr)
                 store.remove()
             try:
-                return build(plan, store, num_workers(cfg)), store.path, True
+                return build(plan, store, workers), store.path, True
             except DataError:
                 store.remove()  # a source that cannot be read: keep nothing of this build
                 raise

@@ -121,9 +121,6 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def exists(self) -> bool:
-        return bool(self.names()) if self.remote else Path(self.root).is_dir()
-
     def remove(self, name: str | None = None) -> None:
         """Deletes one file, or the whole directory."""
         if self.remote:
