@@ -203,3 +203,47 @@ def test_when_process_0_cannot_build_the_others_stop_waiting(tmp_path):
     assert "bad.jsonl:2: not valid JSON" in outs[0][1]
     assert "process 0 could not build the token cache" in outs[1][1]
     assert "bad.jsonl:2: not valid JSON" in outs[1][1]
+
+
+class FakeRunStore:
+    """jax.distributed's key-value store, as far as the cache uses it."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        self.values[key] = value
+
+    def key_value_try_get(self, key: str) -> str | None:
+        return self.values.get(key)
+
+
+def test_a_process_whose_files_differ_from_process_0s_stops(corpus, tmp_path, monkeypatch):
+    """Another modification time on one host gives another digest, so another cache name:
+    waiting for it would never end; process 0's "ok" names what it built instead."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in corpus.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    run = FakeRunStore()
+    monkeypatch.setattr(data.cache, "_run_store", lambda: run)
+    monkeypatch.setattr(data.cache, "WAIT_POLL_SECONDS", 0.01)
+    cfg = make_cfg(f"file://{tmp_path}/url", src)
+    data.ensure_cache(cfg, "train", process_index=0)
+    assert [v[:3] for v in run.values.values()] == ["ok:"]
+    os.utime(src / "part0.jsonl", ns=(0, 0))  # what another host would see
+    with pytest.raises(data.DataError, match="its source files differ") as e:
+        data.ensure_cache(cfg, "train", process_index=1)
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_manifest_is_an_error_not_a_rebuild(corpus, tmp_path):
+    cfg = make_cfg(str(tmp_path / "c"), corpus)
+    manifest, path, _ = data.ensure_cache(cfg, "train")
+    (path / "manifest.json").chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: make it a directory, which no one reads
+        (path / "manifest.json").unlink()
+        (path / "manifest.json").mkdir()
+    with pytest.raises(data.DataError, match="manifest.json"):
+        data.ensure_cache(cfg, "train")
+    assert (path / manifest["shards"][0]["file"]).exists()  # nothing was removed

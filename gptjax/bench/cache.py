@@ -3,7 +3,7 @@
 resident memory of the whole process tree (the build and its tokenizer workers, sampled), then the
 same build killed halfway and resumed, whose cache must equal the uninterrupted one's.
 
-The corpus is FineWeb-shaped (an `id` and a `text` column, row groups of a few thousand rows,
+The corpus is FineWeb-shaped (an `id` and a `text` column, row groups of 1000 documents,
 several files) with the Python standard library's source as its text, each file a document, and
 the set repeated (each copy marked) until the corpus is as large as asked.
 """
@@ -147,6 +147,8 @@ def bench_cache(workdir: Path, gb: float, tokenizers: list[str], workers: int,
         if resume:
             half = max(1, len(m["shards"]) // 2)
             killed = _build(corpus, Path(str(cache) + "-resumed"), tok, workers, half)
+            if not killed["killed"]:
+                raise RuntimeError("the build to be killed at half its shards finished first")
             rest = _build(corpus, Path(str(cache) + "-resumed"), tok, workers)
             r = rest.pop("manifest")
             row["resume"] = {"killed_after_s": killed["seconds"], "killed": killed["killed"],

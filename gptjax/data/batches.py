@@ -136,19 +136,12 @@ def _id_check(opened: CachedSplit) -> Callable[[np.ndarray, np.ndarray], None]:
     return check
 
 
-def _rows(tokens: TokenArray, starts: np.ndarray, span: int, dtype: Any = np.int32
-          ) -> np.ndarray:
-    """[len(starts), span] of `dtype`: contiguous slices of the cache, one read each (a ranged
-    request each, together, when the cache is a URL)."""
-    return tokens.rows(starts, span, dtype)
-
-
 def _window_mask(mask: TokenArray | None, starts: np.ndarray, T: int) -> np.ndarray:
     """float32 [len(starts), T]: the weights of the targets of the windows at `starts`, i.e. of
     tokens start + 1 ... start + T (all ones without a mask)."""
     if mask is None:
         return np.ones((len(starts), T), np.float32)
-    return _rows(mask, np.asarray(starts) + 1, T, np.float32)
+    return mask.rows(np.asarray(starts) + 1, T, np.float32)
 
 
 def pipeline_kind(pipeline: str) -> str:
@@ -287,7 +280,7 @@ class TrainIterator:
             try:
                 epoch, index = np.divmod(start + int(b) * step + offsets, n)
                 starts = permute(index, n, seed, epoch) * stride
-                x = _rows(tokens, starts, T + 1)
+                x = tokens.rows(starts, T + 1, np.int32)
                 check(x, starts)
                 return x, _window_mask(mask, starts, T)
             except Exception as e:
@@ -380,7 +373,7 @@ def _eval_iter(
         windows = b * batch_size + first + offsets
         valid = windows < n
         starts = windows[valid] * T
-        x = _rows(tokens, starts, T + 1)
+        x = tokens.rows(starts, T + 1, np.int32)
         check(x, starts)
         inputs = np.zeros((local, T), np.int32)
         targets = np.zeros((local, T), np.int32)

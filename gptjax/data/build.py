@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 secs = manifest["build_seconds"]
                 resumed = (f", resumed after {manifest['resumed_shards']} finished shard(s)"
                            if manifest["resumed_shards"] else "")
-                how = (f"built in {secs:.1f} s, {manifest['tokens'] / max(secs, 1e-9):,.0f} "
-                       f"tokens/s{resumed}" if built else "already built")
+                rate = manifest["built_tokens"] / max(secs, 1e-9)
+                how = (f"built in {secs:.1f} s, {rate:,.0f} tokens/s{resumed}" if built
+                       else "already built")
                 print(f"{split}: {manifest['tokens']:,} tokens, {manifest['documents']:,} "
                       f"documents -> {path} ({how})")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 
 from gptjax.config import Config
 from gptjax.data.plan import CACHE_FORMAT, SPLITS, Plan, make_plan, num_workers
-from gptjax.data.shards import MANIFEST_FILE, build
+from gptjax.data.shards import MANIFEST_FILE, build, sizes_ok
 from gptjax.data.sources import DataError
 from gptjax.data.store import Store
 from gptjax.tokenizer import get_tokenizer
@@ -35,20 +36,17 @@ WAIT_POLL_SECONDS = 1.0
 
 
 def read_manifest(store: Store) -> dict | None:
-    """The manifest of a complete cache: None when there is none, it is unreadable, or a shard
-    file is not the size it records (where the store can tell)."""
+    """The manifest of a complete cache: None when there is none, it does not parse, or a shard
+    file is not the size it records (where the store can tell). A store that cannot be read
+    raises OSError: an unreadable cache is not a missing one, and must not be rebuilt over."""
+    raw = store.read_bytes(MANIFEST_FILE)
+    if raw is None:
+        return None
     try:
-        raw = store.read_bytes(MANIFEST_FILE)
-        manifest = json.loads(raw) if raw is not None else None
-        if manifest is None:
+        manifest = json.loads(raw)
+        if not sizes_ok(store, manifest["shards"], np.dtype(manifest["dtype"]).itemsize):
             return None
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for s in manifest["shards"]:
-            if store.size(s["file"]) not in (None, s["tokens"] * itemsize):
-                return None
-            if s["mask"] and store.size(s["mask"]) not in (None, s["tokens"]):
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return manifest
 
@@ -104,32 +102,42 @@ def _run_store() -> Any:
     return getattr(distributed.global_state, "client", None)
 
 
-def _signal_key(plan: Plan) -> str:
-    return f"gptjax/token-cache/{plan.dir_name()}"
+def _signal_key(cfg: Config, split: str) -> str:
+    """The run's key for one cache: by what every process asks for (not by the digest, which
+    differs where a host sees other files), so a process that asks for another cache than
+    process 0 built hears of it instead of waiting for a directory nobody builds."""
+    blob = json.dumps([cfg.data.cache_dir, cfg.data.source, cfg.data.tokenizer, split])
+    return f"gptjax/token-cache/{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
 
 
-def _tell_waiters(plan: Plan, outcome: str) -> None:
-    """Process 0 says how its build ended ("ok", or "failed:" and why), so that the processes
-    waiting for it stop waiting: a failed builder would otherwise leave them polling forever,
-    and itself stuck in jax.distributed's shutdown, which waits for them."""
+def _tell_waiters(key: str, outcome: str) -> None:
+    """Process 0 says how its build ended ("ok:" and the cache's name, or "failed:" and why),
+    so that the processes waiting for it stop waiting: a failed builder would otherwise leave
+    them polling forever, and itself stuck in jax.distributed's shutdown, which waits for
+    them."""
     client = _run_store()
     if client is not None:
         with contextlib.suppress(Exception):  # a run without a coordination service
-            client.key_value_set(_signal_key(plan), outcome, allow_overwrite=True)
+            client.key_value_set(key, outcome, allow_overwrite=True)
 
 
-def _wait_for_builder(plan: Plan, store: Store) -> dict:
+def _wait_for_builder(plan: Plan, store: Store, key: str) -> dict:
     """The manifest process 0 writes, once it is there."""
     print(f"token cache {store}: waiting for process 0 to build it", file=sys.stderr)
     client = _run_store()
     while not _matches(manifest := read_manifest(store), plan):
-        outcome = None
+        outcome = ""
         if client is not None:
             with contextlib.suppress(Exception):  # a missing key raises in some versions
-                outcome = client.key_value_try_get(_signal_key(plan))
-        if outcome and outcome.startswith("failed:"):
+                outcome = client.key_value_try_get(key) or ""
+        if outcome.startswith("failed:"):
             raise DataError(f"process 0 could not build the token cache {store}: "
                             f"{outcome[len('failed:'):]}")
+        if outcome.startswith("ok:") and outcome[3:] != plan.dir_name():
+            raise DataError(
+                f"process 0 built the token cache {outcome[3:]}, but this process needs "
+                f"{plan.dir_name()}: its source files differ (path, size or modification "
+                f"time); every host must see the same data.source files")
         time.sleep(WAIT_POLL_SECONDS)
     return manifest
 
@@ -145,39 +153,40 @@ def ensure_cache(cfg: Config, split: str, *, process_index: int = 0
     plan = make_plan(cfg, split, get_tokenizer(cfg.data.tokenizer))
     root = Store(cfg.data.cache_dir)
     store = root.sub(plan.dir_name())
+    try:
+        if not root.remote:
+            return _find_or_build(plan, root, store, num_workers(cfg))
+        key = _signal_key(cfg, split)
+        if process_index != 0:
+            return _wait_for_builder(plan, store, key), store.path, False
+        try:
+            found = _find_or_build(plan, root, store, num_workers(cfg))
+        except DataError as e:
+            _tell_waiters(key, f"failed:{e}")
+            raise
+        except BaseException:
+            _tell_waiters(key, "failed:its build was interrupted")
+            raise
+        _tell_waiters(key, f"ok:{plan.dir_name()}")
+        return found
+    except OSError as e:  # a full disk, a read-only directory, a bucket denied: one line
+        raise DataError(f"token cache {store}: {e}") from None
+
+
+def _find_or_build(plan: Plan, root: Store, store: Store, workers: int
+                   ) -> tuple[dict, Path | str, bool]:
     manifest = read_manifest(store)
     if _matches(manifest, plan):
         return manifest, store.path, False
-    if root.remote and process_index != 0:
-        return _wait_for_builder(plan, store), store.path, False
-    if not root.remote:
-        return _build_here(plan, root, store, num_workers(cfg))
-    try:
-        built = _build_here(plan, root, store, num_workers(cfg))
-    except DataError as e:
-        _tell_waiters(plan, f"failed:{e}")
-        raise
-    except BaseException:
-        _tell_waiters(plan, "failed:its build was interrupted")
-        raise
-    _tell_waiters(plan, "ok")
-    return built
-
-
-def _build_here(plan: Plan, root: Store, store: Store, workers: int
-                ) -> tuple[dict, Path | str, bool]:
-    try:
-        with _build_lock(root, plan.dir_name()):
-            manifest = read_manifest(store)
-            if _matches(manifest, plan):  # another process built it while this one waited
-                return manifest, store.path, False
-            if manifest is not None or store.names() and MANIFEST_FILE in store.names():
-                print(f"token cache {store} is stale or incomplete; rebuilding", file=sys.stderr)
-                store.remove()
-            try:
-                return build(plan, store, workers), store.path, True
-            except DataError:
-                store.remove()  # a source that cannot be read: keep nothing of this build
-                raise
-    except OSError as e:  # a full disk, a directory made read-only, ...: one line, not a trace
-        raise DataError(f"could not build the token cache {store}: {e}") from None
+    with _build_lock(root, plan.dir_name()):
+        manifest = read_manifest(store)
+        if _matches(manifest, plan):  # another process built it while this one waited
+            return manifest, store.path, False
+        if MANIFEST_FILE in store.names():  # one that does not match, or its files do not
+            print(f"token cache {store} is stale or incomplete; rebuilding", file=sys.stderr)
+            store.remove()
+        try:
+            return build(plan, store, workers), store.path, True
+        except DataError:
+            store.remove()  # a source that cannot be read: keep nothing of this build
+            raise

@@ -15,6 +15,9 @@ from gptjax.tokenizer import Tokenizer
 
 # Work is handed to tokenizer processes in chunks of about this much text.
 CHUNK_BYTES = 4 << 20
+# Bumped when the way documents are cut into jobs changes: a build resumes only over shards whose
+# jobs were cut as its own are, else it would skip other documents than those shards hold.
+JOB_RULE = 1
 
 
 @dataclasses.dataclass

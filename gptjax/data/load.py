@@ -13,7 +13,7 @@ from gptjax.config import Config
 from gptjax.data.cache import ensure_cache
 from gptjax.data.integrity import verify
 from gptjax.data.sources import DataError
-from gptjax.data.store import Store, TokenArray
+from gptjax.data.store import Store, TokenArray, is_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,11 @@ def open_split(cfg: Config, split: str, process_index: int | None = None) -> Cac
             an empty split, an unwritable cache_dir, ...; CorruptCacheError (a DataError) when a
             file of the cache was changed after it was built.
     """
-    if process_index is None:
+    if process_index is None and is_url(cfg.data.cache_dir):  # only a URL has a builder
         import jax
 
         process_index = jax.process_index()
-    manifest, path, _ = ensure_cache(cfg, split, process_index=process_index)
+    manifest, path, _ = ensure_cache(cfg, split, process_index=process_index or 0)
     if manifest["tokens"] == 0:
         rule = (
             f" (data.val_fraction={cfg.data.val_fraction} selected no document)"

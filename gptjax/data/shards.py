@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from gptjax.data import encode
 from gptjax.data.encode import Encoded, Job, file_jobs, init_worker, run_in_worker, text_jobs
 from gptjax.data.integrity import HashingWriter, stamp_built
 from gptjax.data.plan import CACHE_FORMAT, Plan
-from gptjax.data.sources import tfds_documents
+from gptjax.data.sources import DataError, tfds_documents
 from gptjax.data.store import Store
 
 MANIFEST_FILE = "manifest.json"
@@ -110,6 +111,15 @@ def _jobs(plan: Plan, progress: Any) -> Iterator[Job]:
 # Shards
 
 
+def sizes_ok(store: Store, shards: list[dict], itemsize: int) -> bool:
+    """Whether each shard's files are the sizes its record says (where the store can tell)."""
+    return all(
+        store.size(s["file"]) in (None, s["tokens"] * itemsize)
+        and (not s["mask"] or store.size(s["mask"]) in (None, s["tokens"]))
+        for s in shards
+    )
+
+
 def finished_shards(plan: Plan, store: Store) -> list[dict]:
     """The records of the shards 0..k-1 an earlier build of this plan finished, in order: each
     one's files present (at their recorded size, where the store can tell) and made with the
@@ -126,8 +136,8 @@ def finished_shards(plan: Plan, store: Store) -> list[dict]:
                 and rec["digest"] == plan.digest()
                 and rec["shard_jobs"] == SHARD_JOBS
                 and rec["chunk_bytes"] == encode.CHUNK_BYTES
-                and store.size(rec["file"]) in (None, rec["tokens"] * itemsize)
-                and (not rec["mask"] or store.size(rec["mask"]) in (None, rec["tokens"]))
+                and rec["job_rule"] == encode.JOB_RULE
+                and sizes_ok(store, [rec], itemsize)
             )
         except (ValueError, KeyError, TypeError):
             ok = False
@@ -211,7 +221,7 @@ def _write_shard(
                 tmp.unlink()
     rec.update(
         digest=plan.digest(), shard_jobs=SHARD_JOBS, chunk_bytes=encode.CHUNK_BYTES,
-        file=tokens_name(i), sha256=f.hexdigest(),
+        job_rule=encode.JOB_RULE, file=tokens_name(i), sha256=f.hexdigest(),
         mask=mask_name(i) if mask is not None else None,
         mask_sha256=mask.hexdigest() if mask is not None else None,
     )
@@ -247,29 +257,34 @@ def build(plan: Plan, store: Store, workers: int) -> dict:
     resumed = len(done)
     if resumed:
         print(f"token cache {store}: resuming after {resumed} finished shard(s)", file=sys.stderr)
-    _remove_leftovers(store, {n for r in done for n in (r["file"], r["mask"]) if n}
-                      | {record_name(r["index"]) for r in done})
+    _remove_leftovers(store, {*_data_files(done), *(record_name(r["index"]) for r in done)})
     bar = _Progress(plan, done)
     try:
         with store.staging() as staging:
             jobs = itertools.islice(_jobs(plan, bar.bar), resumed * SHARD_JOBS, None)
-            chunks = _encode_all(plan.tokenizer, jobs, workers)
-            while rec := _write_shard(plan, store, staging, len(done),
-                                      itertools.islice(chunks, SHARD_JOBS), bar):
-                done.append(rec)
+            # Closed on any exit, so a worker pool never outlives a failed build.
+            with contextlib.closing(_encode_all(plan.tokenizer, jobs, workers)) as chunks:
+                while rec := _write_shard(plan, store, staging, len(done),
+                                          itertools.islice(chunks, SHARD_JOBS), bar):
+                    done.append(rec)
+    except BrokenProcessPool:
+        raise DataError(
+            f"a tokenizer process of the {plan.split} split of {plan.source} died (out of "
+            "memory?); try fewer data.num_workers. The finished shards are kept: the next "
+            "build resumes after them") from None
     finally:
         bar.close()
     manifest = _manifest(plan, done, time.perf_counter() - start, resumed)
     store.write_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
-    _remove_leftovers(store, {MANIFEST_FILE, *_data_files(manifest)})
+    _remove_leftovers(store, {MANIFEST_FILE, *_data_files(manifest["shards"])})
     if not store.remote:
         stamp_built(Path(store.root), manifest)  # so the first load need not hash what was written
     _report(plan, manifest, store)
     return manifest
 
 
-def _data_files(manifest: dict) -> list[str]:
-    return [n for s in manifest["shards"] for n in (s["file"], s["mask"]) if n]
+def _data_files(shards: list[dict]) -> list[str]:
+    return [n for s in shards for n in (s["file"], s["mask"]) if n]
 
 
 def _manifest(plan: Plan, shards: list[dict], seconds: float, resumed: int) -> dict:
@@ -298,6 +313,8 @@ def _manifest(plan: Plan, shards: list[dict], seconds: float, resumed: int) -> d
         "shard_jobs": SHARD_JOBS,
         "chunk_bytes": encode.CHUNK_BYTES,
         "resumed_shards": resumed,
+        # What this build tokenized itself (the resumed shards' tokens were made before).
+        "built_tokens": sum(s["tokens"] for s in shards[resumed:]),
         "build_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

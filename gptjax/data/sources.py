@@ -384,8 +384,9 @@ def tfds_documents(
             f"data.text_key={text_key!r}: {source} has features "
             f"{', '.join(sorted(features.keys()))}"
         )
-    try:
-        progress.reset(total=splits[tfds_split].num_examples)
+    try:  # not reset(), which would also zero what a resumed build's bar starts from
+        progress.total = splits[tfds_split].num_examples
+        progress.refresh()
     except (KeyError, ValueError, TypeError, AttributeError):
         pass  # an unusual split expression: a bar without a total
     ds = builder.as_dataset(split=tfds_split, shuffle_files=False)

@@ -68,7 +68,7 @@ class Store:
             return r.value if r.state == "value" else None
         try:
             return (Path(self.root) / name).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no such file, or no such directory
             return None
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -181,6 +181,8 @@ class RangedFile:
 def read_ranges(requests: Sequence[tuple[RangedFile, int, int]]) -> list[np.ndarray]:
     """Items [lo, hi) of each file, all requested at once (one tensorstore batch), so a batch
     of rows spread over many shards costs one round trip, not one per shard."""
+    if not requests:
+        return []
     import tensorstore as ts
 
     batch = ts.Batch()
@@ -244,8 +246,9 @@ class TokenArray:
     def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
-            values = self.rows([start], max(0, stop - start))[0]
-            return values if step == 1 else values[::step]
+            if step != 1:
+                return np.asarray(self)[key]
+            return self.rows([start], max(0, stop - start))[0]
         i = int(key) + (len(self) if int(key) < 0 else 0)
         return self.rows([i], 1)[0, 0]
 
