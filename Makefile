@@ -30,8 +30,8 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (9 minutes on 2 cores; 13 in a fresh clone, with .cache/jax-tests,
-# the tests' compile cache, cold).
+# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 13 where the tests'
+# compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 

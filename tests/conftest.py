@@ -15,10 +15,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Inherited by every subprocess a test starts. Keyed by XLA on the program, its compile options
-# and the devices, so a hit is the program a compile would give; .cache/ is git-ignored.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+# Inherited by every subprocess a test starts. Keyed by XLA on the program, its compile options,
+# the devices and the jax/jaxlib versions, so a hit is the program a compile would give: the
+# cache is the machine's (as ccache is), shared by every checkout and clone of the repository,
+# and a fresh clone on a machine that ran the suite before skips its minutes of compiles.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptjax" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
