@@ -729,3 +729,26 @@ def test_benchmark_smoke(tmp_path, corpus):
     assert all(r["tokens_per_s"] > 0 for r in out["pipelines"].values())
     assert out["cache_build_s"] is not None
     json.dumps(out)
+
+
+def test_a_dead_worker_is_one_line_and_keeps_the_finished_shards(tmp_path, corpus, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
+    real, calls = shards._encode_all, []
+
+    def dies(tok, jobs, workers):  # as the pool reports a worker killed by the OOM killer
+        for enc in real(tok, jobs, workers):
+            calls.append(1)
+            if len(calls) == 5:
+                raise BrokenProcessPool("A process in the process pool was terminated")
+            yield enc
+
+    monkeypatch.setattr(shards, "_encode_all", dies)
+    with pytest.raises(DataError, match="try fewer data.num_workers") as e:
+        load_tokens(cfg, "train")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(shards, "_encode_all", real)
+    assert data.ensure_cache(cfg, "train")[0]["resumed_shards"] == 2

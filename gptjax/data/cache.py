@@ -24,7 +24,7 @@ import numpy as np
 
 from gptjax.config import Config
 from gptjax.data.plan import CACHE_FORMAT, SPLITS, Plan, make_plan, num_workers
-from gptjax.data.shards import MANIFEST_FILE, build, sizes_ok
+from gptjax.data.shards import MANIFEST_FILE, BuildStopped, build, sizes_ok
 from gptjax.data.sources import DataError
 from gptjax.data.store import Store
 from gptjax.tokenizer import get_tokenizer
@@ -187,6 +187,8 @@ def _find_or_build(plan: Plan, root: Store, store: Store, workers: int
             store.remove()
         try:
             return build(plan, store, workers), store.path, True
+        except BuildStopped:
+            raise
         except DataError:
             store.remove()  # a source that cannot be read: keep nothing of this build
             raise

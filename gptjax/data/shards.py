@@ -48,6 +48,11 @@ SHARD_JOBS = 16
 PARALLEL_MIN_BYTES = 32 << 20
 
 
+class BuildStopped(DataError):
+    """A build that stopped for a reason outside its source (a worker killed): unlike a source
+    that cannot be read, its finished shards are kept for the next build to resume after."""
+
+
 def tokens_name(i: int) -> str:
     return f"tokens.{i:05d}.bin"
 
@@ -268,7 +273,7 @@ def build(plan: Plan, store: Store, workers: int) -> dict:
                                           itertools.islice(chunks, SHARD_JOBS), bar):
                     done.append(rec)
     except BrokenProcessPool:
-        raise DataError(
+        raise BuildStopped(
             f"a tokenizer process of the {plan.split} split of {plan.source} died (out of "
             "memory?); try fewer data.num_workers. The finished shards are kept: the next "
             "build resumes after them") from None
