@@ -225,3 +225,21 @@ def train_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch,
     keep_xla_flags(monkeypatch)
     code, _, err = call_main(script("train").main, [*args, "mesh.data=-1"], capsys)
     return code, err
+
+
+class InterruptAt:
+    """Patches `module.name` (a tokenizer job function) to count its calls and raise
+    KeyboardInterrupt (Ctrl-C) at call `n` while `armed`: a build stopped mid-way."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str, n: int) -> None:
+        self.calls = 0
+        self.armed = True
+        real = getattr(module, name)
+
+        def job(*args: Any) -> Any:
+            self.calls += 1
+            if self.armed and self.calls == n:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(module, name, job)

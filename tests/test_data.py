@@ -34,7 +34,7 @@ from gptjax.data import (
 )
 from gptjax.data.store import Store
 from gptjax.tokenizer import get_tokenizer
-from helpers import needs_bpe
+from helpers import InterruptAt, needs_bpe
 
 T = 16
 
@@ -382,36 +382,26 @@ def test_interrupted_build_resumes_from_its_finished_shards(tmp_path, corpus, mo
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
     monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(shards, "SHARD_JOBS", 2)
-    real = encode._encode_files
-    calls = []
-
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 6 and interrupt:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    interrupt = True
-    monkeypatch.setattr(encode, "_encode_files", flaky)
+    jobs = InterruptAt(monkeypatch, encode, "_encode_files", 6)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(cfg, "train")
-    interrupt = False
+    jobs.armed = False
     [partial] = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     left = sorted(p.name for p in partial.iterdir())
     assert left == ["shard.00000.json", "shard.00001.json", "tokens.00000.bin",
                     "tokens.00001.bin"]  # no manifest, no temporary file
-    calls.clear()
+    jobs.calls = 0
     manifest, path, built = data.ensure_cache(cfg, "train")
     assert built and path == partial and manifest["resumed_shards"] == 2
-    jobs = len(calls)
+    resumed_jobs = jobs.calls
     assert manifest["shards"][-1]["file"] == f"tokens.{len(manifest['shards']) - 1:05d}.bin"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         ["manifest.json", "verified.json", *(s["file"] for s in manifest["shards"])])
     # An uninterrupted build elsewhere: the same files and checksums, and 4 more jobs.
-    calls.clear()
+    jobs.calls = 0
     whole, whole_path, _ = data.ensure_cache(make_cfg(tmp_path / "b", f"{corpus}/*.txt",
                                                       val_fraction=0.2), "train")
-    assert len(calls) == jobs + 4
+    assert jobs.calls == resumed_jobs + 4
     assert whole["sha256"] == manifest["sha256"] and whole["shards"] == manifest["shards"]
     assert _cache_files(whole_path) == _cache_files(path)
 
@@ -420,18 +410,10 @@ def test_resume_with_other_job_sizes_starts_over(tmp_path, corpus, monkeypatch):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
     monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(shards, "SHARD_JOBS", 2)
-    real, calls = encode._encode_files, []
-
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(encode, "_encode_files", flaky)
+    jobs = InterruptAt(monkeypatch, encode, "_encode_files", 4)
     with pytest.raises(KeyboardInterrupt):
         load_tokens(cfg, "train")
-    monkeypatch.setattr(encode, "_encode_files", real)
+    jobs.armed = False
     monkeypatch.setattr(encode, "CHUNK_BYTES", 3000)
     manifest, path, built = data.ensure_cache(cfg, "train")
     assert built and manifest["resumed_shards"] == 0

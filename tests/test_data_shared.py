@@ -17,6 +17,7 @@ import pytest
 from gptjax import data
 from gptjax.config import config_from_dict
 from gptjax.data import encode, shards, store
+from helpers import InterruptAt
 
 T = 16
 
@@ -82,19 +83,11 @@ def test_url_cache_waits_for_process_0_and_resumes(corpus, tmp_path, monkeypatch
     monkeypatch.setattr(encode, "CHUNK_BYTES", 2000)
     monkeypatch.setattr(shards, "SHARD_JOBS", 1)
     url = make_cfg(f"file://{tmp_path}/remote", corpus)
-    calls = []
-    real = encode._encode_docs  # the files are larger than a job: streamed, cut into jobs
-
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(encode, "_encode_docs", flaky)
+    # The files are larger than a job: streamed here and cut into jobs of documents.
+    jobs = InterruptAt(monkeypatch, encode, "_encode_docs", 3)
     with pytest.raises(KeyboardInterrupt):
         data.ensure_cache(url, "train")
-    monkeypatch.setattr(encode, "_encode_docs", real)
+    jobs.armed = False
     manifest, _, built = data.ensure_cache(url, "train")
     assert built and manifest["resumed_shards"] == 2
     assert manifest["sha256"] == data.ensure_cache(make_cfg(str(tmp_path / "l"), corpus),
