@@ -30,7 +30,7 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 13 where the tests'
+# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 14 where the tests'
 # compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
