@@ -161,7 +161,7 @@ def ensure_cache(cfg: Config, split: str, *, process_index: int = 0
             return _wait_for_builder(plan, store, key), store.path, False
         try:
             found = _find_or_build(plan, root, store, num_workers(cfg))
-        except DataError as e:
+        except (DataError, OSError) as e:  # a bad source; a bucket that refuses a write
             _tell_waiters(key, f"failed:{e}")
             raise
         except BaseException:
