@@ -376,16 +376,23 @@ def _cache_files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name.endswith(".bin")}
 
 
+def interrupted_build(cfg, monkeypatch, n: int) -> InterruptAt:
+    """A build of jobs of 1000 bytes, 2 to a shard, stopped by Ctrl-C at job n; the counter of
+    its jobs, disarmed, so the next build runs to its end."""
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
+    jobs = InterruptAt(monkeypatch, encode, "_encode_files", n)
+    with pytest.raises(KeyboardInterrupt):
+        load_tokens(cfg, "train")
+    jobs.armed = False
+    return jobs
+
+
 def test_interrupted_build_resumes_from_its_finished_shards(tmp_path, corpus, monkeypatch):
     """Ctrl-C mid-build keeps the finished shards (and no half-written file); the next build
     tokenizes only what is left and gives the cache an uninterrupted build gives."""
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
-    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
-    jobs = InterruptAt(monkeypatch, encode, "_encode_files", 6)
-    with pytest.raises(KeyboardInterrupt):
-        load_tokens(cfg, "train")
-    jobs.armed = False
+    jobs = interrupted_build(cfg, monkeypatch, 6)
     [partial] = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     left = sorted(p.name for p in partial.iterdir())
     assert left == ["shard.00000.json", "shard.00001.json", "tokens.00000.bin",
@@ -408,12 +415,7 @@ def test_interrupted_build_resumes_from_its_finished_shards(tmp_path, corpus, mo
 
 def test_resume_with_other_job_sizes_starts_over(tmp_path, corpus, monkeypatch):
     cfg = make_cfg(tmp_path, f"{corpus}/*.txt", val_fraction=0.2)
-    monkeypatch.setattr(encode, "CHUNK_BYTES", 1000)
-    monkeypatch.setattr(shards, "SHARD_JOBS", 2)
-    jobs = InterruptAt(monkeypatch, encode, "_encode_files", 4)
-    with pytest.raises(KeyboardInterrupt):
-        load_tokens(cfg, "train")
-    jobs.armed = False
+    interrupted_build(cfg, monkeypatch, 4)
     monkeypatch.setattr(encode, "CHUNK_BYTES", 3000)
     manifest, path, built = data.ensure_cache(cfg, "train")
     assert built and manifest["resumed_shards"] == 0

@@ -10,6 +10,7 @@ the set repeated (each copy marked) until the corpus is as large as asked.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -59,21 +60,25 @@ def write_corpus(directory: Path, gb: float) -> dict[str, Any]:
     return {"files": f, "bytes_on_disk": on_disk, "text_bytes": text_bytes, "rows": rows}
 
 
-def _tree_rss(pid: int) -> tuple[int, int]:
-    """(summed RSS of a process and its descendants, the largest one's), in bytes."""
+def _tree(pid: int) -> list[Any]:
+    """A process and its descendants (none when it has exited)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
+        return []
+
+
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(summed RSS of a process and its descendants, the largest one's), in bytes."""
+    import psutil
+
     sizes = []
-    for p in procs:
-        try:
+    for p in _tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited since it was listed
             sizes.append(p.memory_info().rss)
-        except psutil.NoSuchProcess:
-            pass
     return sum(sizes), max(sizes, default=0)
 
 
@@ -110,12 +115,9 @@ def _build(corpus: Path, cache_dir: Path, tokenizer: str, workers: int,
 def _kill_tree(pid: int) -> None:
     import psutil
 
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for p in procs:
-        try:
+    for p in _tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def bench_cache(workdir: Path, gb: float, tokenizers: list[str], workers: int,

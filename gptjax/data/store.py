@@ -205,16 +205,6 @@ class TokenArray:
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self),)
-
-    @property
-    def size(self) -> int:
-        return len(self)
-
-    ndim = 1
-
     def rows(self, starts: Sequence[int] | np.ndarray, span: int, dtype: Any = None
              ) -> np.ndarray:
         """[len(starts), span]: the items [s, s + span) for each start s, a row crossing a shard
