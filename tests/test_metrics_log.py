@@ -1,13 +1,16 @@
 """MetricsLog writes through etils.epath: checked on a local path, in both of its write modes
-(append, and whole-file rewrite as on an object store, which cannot append)."""
+(append, and whole-file rewrite as on an object store, which cannot append); its TensorBoard
+events come without torch."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from gptjax.train import progress
 from gptjax.train.progress import MetricsLog
 
 
@@ -26,3 +29,17 @@ def test_resume_drops_recomputed_steps_and_appends(tmp_path: Path, remote: bool)
     log.write({"step": 3, "loss": 0.5})
     log.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_tensorboard_events_are_written_without_importing_torch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tensorboardX imports torch whenever it is installed (make install installs it); the run's
+    writer keeps it out: seconds and hundreds of MB of every training process."""
+    for name in [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "tensorboardX"))]:
+        monkeypatch.delitem(sys.modules, name)
+    log = MetricsLog(str(tmp_path / "run"), resume_step=0)
+    log.write({"step": 1, "loss": 2.5})
+    log.close()
+    assert "torch" not in sys.modules and "tensorboardX" in sys.modules
+    assert [p.name[:20] for p in (tmp_path / "run" / "tb").iterdir()] == ["events.out.tfevents."]
+    assert progress._summary_writer() is sys.modules["tensorboardX"].SummaryWriter

@@ -12,10 +12,24 @@ from typing import Any
 
 import jax
 from etils import epath
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from gptjax.errors import UserError
+
+
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
+    it is installed (the hf extra installs it), only to accept torch tensors; we log floats, and
+    torch cost every training process 1.4 s of its start and ~300 MB."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class Console:
@@ -93,7 +107,7 @@ class MetricsLog:
                     pass  # a line cut short by a kill
             self.path.write_text("".join(kept))
             self.lines = kept
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.tb = _summary_writer()(str(run_dir / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
