@@ -22,7 +22,7 @@ from gptjax.hf import convert, gpt2
 from gptjax.eval import perplexity as gptjax_eval
 from gptjax.bench import cli as bench_cli
 from gptjax.errors import ConfigError
-from helpers import call_main, script, write_run
+from helpers import call_main, process_env, script, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["train.steps=1", "train.batch_size=2", "train.eval_batches=1", "model.n_layer=2",
@@ -34,8 +34,7 @@ DENSE = config.ModelConfig(vocab_size=257, context_length=32, n_layer=2, d_model
 
 def run(*args: str, home: Path | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python ARGS` as a user would start it: one CPU device, not conftest's eight."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="2")
+    env = process_env()
     if home is not None:
         env["HOME"] = str(home)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import process_env
 
 from gptjax.bench import cli as bench
 from gptjax.bench import gpu_summary, xplane_summary
@@ -62,10 +63,8 @@ def _smoke(script: str, out) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """Runs a gptjax/bench/ GPU script with SMOKE=1 (a tiny model, on CPU) into `out`: (the finished
     process, the rows of its gpu-results.jsonl)."""
     root = Path(__file__).resolve().parent.parent
-    # Not the suite's 8 emulated devices; its -O0 code generation, though (compiles are most
-    # of these scripts' time on a CPU).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    # One device, and the suite's cheap compiles (most of these scripts' time on a CPU).
+    env = process_env()
     # A generous budget: the scripts' own are sized for a GPU, not a loaded 2-core CPU.
     env.update(SMOKE="1", BUDGET="3000", OUT=str(out),
                PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
@@ -92,7 +91,7 @@ def test_benchmarks_load_without_tensorflow_or_tensorboardx() -> None:
 def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     """gptjax/bench/gpu.sh gets one try per GPU session: its plumbing is checked here, on CPU."""
     r, rows = _smoke("gptjax/bench/gpu.sh", tmp_path)
-    env_flags = "--xla_backend_optimization_level=0"  # what _smoke gives the script
+    env_flags = process_env()["XLA_FLAGS"]  # what _smoke gives the script
     assert not [x for x in rows if "failed" in x or "skipped" in x], rows
     train = [x for x in rows if "tokens_per_s" in x and "loop_tokens_per_s" not in x]
     assert [r["config"] for r in train] == ["gpt3-small", "gpt3-small", "gpt3-medium", "gpt3-xl",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import process_env
 from test_data import T, make_cfg, one_line, write_corpus
 
 from gptjax import data
@@ -386,12 +387,7 @@ def test_train_py_refuses_a_corrupted_cache(tmp_path, corpus, corruption):
         "train.eval_batches=1",
         "mesh.data=1",
     ]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONUNBUFFERED="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-    )
+    env = process_env()
     r = subprocess.run(
         [sys.executable, "train.py", *args],
         cwd=ROOT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from gptjax.model import losses
 from gptjax.decode import generate
 from gptjax.errors import UserError
 
-from helpers import tiny, write_run
+from helpers import process_env, tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = tiny(context_length=16, vocab_size=257, vocab_multiple=128)
@@ -146,9 +145,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Path:
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "gptjax.eval", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "gptjax.eval", *args], cwd=ROOT,
+                          env=process_env(),
                           capture_output=True, text=True, timeout=180)
 
 

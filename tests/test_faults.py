@@ -24,11 +24,11 @@ import pytest
 from gptjax import checkpoint, config, model
 from gptjax.train import optim
 from gptjax.eval import perplexity as gptjax_eval
-from helpers import TRAINED_STEPS, call_main, copy_run, script, train_in_process, write_corpus
+from helpers import (TRAINED_STEPS, call_main, copy_run, process_env, script, train_in_process,
+                     write_corpus)
 from test_train import ROOT, loop_overrides, run_train
 
-TRAIN_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                 JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+TRAIN_ENV = process_env()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ pass, greedy completion, and the CLI's table, JSON and one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from gptjax.errors import UserError
 from gptjax.eval.tasks import Item, Task, fit_prompt, read_task, render, shot_indices
 from gptjax.tokenizer import get_tokenizer
 
-from helpers import run_main, tiny, write_run
+from helpers import process_env, run_main, tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -178,8 +177,7 @@ def test_cli_error_in_a_process(run_dir: Path, tmp_path: Path) -> None:
     """gptjax.fewshot started as a user starts it: a bad task file is one line and exit 2."""
     text, expect = BAD["empty"]
     (tmp_path / "t.jsonl").write_text(text)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env = process_env()
     r = subprocess.run([sys.executable, "-m", "gptjax.fewshot", "--checkpoint", str(run_dir),
                         "--task", str(tmp_path / "t.jsonl"), "--shots", "0"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=180)

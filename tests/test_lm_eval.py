@@ -5,7 +5,6 @@ what gptjax.fewshot gives on the same items and prompts."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from gptjax.hf import convert
 from gptjax.eval import scoring
 from gptjax.eval.tasks import read_task
 from gptjax.eval.lm_eval import GptjaxLM
-from helpers import run_main
+from helpers import process_env, run_main
 from test_hf import make_hf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,8 +149,7 @@ def test_cli_runs_lm_eval_with_gptjax(gpt2: tuple[Path, Path], monkeypatch: pyte
 
 @pytest.mark.slow
 def test_cli_error_in_a_process() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **OFFLINE)
+    env = process_env(**OFFLINE)
     r = subprocess.run([sys.executable, "-m", "gptjax.lm_eval", *CLI_ARGS, "--model_args",
                         "checkpoint=/nonexistent/run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)

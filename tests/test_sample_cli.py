@@ -3,7 +3,6 @@ sample.py's main runs in this process (the JIT's programs are shared between the
 test starts it as a process, as a user does."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptjax import config
-from helpers import call_main, script, write_run
+from helpers import call_main, process_env, script, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
@@ -31,10 +30,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sample_process(*args: str) -> subprocess.CompletedProcess:
     # A plain single-device process, as a user would start it (not conftest's 8 devices).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONIOENCODING"] = "utf-8"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT,
+                       env=process_env(),
                        capture_output=True, timeout=120)
     # Bytes decoded by hand: text mode would turn a sampled "\r" into "\n".
     r.stdout, r.stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from gptjax import checkpoint, config, model
-from helpers import write_run
+from helpers import process_env, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -41,10 +40,7 @@ def make_run(d: Path) -> Path:
 
 def env() -> dict[str, str]:
     # A plain single-device process, as a user would start it (not conftest's 8 devices).
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", HF_DATASETS_OFFLINE="1",
-             HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
-    return e
+    return process_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -26,8 +25,8 @@ from gptjax.train import plan
 from gptjax.train import optim
 from gptjax.train import state as train_state
 from gptjax.config import OptimConfig, TrainConfig
-from helpers import (TRAINED_STEPS, call_main, copy_run, keep_xla_flags, loop_overrides, script,
-                     tiny, train_in_process, write_corpus)
+from helpers import (TRAINED_STEPS, call_main, copy_run, keep_xla_flags, loop_overrides,
+                     process_env, script, tiny, train_in_process, write_corpus)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,9 +214,8 @@ def corpus(tmp_path_factory) -> Path:
 
 def run_train(args: list[str], *, devices: int = 1, timeout: float = 240,
               env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
+                          env=process_env(devices, **(env or {})),
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
 
 
@@ -244,8 +242,7 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) ->
     r = run_train(loop_overrides(corpus, ref_dir, **big))
     assert r.returncode == 0, r.stderr[-2000:]
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = process_env()
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                              *loop_overrides(corpus, run_dir, **big)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -279,8 +276,7 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus: Path, tmp_path: Path) ->
 @pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_0(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = process_env()
     args = loop_overrides(corpus, run_dir, **{"train.steps": 100000, "train.checkpoint_every": 100000,
                                               "train.eval_every": 100000})
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env, cwd=ROOT,
@@ -423,8 +419,7 @@ def test_two_processes_equal_one_process(corpus: Path, tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port that is free now
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = process_env(2)
     procs = [
         subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), *loop_overrides(corpus, two, **common),
