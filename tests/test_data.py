@@ -34,7 +34,7 @@ from gptjax.data import (
 )
 from gptjax.data.store import Store
 from gptjax.tokenizer import get_tokenizer
-from helpers import InterruptAt, needs_bpe
+from helpers import InterruptAt, needs_bpe, process_env
 
 T = 16
 
@@ -91,6 +91,18 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Windows, order, processes
+
+
+@pytest.mark.slow
+def test_tf_data_loads_without_keras() -> None:
+    """TensorFlow's import loads Keras's optimizers (1.4 s of each training start) unless
+    import_tf hides them: tf.data works, and neither Keras nor torch is loaded (nor left hidden)."""
+    code = ("import sys; from gptjax.data.sources import import_tf; tf = import_tf(); "
+            "assert list(tf.data.Dataset.range(3).as_numpy_iterator()) == [0, 1, 2]; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'keras', 'torch'}))")
+    r = subprocess.run([sys.executable, "-c", code], env=process_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["[]"], r.stderr[-2000:]
 
 
 def test_windows_are_shifted_exact_slices_and_cover_the_epoch(tmp_path, corpus):
