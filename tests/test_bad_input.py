@@ -174,6 +174,8 @@ def test_bench_flags_in_a_process(args: list[str], expect: str) -> None:
 @pytest.mark.parametrize("args,expect", [
     (["decode", "--batch-sizes", "x"], "argument --batch-sizes: invalid int value: 'x'"),
     (["train", "--steps", "0"], "argument --steps: must be positive, got 0"),
+    (["train", "--compare-torch", "--torch-modes", "default,fast"],
+     "argument --torch-modes: 'fast' is not one of default, max-autotune, eager"),
 ])
 def test_bench_flags_of_the_process_cases(capsys: pytest.CaptureFixture[str], args: list[str],
                                           expect: str) -> None:

@@ -100,6 +100,9 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert run["steps"] == 6 and run["intervals"] == 2 and run["loop_tokens_per_s"] > 0
     assert run["pipeline"] in ("tf.data", "threads") and len(run["val_losses"]) == 2
     assert train[1]["pattern"] == "dense" and train[1]["speedup_vs_nanogpt"] > 0
+    # torch uncompiled here (test_torch_comparison... runs torch.compile), both peers
+    assert [(x["peer"], x["mode"]) for x in train[1]["torch_runs"]] == [("nanogpt", "eager"),
+                                                                      ("hf", "eager")]
     # train.xla_flags: the defaults added to XLA_FLAGS, and none with train.xla_flags=none
     assert train[0]["xla_flags_added"] and train[-1]["xla_flags_added"] == []
     assert train[-1]["xla_flags"] == env_flags

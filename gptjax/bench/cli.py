@@ -26,6 +26,15 @@ from gptjax.cli import OneLineParser, int_list, out_dir, positive_int, run_cli, 
 from gptjax.errors import UserError, warn
 
 
+def torch_modes(text: str) -> tuple[str, ...]:
+    """--torch-modes M1,M2: each one of COMPILE_MODES."""
+    modes = tuple(text.split(","))
+    for m in modes:
+        if m not in COMPILE_MODES:
+            raise argparse.ArgumentTypeError(f"{m!r} is not one of {', '.join(COMPILE_MODES)}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> int:
     p, sub = build_parser()
     args = p.parse_args(argv)
@@ -77,9 +86,9 @@ def _step_parsers(sub: Any) -> None:
     t.add_argument("--compare-torch", action="store_true",
                    help="also time the PyTorch peers (nanoGPT-style and Hugging Face GPT-2, "
                         "torch.compile) at the same shape")
-    t.add_argument("--torch-modes", type=lambda s: tuple(s.split(",")),
-                   default=("default", "max-autotune"),
-                   help="torch.compile modes tried for the nanoGPT-style peer (best counts)")
+    t.add_argument("--torch-modes", type=torch_modes, default=("default", "max-autotune"),
+                   help="torch.compile modes tried for the nanoGPT-style peer (best counts; "
+                        "Hugging Face's runs the first); eager = no compile")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     h = sub.add_parser("torch", help="one PyTorch peer's train step at a config's shape, "
                                      "torch.compile'd (what train --compare-torch runs)")
@@ -88,7 +97,8 @@ def _step_parsers(sub: Any) -> None:
     h.add_argument("--seq", type=positive_int, default=None)
     h.add_argument("--steps", type=positive_int, default=10)
     h.add_argument("--peer", choices=PEERS, default="nanogpt")
-    h.add_argument("--mode", choices=COMPILE_MODES, default="default", help="torch.compile mode")
+    h.add_argument("--mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode; eager = no compile")
     h.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 

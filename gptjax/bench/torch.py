@@ -17,7 +17,9 @@ from typing import Any
 from gptjax.errors import UserError
 
 PEERS = ("nanogpt", "hf")
-COMPILE_MODES = ("default", "max-autotune")
+# torch.compile's modes, and "eager": no compile (what compiling buys; seconds, not a minute, on
+# a CPU).
+COMPILE_MODES = ("default", "max-autotune", "eager")
 
 
 def _nanogpt(m: Any) -> Any:
@@ -80,8 +82,8 @@ def _hf(m: Any) -> Any:
 
 def bench_torch(m: Any, batch: int, steps: int, peer: str = "nanogpt",
                 mode: str = "default") -> dict[str, Any]:
-    """Train steps (AdamW, clip 1.0) of a peer under torch.compile(mode=mode), bf16 autocast on
-    GPU; the graph breaks torch.compile reported."""
+    """Train steps (AdamW, clip 1.0) of a peer under torch.compile(mode=mode) (uncompiled for
+    "eager"), bf16 autocast on GPU; the graph breaks torch.compile reported."""
     import torch  # optional: the hf extra
     from torch._dynamo.utils import counters
 
@@ -92,7 +94,8 @@ def bench_torch(m: Any, batch: int, steps: int, peer: str = "nanogpt",
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev == "cuda")
     counters.clear()
-    compiled = torch.compile(forward, mode=None if mode == "default" else mode)
+    compiled = (forward if mode == "eager"
+                else torch.compile(forward, mode=None if mode == "default" else mode))
     x = torch.randint(0, m.vocab_size, (batch, m.context_length), device=dev)
     bf16 = dev == "cuda" and m.dtype == "bfloat16"
 
@@ -124,12 +127,13 @@ def bench_torch(m: Any, batch: int, steps: int, peer: str = "nanogpt",
 
 
 def torch_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
-    """Every peer in every compile mode of args.torch_modes, each in its own process (JAX would
-    otherwise hold most of the GPU's memory while torch runs, or torch's cache while JAX runs),
-    run before gptjax's own step. Returns each run, and per peer the best mode's tokens/s."""
+    """The nanoGPT-style peer in every mode of args.torch_modes, Hugging Face's in the first,
+    each in its own process (JAX would otherwise hold most of the GPU's memory while torch runs,
+    or torch's cache while JAX runs), run before gptjax's own step. Returns each run, and per
+    peer the best mode's tokens/s."""
     runs = []
     for peer in PEERS:
-        for mode in (args.torch_modes if peer == "nanogpt" else ("default",)):
+        for mode in (args.torch_modes if peer == "nanogpt" else args.torch_modes[:1]):
             cmd = [sys.executable, "-m", "gptjax.bench", "torch", "--config", args.config,
                    "--steps", str(args.steps), "--peer", peer, "--mode", mode, "--json",
                    *args.overrides]
