@@ -30,12 +30,12 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 14 where the tests'
-# compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold).
+# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 12 where the tests'
+# compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold; tests/conftest.py).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
-# Without the tests marked slow (subprocesses, training runs, benchmark scripts): 2 minutes (4
+# Without the tests marked slow (subprocesses, training runs, benchmark scripts): 2 minutes (3
 # with a cold compile cache), for the edit-and-check loop.
 test-fast: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow" tests
