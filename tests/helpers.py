@@ -153,19 +153,19 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str],
     return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
 
 
-def process_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
-    """The environment of a process a test starts: `devices` CPU devices, as a user's shell
-    gives (one), not conftest's eight (None keeps them). It keeps conftest's other XLA flags,
-    which make compiles cheap, and its compile cache, so the process compiles on a new machine
-    only what no test compiled before it."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if devices is not None:
-        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
-        if devices != 1:
-            flags.append(f"--xla_force_host_platform_device_count={devices}")
-    return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
-                PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="2",
-                **extra)
+def process_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts, with `extra` added: `devices` CPU devices
+    (one, as a user's shell gives, not conftest's eight), and conftest's other XLA flags, which
+    make compiles cheap, and its compile cache: the process compiles only what no test compiled
+    before it."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices != 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra)
+    return env
 
 
 def keep_xla_flags(monkeypatch: pytest.MonkeyPatch) -> None:
