@@ -35,8 +35,9 @@ def test_tensorboard_events_are_written_without_importing_torch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """tensorboardX imports torch whenever it is installed (make install installs it); the run's
     writer keeps it out: seconds and hundreds of MB of every training process."""
-    for name in [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "tensorboardX"))]:
-        monkeypatch.delitem(sys.modules, name)
+    for name in list(sys.modules):
+        if name == "torch" or name.startswith(("torch.", "tensorboardX")):
+            monkeypatch.delitem(sys.modules, name)
     log = MetricsLog(str(tmp_path / "run"), resume_step=0)
     log.write({"step": 1, "loss": 2.5})
     log.close()
