@@ -190,6 +190,7 @@ def test_cli_topology_needs_dry_run(capsys) -> None:
     assert e.value.code == 2 and "drop --chip" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a TPU compile per preset
 def test_estimate_is_within_a_quarter_of_xla_on_every_preset() -> None:
     """The dry run's own estimate, recomputed now for each plan of results/tpu-aot.jsonl (the
     presets on their slices, remat as chosen there), against XLA:TPU's figure recorded for the
