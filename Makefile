@@ -12,11 +12,9 @@ $(BIN)/python:
 
 # torch first, pinned to the CPU build that lies on this workplace's disk: the hf extra's plain
 # torch requirement would otherwise pull a CUDA build of several GB.
-# --no-compile: Python compiles the modules it imports when it first imports them; byte-compiling
-# every file of torch, TensorFlow and the rest at install took 40 s of a fresh clone's make test.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile torch==2.13.0
-	$(BIN)/pip install -q --no-compile -e '.[test,hf,serve,eval,sweep,tpu,data]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,hf,serve,eval,sweep,tpu,data]'
 	touch $@
 
 install: $(VENV)/.installed
