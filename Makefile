@@ -30,8 +30,8 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (8 minutes on 2 cores, also in a fresh clone; 12 where the tests'
-# compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold; tests/conftest.py).
+# Everything: what CI runs (8-9 minutes on 2 cores once .venv exists; in a fresh clone 10, and 12
+# where the tests' compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
