@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gptjax.errors import refused
 from gptjax.train import progress
 from gptjax.train.progress import MetricsLog
 
@@ -44,3 +45,16 @@ def test_tensorboard_events_are_written_without_importing_torch(
     assert "torch" not in sys.modules and "tensorboardX" in sys.modules
     assert [p.name[:20] for p in (tmp_path / "run" / "tb").iterdir()] == ["events.out.tfevents."]
     assert progress._summary_writer() is sys.modules["tensorboardX"].SummaryWriter
+
+
+def test_a_refused_import_fails_only_inside_and_only_if_not_loaded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`refused` is how the writer keeps torch out; it must leave sys.modules as it found it."""
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)  # a small stdlib module
+    with refused("colorsys"), pytest.raises(ImportError):
+        import colorsys
+    assert "colorsys" not in sys.modules
+    import colorsys  # noqa: F401  # after it, the import works again
+    with refused("json"):
+        import json as again  # already loaded: refusing it would break its users
+    assert again is json and sys.modules["json"] is json

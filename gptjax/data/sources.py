@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,7 @@ from typing import Any
 from etils import epath
 
 from gptjax.data.readers import open_file, zstd_errors
-from gptjax.errors import UserError
+from gptjax.errors import UserError, refused
 
 PROMPT_KEY, COMPLETION_KEY = "prompt", "completion"
 
@@ -354,19 +353,13 @@ def import_tf() -> Any:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # TensorFlow's import also loads Keras's optimizers, for a registry tf.data never reads:
     # 1.4 s of every training process's start. Hidden from it, as an absent Keras would be.
-    hidden = "keras.src.optimizers"
-    hide = hidden not in sys.modules
-    if hide:
-        sys.modules[hidden] = None  # type: ignore[assignment]  # importing it raises ImportError
     try:
-        import tensorflow as tf  # heavy: only tf.data users and TFDS sources load it
+        with refused("keras.src.optimizers"):
+            import tensorflow as tf  # heavy: only tf.data users and TFDS sources load it
     except ImportError:
         raise DataError(
             "tensorflow is needed for tf.data and TFDS: pip install tensorflow-cpu"
         ) from None
-    finally:
-        if hide:
-            del sys.modules[hidden]
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:

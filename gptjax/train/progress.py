@@ -14,21 +14,15 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, refused
 
 
 def _summary_writer() -> type:
     """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
     it is installed (the hf extra installs it), only to accept torch tensors; we log floats, and
     torch cost every training process 1.4 s of its start and ~300 MB."""
-    if "torch" in sys.modules:
+    with refused("torch"):
         from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
     return SummaryWriter
 
 
