@@ -21,7 +21,7 @@ from gptjax.model import losses
 from gptjax.decode import generate
 from gptjax.errors import UserError
 
-from helpers import process_env, tiny, write_run
+from helpers import call_main, process_env, tiny, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = tiny(context_length=16, vocab_size=257, vocab_multiple=128)
@@ -200,7 +200,16 @@ def test_cli_default_is_validation_split(run_dir: Path) -> None:
     (["--data", "/nonexistent/*.txt"], "matches no files"),
     (["--last-word", "/nonexistent.jsonl"], "cannot read /nonexistent.jsonl"),
 ])
-def test_cli_errors_one_line(run_dir: Path, args: list[str], expect: str) -> None:
-    r = run_eval("--checkpoint", str(run_dir), *args)
+def test_cli_errors_one_line(run_dir: Path, args: list[str], expect: str,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = call_main(ev.main, ["--checkpoint", str(run_dir), *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and out == "", (code, err)
+    assert expect in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_error_as_a_process(run_dir: Path) -> None:
+    """What `python -m gptjax.eval` prints and returns, past the process boundary."""
+    r = run_eval("--checkpoint", str(run_dir), "--stride", "99")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert expect in r.stderr and "Traceback" not in r.stderr
+    assert "--stride must be in [1, 16]" in r.stderr and "Traceback" not in r.stderr
