@@ -419,7 +419,16 @@ def stack_layers(params: Any, cfg: ModelConfig) -> Any:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 1) -> Any:
-    """Unboxed fp32 parameters on the default device (no mesh); see sharding.py for sharded."""
+    """Unboxed fp32 parameters on the default device (no mesh); see sharding.py for sharded.
+    One compiled program per config: a second call, or param_shapes, traces nothing."""
+    return _init_params(cfg, key, batch, nn.get_logical_axis_rules())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(cfg: ModelConfig, key: jax.Array, batch: int, rules: tuple) -> Any:
+    # `rules`, flax's logical axis rules in force, is only a key: jit's cache knows the mesh in
+    # force but not them, and the model's constraints depend on both.
+    del rules
     tokens = jnp.zeros((batch, min(cfg.context_length, 8)), jnp.int32)
     return nn.unbox(GPT(cfg).init(key, tokens))["params"]
 
