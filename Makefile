@@ -30,13 +30,13 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "make: chromium not installed (apt-get install chromium chromium-driver, as root)"
 
-# Everything: what CI runs (8-9 minutes on 2 cores once .venv exists; in a fresh clone 10, and 12
+# Everything: what CI runs (7.5 minutes on 2 cores once .venv exists; in a fresh clone 9.5, and 12
 # where the tests' compile cache, the machine's ~/.cache/gptjax/jax-tests, is cold).
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests
 
-# Without the tests marked slow (subprocesses, training runs, benchmark scripts): 2 minutes (3
-# with a cold compile cache), for the edit-and-check loop.
+# Without the tests marked slow (subprocesses, training runs, benchmark scripts): under 2 minutes
+# (2.5 with a cold compile cache), for the edit-and-check loop.
 test-fast: lint browser
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow" tests
 
