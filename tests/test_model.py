@@ -310,3 +310,24 @@ def test_stack_layers_inverts_unstack_layers() -> None:
     back = model.stack_layers(flat, unrolled_cfg)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+
+
+def test_init_params_compiles_once_per_config_and_axis_rules() -> None:
+    """init_params is jitted per config; flax's logical axis rules are part of its key, as the
+    model's constraints read them and jit's own cache does not."""
+    import flax.linen as nn
+
+    from gptjax import sharding
+    from gptjax.model import gpt
+
+    cfg = tiny(n_layer=1, d_model=48)  # a config no other test in this process has used
+    first = model.init_params(cfg, jax.random.key(1))
+    size = gpt._init_params._cache_size()
+    again = model.init_params(cfg, jax.random.key(1))
+    assert gpt._init_params._cache_size() == size  # the same program, not traced again
+    jax.tree.map(np.testing.assert_array_equal, first, again)
+    with nn.logical_axis_rules(sharding.RULES):
+        ruled = model.init_params(cfg, jax.random.key(1))
+    assert gpt._init_params._cache_size() == size + 1
+    jax.tree.map(np.testing.assert_array_equal, first, ruled)  # no mesh: the same values
+    assert jax.tree.map(jnp.shape, model.param_shapes(cfg)) == jax.tree.map(jnp.shape, first)
