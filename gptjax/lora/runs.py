@@ -23,7 +23,7 @@ from gptjax.config import Config, config_from_dict
 from gptjax.errors import UserError
 from gptjax.hf import gpt2
 from gptjax.lora import adapters as lora_lib
-from gptjax.model import init_params, param_shapes, stack_layers, unstack_layers
+from gptjax.model import param_shapes, stack_layers, unstack_layers
 from gptjax.sharding import with_shardings
 from gptjax.train import optim
 
@@ -72,7 +72,7 @@ def load_weights(source: str, cfg: Config, abstract: Any, step: int | None = Non
     # The same weights in the other layout (scanned stacks vs unrolled layers_i) convert.
     relayout = their_model.scan_layers != cfg.model.scan_layers
     as_mine = dataclasses.replace(their_model, scan_layers=cfg.model.scan_layers)
-    theirs = jax.eval_shape(lambda k: init_params(as_mine, k), jax.random.key(0))
+    theirs = param_shapes(as_mine)
     checkpoint.check_param_shapes(theirs, abstract, what)
     if relayout:  # read onto one device in their layout, then restack and place
         params = checkpoint.load_params(source, step)[0]

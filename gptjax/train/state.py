@@ -20,7 +20,7 @@ from gptjax.config import Config, ModelConfig
 from gptjax.lora import adapters as lora_lib
 from gptjax.lora.adapters import LoraSpec
 from gptjax.model.losses import sum_loss
-from gptjax.model import init_params
+from gptjax.model import param_shapes
 
 
 @flax.struct.dataclass
@@ -138,7 +138,7 @@ def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, params_sh: Any) -> Any:
 def abstract_params(cfg: Config, mesh: Mesh) -> tuple[Any, Any]:
     """(the model's parameters as ShapeDtypeStructs with shardings, their shardings)."""
     p_sh = sharding.param_shardings(cfg.model, mesh)
-    p_abs = jax.eval_shape(lambda k: init_params(cfg.model, k), jax.random.key(0))
+    p_abs = param_shapes(cfg.model)
     return sharding.with_shardings(p_abs, p_sh), p_sh
 
 
